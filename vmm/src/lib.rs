@@ -1,0 +1,17 @@
+//! Shoji's virtual machine monitor: a KVM VM with guest memory, vCPU threads and legacy devices,
+//! booted straight into a PVH or Linux 64-bit kernel entry with no firmware.
+pub mod artifacts;
+pub mod boot;
+pub mod bus;
+pub mod cmdline;
+pub mod cpuid;
+pub mod host;
+pub mod layout;
+pub mod mptable;
+pub mod regs;
+pub mod testkit;
+pub mod vcpu;
+pub mod vm;
+
+pub use vcpu::StopReason;
+pub use vm::{run, KernelImage, SerialOut, VmConfig, VmError, VmOutcome};

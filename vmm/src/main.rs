@@ -1,0 +1,113 @@
+//! `shoji`: the command-line front end.
+use anyhow::{anyhow, Context, Result};
+use clap::{Parser, Subcommand};
+use shoji_vmm::{artifacts, cmdline, host, testkit, KernelImage, SerialOut, StopReason, VmConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "shoji", version, about = "Micro-VM sandboxes for containers")]
+struct Cli {
+    /// Log filter (also RUST_LOG), e.g. "debug" or "shoji_vmm=trace".
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a VM with a kernel (default: the cached Shoji guest kernel and initramfs).
+    Boot(BootArgs),
+}
+
+#[derive(clap::Args)]
+struct BootArgs {
+    /// Kernel: an ELF vmlinux (PVH entry preferred) or a bzImage.
+    #[arg(long, conflicts_with = "guest")]
+    kernel: Option<PathBuf>,
+    /// A built-in test guest instead of a kernel: null, probe, probe-bzimage.
+    #[arg(long)]
+    guest: Option<String>,
+    /// Initramfs (default: the cached Shoji initramfs when booting the default kernel).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (default: Shoji's; PVM hosts get their extra parameters in front).
+    #[arg(long)]
+    cmdline: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// Serial console: "stdout" or a file path.
+    #[arg(long, default_value = "stdout")]
+    serial: String,
+    /// Stop the VM after this many seconds and exit with status 124.
+    #[arg(long)]
+    timeout: Option<f64>,
+}
+
+fn boot(a: BootArgs) -> Result<ExitCode> {
+    let pvm = host::is_pvm();
+    let (kernel, initrd, cmdline) = if let Some(name) = &a.guest {
+        let image = testkit::guest(name)
+            .ok_or_else(|| anyhow!("guest: unknown test guest {name:?} (known: {})", testkit::NAMES.join(", ")))?;
+        (image, a.initrd, a.cmdline.unwrap_or_default())
+    } else {
+        let default_kernel = a.kernel.is_none();
+        let kernel = match a.kernel {
+            Some(k) => k,
+            None => artifacts::ensure_kernel()?,
+        };
+        let initrd = match (a.initrd, default_kernel) {
+            (Some(i), _) => Some(i),
+            (None, true) => Some(artifacts::ensure_rootfs()?),
+            (None, false) => None,
+        };
+        if pvm {
+            eprintln!("shoji: /dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");
+        }
+        (KernelImage::Path(kernel), initrd, cmdline::linux(a.cmdline.as_deref(), pvm))
+    };
+    let serial = match a.serial.as_str() {
+        "stdout" | "-" => SerialOut::Stdout,
+        p => SerialOut::File(PathBuf::from(p)),
+    };
+    let timeout = match a.timeout {
+        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+        Some(t) => return Err(anyhow!("timeout: {t} is not a positive number of seconds")),
+        None => None,
+    };
+    let cfg = VmConfig { kernel, initrd, cmdline, vcpus: a.vcpus, memory_mib: a.memory, serial, timeout };
+    let outcome = shoji_vmm::run(cfg)?;
+    tracing::info!(?outcome, "VM stopped");
+    Ok(match outcome.reason {
+        StopReason::Reset | StopReason::PowerOff | StopReason::Halted => ExitCode::SUCCESS,
+        StopReason::Timeout => {
+            eprintln!("shoji: timeout: the VM ran past --timeout and was stopped");
+            ExitCode::from(124)
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = match cli.cmd {
+        Cmd::Boot(a) => boot(a).context("boot"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the root cause names the field or stage.
+            let msg = e.chain().skip(1).map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+            eprintln!("shoji: error: {}", if msg.is_empty() { e.to_string() } else { msg });
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The guest test kit: tiny freestanding guests built from `vmm/testkit` by build.rs with the
+//! machine's C toolchain and embedded here, so VMM tests and `shoji bench` boot in milliseconds.
+use crate::vm::KernelImage;
+
+/// Writes [`NULL_MARKER`] to COM1, then resets through the i8042 (PVH ELF).
+pub const NULL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/null.elf"));
+/// Reports boot hand-off (cmdline, initrd, E820, MP table, SMP bring-up) on COM1 (PVH ELF).
+pub const PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
+/// The same probe as a bzImage, entered through the Linux 64-bit boot protocol.
+pub const PROBE_BZIMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.bzimage"));
+
+pub const NULL_MARKER: &str = "SHOJI-NULL-OK";
+pub const PROBE_DONE: &str = "PROBE-DONE";
+pub const NAMES: &[&str] = &["null", "probe", "probe-bzimage"];
+
+pub fn guest(name: &str) -> Option<KernelImage> {
+    let data = match name {
+        "null" => NULL,
+        "probe" => PROBE,
+        "probe-bzimage" => PROBE_BZIMAGE,
+        _ => return None,
+    };
+    let name = NAMES.iter().find(|n| **n == name).copied()?;
+    Some(KernelImage::Bytes { name, data })
+}

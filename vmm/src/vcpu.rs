@@ -1,0 +1,165 @@
+//! vCPU threads: each runs KVM_RUN and dispatches its exits. A fatal exit (triple fault, KVM
+//! internal error, unknown exit) stops the VM with a message naming the reason and the RIP.
+use crate::bus::PioBus;
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why a VM stopped without error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest pulsed the reset line (i8042) or asked KVM to reset: Linux `reboot`.
+    Reset,
+    /// The guest powered off (KVM system event).
+    PowerOff,
+    /// A vCPU executed HLT with interrupts off and nothing can wake it.
+    Halted,
+    /// `VmConfig::timeout` ran out.
+    Timeout,
+}
+
+/// Where the first stop reason is recorded; `evt` wakes the VM's owner.
+pub struct ExitSignal {
+    pub reason: Mutex<Option<Result<StopReason, String>>>,
+    pub evt: EventFd,
+}
+
+impl ExitSignal {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(ExitSignal { reason: Mutex::new(None), evt: EventFd::new(libc::EFD_NONBLOCK)? })
+    }
+
+    /// The first reason wins; later ones (e.g. other vCPUs being stopped) are dropped.
+    pub fn set(&self, r: Result<StopReason, String>) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(r);
+        }
+        drop(slot);
+        if let Err(e) = self.evt.write(1) {
+            tracing::error!("cannot signal VM exit: {e}");
+        }
+    }
+
+    pub fn take(&self) -> Option<Result<StopReason, String>> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Counters a test or `shoji bench` can read after the run.
+#[derive(Default)]
+pub struct VcpuStats {
+    pub exits: AtomicU64,
+    pub mmio_unclaimed: AtomicU64,
+}
+
+pub struct VcpuThread {
+    pub handle: JoinHandle<()>,
+}
+
+static KICK_HANDLER: Once = Once::new();
+
+/// The signal used to knock a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+pub fn install_kick_handler() -> Result<(), String> {
+    let mut result = Ok(());
+    KICK_HANDLER.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| format!("cannot install the vCPU kick signal handler: {e}"));
+    });
+    result
+}
+
+pub struct VcpuContext {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub pio: Arc<PioBus>,
+    pub exit: Arc<ExitSignal>,
+    pub stop: Arc<AtomicBool>,
+    pub stats: Arc<VcpuStats>,
+}
+
+fn rip(fd: &VcpuFd) -> String {
+    fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "unknown".into())
+}
+
+impl VcpuContext {
+    pub fn spawn(self) -> std::io::Result<VcpuThread> {
+        let handle = std::thread::Builder::new().name(format!("vcpu{}", self.id)).spawn(move || self.run())?;
+        Ok(VcpuThread { handle })
+    }
+
+    fn run(mut self) {
+        while !self.stop.load(Ordering::Acquire) {
+            let outcome = self.step();
+            if let Some(r) = outcome {
+                if let Err(msg) = &r {
+                    tracing::debug!(vcpu = self.id, "{msg}");
+                }
+                self.exit.set(r);
+                break;
+            }
+        }
+    }
+
+    /// One KVM_RUN. `Some` ends the VM.
+    fn step(&mut self) -> Option<Result<StopReason, String>> {
+        let id = self.id;
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return None,
+            Err(e) => return Some(Err(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+        };
+        self.stats.exits.fetch_add(1, Ordering::Relaxed);
+        match exit {
+            VcpuExit::IoIn(port, data) => {
+                self.pio.read(port, data);
+                None
+            }
+            VcpuExit::IoOut(port, data) => {
+                self.pio.write(port, data);
+                None
+            }
+            VcpuExit::MmioRead(_, data) => {
+                data.fill(0xff);
+                self.stats.mmio_unclaimed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            VcpuExit::MmioWrite(..) => {
+                self.stats.mmio_unclaimed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            VcpuExit::Intr => None,
+            VcpuExit::Hlt => Some(Ok(StopReason::Halted)),
+            VcpuExit::SystemEvent(kind, _) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Some(Ok(StopReason::PowerOff)),
+                KVM_SYSTEM_EVENT_RESET => Some(Ok(StopReason::Reset)),
+                KVM_SYSTEM_EVENT_CRASH => Some(Err(format!("guest crashed (KVM system event) on vCPU {id} at RIP {}", rip(&self.fd)))),
+                k => Some(Err(format!("unknown KVM system event {k} on vCPU {id}"))),
+            },
+            VcpuExit::Shutdown => Some(Err(format!("guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU {id} at RIP {}", rip(&self.fd)))),
+            VcpuExit::InternalError => {
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                // active member of the kvm_run union.
+                let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                Some(Err(format!("KVM internal error (suberror {sub}) on vCPU {id} at RIP {}", rip(&self.fd))))
+            }
+            VcpuExit::FailEntry(reason, cpu) => Some(Err(format!(
+                "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, host cpu {cpu}) on vCPU {id} at RIP {}",
+                rip(&self.fd)
+            ))),
+            other => {
+                let name = format!("{other:?}");
+                Some(Err(format!("unhandled vCPU exit {name} on vCPU {id} at RIP {}", rip(&self.fd))))
+            }
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! One VM from config to exit: validate, create, load, run, tear down. Teardown always joins
+//! every vCPU thread and drops every fd and mapping, so a process can boot VMs in a loop.
+use crate::boot::{self, BootError};
+use crate::bus::PioBus;
+use crate::cpuid;
+use crate::host;
+use crate::layout::{self, KVM_TSS_ADDRESS, MIN_MEMORY_MIB};
+use crate::mptable;
+use crate::regs::{self, RegsError};
+use crate::vcpu::{self, ExitSignal, StopReason, VcpuContext, VcpuStats};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use shoji_devices::legacy::{ConsoleWriter, Serial, I8042};
+use shoji_devices::legacy::{COM1_BASE, COM1_GSI, COM1_LEN, I8042_BASE, I8042_LEN};
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Where the guest's serial console goes.
+pub enum SerialOut {
+    Stdout,
+    File(PathBuf),
+    Writer(Box<dyn Write + Send>),
+    Discard,
+}
+
+/// The kernel to boot: a file, or an image already in memory (the built-in test guests).
+#[derive(Debug, Clone)]
+pub enum KernelImage {
+    Path(PathBuf),
+    Bytes { name: &'static str, data: &'static [u8] },
+}
+
+pub struct VmConfig {
+    pub kernel: KernelImage,
+    pub initrd: Option<PathBuf>,
+    /// The complete guest command line (see [`crate::cmdline`] for the defaults).
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub serial: SerialOut,
+    /// Stop the VM with [`StopReason::Timeout`] after this long.
+    pub timeout: Option<Duration>,
+}
+
+impl VmConfig {
+    pub fn new(kernel: KernelImage) -> Self {
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            serial: SerialOut::Stdout,
+            timeout: None,
+        }
+    }
+}
+
+/// Every error names the field or the stage it comes from, on one line.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("kernel: {0}: {1}")]
+    KernelFile(PathBuf, std::io::Error),
+    #[error("initrd: {0}: {1}")]
+    InitrdFile(PathBuf, std::io::Error),
+    #[error("vcpus: {0} is out of range (1..={1} on this host)")]
+    Vcpus(u8, u8),
+    #[error("memory: {0} MiB is out of range ({MIN_MEMORY_MIB}..={1} MiB: the host has {1} MiB)")]
+    Memory(u64, u64),
+    #[error("serial: {0}: {1}")]
+    SerialFile(PathBuf, std::io::Error),
+    #[error("kvm: {0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("guest memory: {0}")]
+    GuestMemory(String),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("vCPU set-up: {0}")]
+    Regs(#[from] RegsError),
+    #[error("VMM: {0}")]
+    Internal(String),
+    /// The guest did something the VMM cannot continue from.
+    #[error("{0}")]
+    Guest(String),
+}
+
+/// What a finished VM reports.
+#[derive(Debug)]
+pub struct VmOutcome {
+    pub reason: StopReason,
+    pub exits: u64,
+    pub pio_unclaimed: u64,
+    pub mmio_unclaimed: u64,
+    pub serial_write_errors: u64,
+}
+
+struct Validated {
+    kernel: File,
+    initrd: Option<File>,
+}
+
+fn open_kernel(image: &KernelImage) -> Result<File, VmError> {
+    match image {
+        KernelImage::Path(p) => File::open(p).map_err(|e| VmError::KernelFile(p.clone(), e)),
+        KernelImage::Bytes { name, data } => memfd_with(name, data).map_err(|e| VmError::KernelFile(PathBuf::from(name), e)),
+    }
+}
+
+/// An anonymous in-memory file holding `data`, so built-in images go through the same loader.
+fn memfd_with(name: &str, data: &[u8]) -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    let cname = std::ffi::CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: memfd_create takes a valid NUL-terminated name and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    f.write_all(data)?;
+    Ok(f)
+}
+
+fn validate(cfg: &VmConfig, max_vcpus: u8) -> Result<Validated, VmError> {
+    let mut kernel = open_kernel(&cfg.kernel)?;
+    boot::kernel_format(&mut kernel)?;
+    let initrd = match &cfg.initrd {
+        Some(p) => {
+            let f = File::open(p).map_err(|e| VmError::InitrdFile(p.clone(), e))?;
+            let md = f.metadata().map_err(|e| VmError::InitrdFile(p.clone(), e))?;
+            if !md.is_file() {
+                return Err(VmError::InitrdFile(p.clone(), std::io::Error::other("not a regular file")));
+            }
+            Some(f)
+        }
+        None => None,
+    };
+    if cfg.vcpus == 0 || cfg.vcpus > max_vcpus {
+        return Err(VmError::Vcpus(cfg.vcpus, max_vcpus));
+    }
+    let host_mib = host::memory_mib().unwrap_or(u64::MAX >> 20);
+    if cfg.memory_mib < MIN_MEMORY_MIB || cfg.memory_mib > host_mib {
+        return Err(VmError::Memory(cfg.memory_mib, host_mib));
+    }
+    boot::build_cmdline(&cfg.cmdline)?;
+    Ok(Validated { kernel, initrd })
+}
+
+/// The most vCPUs a VM may have here: KVM's limit, capped by the MP table's APIC ID space.
+pub fn max_vcpus(kvm: &Kvm) -> u8 {
+    kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS)) as u8
+}
+
+fn create_memory(vm: &VmFd, mem_mib: u64) -> Result<GuestMemoryMmap, VmError> {
+    let bytes = mem_mib << 20;
+    let ranges: Vec<(GuestAddress, usize)> =
+        layout::ram_regions(bytes).into_iter().map(|(a, s)| (a, s as usize)).collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::GuestMemory(format!("{e:?}")))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM fd: the VM is
+        // dropped (and its vCPUs joined) before `mem` in `run`.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(mem)
+}
+
+fn serial_writer(out: SerialOut) -> Result<ConsoleWriter, VmError> {
+    let w: Box<dyn Write + Send> = match out {
+        SerialOut::Stdout => Box::new(std::io::stdout()),
+        SerialOut::File(p) => Box::new(File::create(&p).map_err(|e| VmError::SerialFile(p.clone(), e))?),
+        SerialOut::Writer(w) => w,
+        SerialOut::Discard => Box::new(std::io::sink()),
+    };
+    Ok(ConsoleWriter::new(w))
+}
+
+/// Boots the VM described by `cfg` and blocks until it stops.
+pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
+    let kvm = Kvm::new().map_err(|e| VmError::Kvm("/dev/kvm", e))?;
+    let max = max_vcpus(&kvm);
+    let Validated { mut kernel, mut initrd } = validate(&cfg, max)?;
+    vcpu::install_kick_handler().map_err(VmError::Internal)?;
+
+    let vm = kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm.create_irq_chip().map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+    let mem = create_memory(&vm, cfg.memory_mib)?;
+    if !regs::boot_area_fits(&mem) {
+        return Err(VmError::Memory(cfg.memory_mib, host::memory_mib().unwrap_or(0)));
+    }
+
+    let loaded = boot::load(&mem, cfg.memory_mib << 20, &mut kernel, &cfg.cmdline, initrd.as_mut(), cfg.vcpus)?;
+    drop(kernel);
+    drop(initrd);
+    tracing::debug!(?loaded, "kernel loaded");
+
+    let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Internal(format!("eventfd: {e}")))?);
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Internal(format!("eventfd: {e}")))?;
+    vm.register_irqfd(&serial_irq, COM1_GSI).map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+    let console = serial_writer(cfg.serial)?;
+    let serial_errors = console.errors();
+    let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console)));
+    let reset = exit.evt.try_clone().map_err(|e| VmError::Internal(format!("eventfd: {e}")))?;
+    let mut pio = PioBus::default();
+    pio.insert(COM1_BASE, COM1_LEN, serial.clone()).map_err(|e| VmError::Internal(e.to_string()))?;
+    pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(reset))))
+        .map_err(|e| VmError::Internal(e.to_string()))?;
+    let pio = Arc::new(pio);
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(VcpuStats::default());
+    let mut contexts = Vec::with_capacity(usize::from(cfg.vcpus));
+    for id in 0..cfg.vcpus {
+        let fd = vm.create_vcpu(u64::from(id)).map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
+        let entries = cpuid::filter(supported.as_slice(), id, cfg.vcpus);
+        let cpuid = CpuId::from_entries(&entries).map_err(|e| VmError::Internal(format!("CPUID: {e:?}")))?;
+        fd.set_cpuid2(&cpuid).map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
+        regs::setup_msrs(&fd)?;
+        regs::setup_fpu(&fd)?;
+        regs::setup_lapic(&fd)?;
+        if id == 0 {
+            regs::setup_sregs(&mem, &fd, loaded.entry)?;
+            regs::setup_regs(&fd, loaded.entry)?;
+        }
+        contexts.push(VcpuContext { id, fd, pio: pio.clone(), exit: exit.clone(), stop: stop.clone(), stats: stats.clone() });
+    }
+
+    let mut threads = Vec::with_capacity(contexts.len());
+    let mut spawn_error = None;
+    for ctx in contexts {
+        match ctx.spawn() {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                spawn_error = Some(VmError::Internal(format!("cannot start vCPU thread: {e}")));
+                break;
+            }
+        }
+    }
+    let reason = match spawn_error {
+        Some(e) => Err(e),
+        None => wait_for_exit(&exit, cfg.timeout),
+    };
+
+    // Teardown: stop every vCPU, kicking it out of KVM_RUN until its thread is gone.
+    stop.store(true, Ordering::Release);
+    for t in threads {
+        while !t.handle.is_finished() {
+            use std::os::unix::thread::JoinHandleExt;
+            // SAFETY: the pthread_t comes from a JoinHandle that is not yet joined, so the
+            // thread still exists; the kick signal has a no-op handler installed.
+            unsafe { libc::pthread_kill(t.handle.as_pthread_t(), vcpu::kick_signal()) };
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if t.handle.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+    serial.lock().unwrap_or_else(|p| p.into_inner()).console().finish();
+    drop(vm);
+    drop(mem);
+    let reason = reason?;
+    Ok(VmOutcome {
+        reason,
+        exits: stats.exits.load(Ordering::Relaxed),
+        pio_unclaimed: pio.unclaimed(),
+        mmio_unclaimed: stats.mmio_unclaimed.load(Ordering::Relaxed),
+        serial_write_errors: serial_errors.load(Ordering::Relaxed),
+    })
+}
+
+fn wait_for_exit(exit: &ExitSignal, timeout: Option<Duration>) -> Result<StopReason, VmError> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let wait_ms: i32 = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(StopReason::Timeout);
+                }
+                left.as_millis().min(i32::MAX as u128) as i32
+            }
+            None => -1,
+        };
+        let mut pfd = libc::pollfd { fd: exit.evt.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(VmError::Internal(format!("poll: {e}")));
+        }
+        if n == 0 {
+            continue;
+        }
+        let _ = exit.evt.read();
+        // An eventfd write with no recorded reason comes from the i8042 reset line.
+        return match exit.take() {
+            None | Some(Ok(StopReason::Reset)) => Ok(StopReason::Reset),
+            Some(Ok(r)) => Ok(r),
+            Some(Err(msg)) => Err(VmError::Guest(msg)),
+        };
+    }
+}
