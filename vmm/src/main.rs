@@ -66,9 +66,6 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
             (None, true) => Some(artifacts::ensure_rootfs()?),
             (None, false) => None,
         };
-        if pvm {
-            eprintln!("shoji: /dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");
-        }
         (KernelImage::Path(kernel), initrd, cmdline::linux(a.cmdline.as_deref(), pvm))
     };
     let serial = match a.serial.as_str() {
@@ -80,7 +77,12 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
         Some(t) => return Err(anyhow!("timeout: {t} is not a positive number of seconds")),
         None => None,
     };
+    let linux = a.guest.is_none();
     let cfg = VmConfig { kernel, initrd, cmdline, vcpus: a.vcpus, memory_mib: a.memory, serial, timeout };
+    shoji_vmm::vm::check(&cfg)?;
+    if linux && pvm {
+        eprintln!("shoji: /dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");
+    }
     let outcome = shoji_vmm::run(cfg)?;
     tracing::info!(?outcome, "VM stopped");
     Ok(match outcome.reason {

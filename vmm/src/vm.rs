@@ -191,6 +191,13 @@ fn serial_writer(out: SerialOut) -> Result<ConsoleWriter, VmError> {
     Ok(ConsoleWriter::new(w))
 }
 
+/// Checks `cfg` the way [`run`] does, without creating a VM: for front ends that want to report
+/// bad input before saying anything else.
+pub fn check(cfg: &VmConfig) -> Result<(), VmError> {
+    let kvm = Kvm::new().map_err(|e| VmError::Kvm("/dev/kvm", e))?;
+    validate(cfg, max_vcpus(&kvm)).map(drop)
+}
+
 /// Boots the VM described by `cfg` and blocks until it stops.
 pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
     let kvm = Kvm::new().map_err(|e| VmError::Kvm("/dev/kvm", e))?;

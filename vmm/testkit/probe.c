@@ -2,6 +2,7 @@
  * can check boot hand-off from inside the guest. Words on the command line select extra work:
  *   smp    bring up every other CPU listed in the MP table (INIT-SIPI-SIPI) and count them
  *   crash  triple-fault after reporting
+ *   hang   halt forever with interrupts off (tests timeouts and vCPU teardown)
  * Output lines (all start with "probe: "), then "PROBE-DONE" and an i8042 reset. */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -174,6 +175,10 @@ void probe_main(u64 info, int kind)
 	if (has_word(cmdline, "crash")) {
 		puts("probe: crashing\n");
 		triple_fault();
+	}
+	if (has_word(cmdline, "hang")) {
+		puts("probe: hanging\n");
+		for (;;) __asm__ volatile("cli; hlt");
 	}
 	puts("PROBE-DONE\n");
 	outb(0x64, 0xfe);
