@@ -52,8 +52,12 @@ struct BootArgs {
 fn boot(a: BootArgs) -> Result<ExitCode> {
     let pvm = host::is_pvm();
     let (kernel, initrd, cmdline) = if let Some(name) = &a.guest {
-        let image = testkit::guest(name)
-            .ok_or_else(|| anyhow!("guest: unknown test guest {name:?} (known: {})", testkit::NAMES.join(", ")))?;
+        let image = testkit::guest(name).ok_or_else(|| {
+            anyhow!(
+                "guest: unknown test guest {name:?} (known: {})",
+                testkit::NAMES.join(", ")
+            )
+        })?;
         (image, a.initrd, a.cmdline.unwrap_or_default())
     } else {
         let default_kernel = a.kernel.is_none();
@@ -66,7 +70,11 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
             (None, true) => Some(artifacts::ensure_rootfs()?),
             (None, false) => None,
         };
-        (KernelImage::Path(kernel), initrd, cmdline::linux(a.cmdline.as_deref(), pvm))
+        (
+            KernelImage::Path(kernel),
+            initrd,
+            cmdline::linux(a.cmdline.as_deref(), pvm),
+        )
     };
     let serial = match a.serial.as_str() {
         "stdout" | "-" => SerialOut::Stdout,
@@ -78,7 +86,15 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
         None => None,
     };
     let linux = a.guest.is_none();
-    let cfg = VmConfig { kernel, initrd, cmdline, vcpus: a.vcpus, memory_mib: a.memory, serial, timeout };
+    let cfg = VmConfig {
+        kernel,
+        initrd,
+        cmdline,
+        vcpus: a.vcpus,
+        memory_mib: a.memory,
+        serial,
+        timeout,
+    };
     shoji_vmm::vm::check(&cfg)?;
     if linux && pvm {
         eprintln!("shoji: /dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");
@@ -99,7 +115,10 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.cmd {
         Cmd::Boot(a) => boot(a).context("boot"),
     };
@@ -107,8 +126,16 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One line: the root cause names the field or stage.
-            let msg = e.chain().skip(1).map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
-            eprintln!("shoji: error: {}", if msg.is_empty() { e.to_string() } else { msg });
+            let msg = e
+                .chain()
+                .skip(1)
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
+            eprintln!(
+                "shoji: error: {}",
+                if msg.is_empty() { e.to_string() } else { msg }
+            );
             ExitCode::FAILURE
         }
     }

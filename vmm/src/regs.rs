@@ -2,9 +2,9 @@
 //! FPU and LAPIC. The PVH entry wants 32-bit protected mode with paging off; the Linux 64-bit
 //! entry wants long mode with an identity map.
 use crate::layout::*;
-use vm_memory::Address;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
+use vm_memory::Address;
 use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,13 +45,17 @@ pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The hidden part of a segment register, as the CPU would load it from `entry`.
 pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base,
-        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if g == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: u16::from(index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -72,7 +76,12 @@ fn boot_gdt(entry: BootEntry) -> [u64; 4] {
         BootEntry::Pvh { .. } => gdt_entry(0xc09b, 0, 0xfffff),
         BootEntry::Linux64 { .. } => gdt_entry(0xa09b, 0, 0xfffff),
     };
-    [0, code, gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
+    [
+        0,
+        code,
+        gdt_entry(0xc093, 0, 0xfffff),
+        gdt_entry(0x808b, 0, 0xfffff),
+    ]
 }
 
 fn write_gdt_idt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), RegsError> {
@@ -94,8 +103,14 @@ fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
 }
 
 /// Special registers for the BSP; also writes the GDT (and page tables for long mode).
-pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd, entry: BootEntry) -> Result<(), RegsError> {
-    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(|e| RegsError::Kvm("KVM_GET_SREGS", e))?;
+pub fn setup_sregs(
+    mem: &GuestMemoryMmap,
+    vcpu: &VcpuFd,
+    entry: BootEntry,
+) -> Result<(), RegsError> {
+    let mut sregs: kvm_sregs = vcpu
+        .get_sregs()
+        .map_err(|e| RegsError::Kvm("KVM_GET_SREGS", e))?;
     let gdt = boot_gdt(entry);
     write_gdt_idt(mem, &gdt)?;
     sregs.gdt.base = GDT_START.0;
@@ -125,13 +140,19 @@ pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd, entry: BootEntry) -> Re
             sregs.efer = EFER_LME | EFER_LMA;
         }
     }
-    vcpu.set_sregs(&sregs).map_err(|e| RegsError::Kvm("KVM_SET_SREGS", e))
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| RegsError::Kvm("KVM_SET_SREGS", e))
 }
 
 /// General registers for the BSP.
 pub fn setup_regs(vcpu: &VcpuFd, entry: BootEntry) -> Result<(), RegsError> {
     let regs = match entry {
-        BootEntry::Pvh { entry } => kvm_regs { rflags: 0x2, rip: entry, rbx: PVH_INFO_START.0, ..Default::default() },
+        BootEntry::Pvh { entry } => kvm_regs {
+            rflags: 0x2,
+            rip: entry,
+            rbx: PVH_INFO_START.0,
+            ..Default::default()
+        },
         BootEntry::Linux64 { entry } => kvm_regs {
             rflags: 0x2,
             rip: entry,
@@ -141,12 +162,18 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: BootEntry) -> Result<(), RegsError> {
             ..Default::default()
         },
     };
-    vcpu.set_regs(&regs).map_err(|e| RegsError::Kvm("KVM_SET_REGS", e))
+    vcpu.set_regs(&regs)
+        .map_err(|e| RegsError::Kvm("KVM_SET_REGS", e))
 }
 
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-    vcpu.set_fpu(&fpu).map_err(|e| RegsError::Kvm("KVM_SET_FPU", e))
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu)
+        .map_err(|e| RegsError::Kvm("KVM_SET_FPU", e))
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -166,7 +193,11 @@ const MTRR_DEF_TYPE_WB_ENABLED: u64 = (1 << 11) | 6;
 
 /// The MSRs each vCPU starts with.
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
-    let e = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let e = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     vec![
         e(MSR_IA32_SYSENTER_CS, 0),
         e(MSR_IA32_SYSENTER_ESP, 0),
@@ -185,7 +216,9 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let entries = boot_msrs();
     let msrs = Msrs::from_entries(&entries).map_err(|_| RegsError::Msrs(0, entries.len()))?;
-    let set = vcpu.set_msrs(&msrs).map_err(|e| RegsError::Kvm("KVM_SET_MSRS", e))?;
+    let set = vcpu
+        .set_msrs(&msrs)
+        .map_err(|e| RegsError::Kvm("KVM_SET_MSRS", e))?;
     if set != entries.len() {
         return Err(RegsError::Msrs(set, entries.len()));
     }
@@ -203,7 +236,9 @@ fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
 
 /// LINT0 = ExtINT (legacy PIC), LINT1 = NMI, as the MP table says.
 pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let mut lapic = vcpu.get_lapic().map_err(|e| RegsError::Kvm("KVM_GET_LAPIC", e))?;
+    let mut lapic = vcpu
+        .get_lapic()
+        .map_err(|e| RegsError::Kvm("KVM_GET_LAPIC", e))?;
     for (off, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
         let mut raw = [0u8; 4];
         for (i, b) in raw.iter_mut().enumerate() {
@@ -214,7 +249,8 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), RegsError> {
             lapic.regs[off + i] = *b as _;
         }
     }
-    vcpu.set_lapic(&lapic).map_err(|e| RegsError::Kvm("KVM_SET_LAPIC", e))
+    vcpu.set_lapic(&lapic)
+        .map_err(|e| RegsError::Kvm("KVM_SET_LAPIC", e))
 }
 
 /// The guest memory must at least cover what this module writes.
@@ -229,12 +265,21 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_segments() {
         let code64 = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!((code64.base, code64.limit, code64.selector), (0, 0xffff_ffff, 8));
-        assert_eq!((code64.l, code64.db, code64.type_, code64.present, code64.s), (1, 0, 0xb, 1, 1));
+        assert_eq!(
+            (code64.base, code64.limit, code64.selector),
+            (0, 0xffff_ffff, 8)
+        );
+        assert_eq!(
+            (code64.l, code64.db, code64.type_, code64.present, code64.s),
+            (1, 0, 0xb, 1, 1)
+        );
         let code32 = segment_from_gdt(gdt_entry(0xc09b, 0, 0xfffff), 1);
         assert_eq!((code32.l, code32.db, code32.g), (0, 1, 1));
         let data = segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), 2);
-        assert_eq!((data.type_, data.db, data.selector, data.unusable), (3, 1, 16, 0));
+        assert_eq!(
+            (data.type_, data.db, data.selector, data.unusable),
+            (3, 1, 16, 0)
+        );
         let tss = segment_from_gdt(gdt_entry(0x808b, 0, 0xfffff), 3);
         assert_eq!((tss.s, tss.type_, tss.present), (0, 0xb, 1));
         let null = segment_from_gdt(0, 0);
@@ -253,7 +298,11 @@ mod tests {
     #[test]
     fn msrs_include_fast_strings_and_mtrr() {
         let m = boot_msrs();
-        assert!(m.iter().any(|e| e.index == MSR_IA32_MISC_ENABLE && e.data == 1));
-        assert!(m.iter().any(|e| e.index == MSR_MTRR_DEF_TYPE && e.data == 0x806));
+        assert!(m
+            .iter()
+            .any(|e| e.index == MSR_IA32_MISC_ENABLE && e.data == 1));
+        assert!(m
+            .iter()
+            .any(|e| e.index == MSR_MTRR_DEF_TYPE && e.data == 0x806));
     }
 }

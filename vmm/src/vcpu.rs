@@ -29,7 +29,10 @@ pub struct ExitSignal {
 
 impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
-        Ok(ExitSignal { reason: Mutex::new(None), evt: EventFd::new(libc::EFD_NONBLOCK)? })
+        Ok(ExitSignal {
+            reason: Mutex::new(None),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
     }
 
     /// The first reason wins; later ones (e.g. other vCPUs being stopped) are dropped.
@@ -88,12 +91,16 @@ pub struct VcpuContext {
 }
 
 fn rip(fd: &VcpuFd) -> String {
-    fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "unknown".into())
+    fd.get_regs()
+        .map(|r| format!("{:#x}", r.rip))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 impl VcpuContext {
     pub fn spawn(self) -> std::io::Result<VcpuThread> {
-        let handle = std::thread::Builder::new().name(format!("vcpu{}", self.id)).spawn(move || self.run())?;
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || self.run())?;
         Ok(VcpuThread { handle })
     }
 

@@ -58,7 +58,12 @@ impl ConsoleWriter {
         if self.buf.is_empty() {
             return;
         }
-        if self.inner.write_all(&self.buf).and_then(|_| self.inner.flush()).is_err() {
+        if self
+            .inner
+            .write_all(&self.buf)
+            .and_then(|_| self.inner.flush())
+            .is_err()
+        {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.buf.clear();
@@ -140,11 +145,17 @@ mod tests {
     #[test]
     fn bytes_reach_the_console_by_line_and_bad_accesses_are_ignored() {
         let sink = Shared::default();
-        let mut s = Serial::new(EventFd::new(0).unwrap(), ConsoleWriter::new(Box::new(sink.clone())));
+        let mut s = Serial::new(
+            EventFd::new(0).unwrap(),
+            ConsoleWriter::new(Box::new(sink.clone())),
+        );
         for b in b"hi" {
             s.write(0, &[*b]);
         }
-        assert!(sink.0.lock().unwrap().is_empty(), "partial line stays buffered");
+        assert!(
+            sink.0.lock().unwrap().is_empty(),
+            "partial line stays buffered"
+        );
         s.write(0, b"\n");
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
         // Wide or out-of-range accesses from a guest: no panic, reads give all ones.
