@@ -179,7 +179,10 @@ mod tests {
             );
         }
         const {
-            assert!(BOOT_STACK_POINTER < PML4_START.0 && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000);
+            assert!(
+                BOOT_STACK_POINTER < PML4_START.0
+                    && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000
+            );
             assert!(CMDLINE_START.0 + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
         }
     }
