@@ -1,0 +1,213 @@
+//! PCI: root bus 0 reached through the configuration-mechanism-1 ports 0xCF8/0xCFC, a host
+//! bridge in slot 0, and the device interface the VMM dispatches config and BAR accesses to.
+//! Slots are assigned in order of addition, so a sandbox's device paths are deterministic and
+//! described by [`crate::model::PciPath`].
+pub mod config;
+pub mod msix;
+
+pub use config::{Bar, PciConfig, PciIds};
+
+use crate::bus::PioDevice;
+use crate::model::{PciPath, PCI_SLOTS};
+use std::sync::{Arc, Mutex};
+
+pub const CONFIG_ADDRESS_PORT: u16 = 0xcf8;
+pub const CONFIG_PORTS_LEN: u16 = 8;
+const ENABLE: u32 = 1 << 31;
+
+/// A function on the PCI bus. Accesses come straight from the guest: implementations bound-check
+/// everything and never panic.
+pub trait PciDevice: Send {
+    fn config_read(&mut self, offset: usize, data: &mut [u8]);
+    fn config_write(&mut self, offset: usize, data: &[u8]);
+    /// The memory BARs to map, by BAR index.
+    fn bars(&self) -> Vec<(u8, Bar)>;
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
+}
+
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+/// Slot 0: identifies the bus to the guest (Linux's type-1 probe looks for a host bridge).
+struct HostBridge(PciConfig);
+
+impl PciDevice for HostBridge {
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.0.read(offset, data)
+    }
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.0.write(offset, data)
+    }
+    fn bars(&self) -> Vec<(u8, Bar)> {
+        Vec::new()
+    }
+    fn bar_read(&mut self, _: u8, _: u64, data: &mut [u8]) {
+        data.fill(0xff)
+    }
+    fn bar_write(&mut self, _: u8, _: u64, _: &[u8]) {}
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PciError {
+    #[error("PCI bus 0 is full ({PCI_SLOTS} slots)")]
+    BusFull,
+}
+
+pub struct PciRoot {
+    slots: Vec<Option<SharedPciDevice>>,
+    address: u32,
+}
+
+impl Default for PciRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciRoot {
+    pub fn new() -> Self {
+        let mut slots: Vec<Option<SharedPciDevice>> = vec![None; usize::from(PCI_SLOTS)];
+        let bridge = PciConfig::new(PciIds {
+            vendor: 0x1b36,
+            device: 0x0008,
+            revision: 0,
+            class: 0x06_0000,
+            subsystem_vendor: 0x1b36,
+            subsystem: 0,
+        });
+        slots[0] = Some(Arc::new(Mutex::new(HostBridge(bridge))));
+        PciRoot { slots, address: 0 }
+    }
+
+    /// Puts `dev` in the lowest free slot and returns its path ("01", "02", ...).
+    pub fn add(&mut self, dev: SharedPciDevice) -> Result<PciPath, PciError> {
+        let slot = self.slots.iter().position(Option::is_none).ok_or(PciError::BusFull)?;
+        self.slots[slot] = Some(dev);
+        PciPath::new(vec![slot as u8]).map_err(|_| PciError::BusFull)
+    }
+
+    /// The device the current CONFIG_ADDRESS selects and the register offset, if any.
+    fn selected(&self, port_offset: u16) -> Option<(SharedPciDevice, usize)> {
+        let a = self.address;
+        if a & ENABLE == 0 || (a >> 16) & 0xff != 0 || (a >> 8) & 0x7 != 0 {
+            return None; // disabled, another bus, or a function other than 0
+        }
+        let slot = ((a >> 11) & 0x1f) as usize;
+        let reg = (a & 0xfc) as usize + usize::from(port_offset - 4);
+        self.slots.get(slot)?.clone().map(|d| (d, reg))
+    }
+}
+
+impl PioDevice for PciRoot {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        match offset {
+            0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
+            4..=7 if usize::from(offset - 4) + data.len() <= 4 => match self.selected(offset) {
+                Some((dev, reg)) => dev.lock().unwrap_or_else(|p| p.into_inner()).config_read(reg, data),
+                None => data.fill(0xff),
+            },
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) & 0x80ff_fffc;
+            }
+            4..=7 if usize::from(offset - 4) + data.len() <= 4 => {
+                if let Some((dev, reg)) = self.selected(offset) {
+                    dev.lock().unwrap_or_else(|p| p.into_inner()).config_write(reg, data);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg_read32(root: &mut PciRoot, slot: u32, reg: u32) -> u32 {
+        root.write(0, &(ENABLE | (slot << 11) | reg).to_le_bytes());
+        let mut b = [0; 4];
+        root.read(4, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn host_bridge_and_empty_slots() {
+        let mut root = PciRoot::new();
+        assert_eq!(cfg_read32(&mut root, 0, 0), 0x0008_1b36);
+        assert_eq!(cfg_read32(&mut root, 0, 8) >> 8, 0x06_0000);
+        assert_eq!(cfg_read32(&mut root, 1, 0), 0xffff_ffff);
+        // Address register reads back what was written (Linux's type-1 probe).
+        root.write(0, &ENABLE.to_le_bytes());
+        let mut a = [0; 4];
+        root.read(0, &mut a);
+        assert_eq!(u32::from_le_bytes(a), ENABLE);
+    }
+
+    #[test]
+    fn byte_and_word_accesses_hit_the_right_register() {
+        let mut root = PciRoot::new();
+        root.write(0, &(ENABLE | 0x00).to_le_bytes());
+        let mut w = [0; 2];
+        root.read(6, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x0008, "device id via 0xCFE");
+        let mut b = [0; 1];
+        root.read(7, &mut b);
+        assert_eq!(b[0], 0x00);
+        root.read(5, &mut b);
+        assert_eq!(b[0], 0x1b);
+    }
+
+    #[test]
+    fn hostile_accesses() {
+        let mut root = PciRoot::new();
+        let mut b = [0u8; 4];
+        // Disabled, other bus, other function, bad widths, straddling the data port.
+        for addr in [0u32, ENABLE | (1 << 16), ENABLE | (1 << 8)] {
+            root.write(0, &addr.to_le_bytes());
+            root.read(4, &mut b);
+            assert_eq!(b, [0xff; 4]);
+        }
+        root.write(0, &[1, 2]);
+        root.write(1, &[1, 2, 3, 4]);
+        root.read(6, &mut b);
+        assert_eq!(b, [0xff; 4], "4 bytes at 0xCFE straddle the port");
+        root.read(9, &mut b);
+        root.write(0, &ENABLE.to_le_bytes());
+        root.write(4, &[0xff; 4]); // vendor id is read-only
+        assert_eq!(cfg_read32(&mut root, 0, 0), 0x0008_1b36);
+        root.write(0, &(ENABLE | 0xfc).to_le_bytes());
+        root.write(7, &[0xff]);
+        root.read(7, &mut b[..1]);
+    }
+
+    #[test]
+    fn slots_are_assigned_in_order() {
+        let mut root = PciRoot::new();
+        for want in 1..PCI_SLOTS {
+            let d: SharedPciDevice = Arc::new(Mutex::new(HostBridge(PciConfig::new(PciIds {
+                vendor: 1,
+                device: 2,
+                revision: 0,
+                class: 0,
+                subsystem_vendor: 0,
+                subsystem: 0,
+            }))));
+            assert_eq!(root.add(d).unwrap().to_string(), format!("{want:02x}"));
+        }
+        let d: SharedPciDevice = Arc::new(Mutex::new(HostBridge(PciConfig::new(PciIds {
+            vendor: 1,
+            device: 2,
+            revision: 0,
+            class: 0,
+            subsystem_vendor: 0,
+            subsystem: 0,
+        }))));
+        assert_eq!(root.add(d), Err(PciError::BusFull));
+    }
+}
