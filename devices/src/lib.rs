@@ -8,3 +8,4 @@ pub mod bus;
 pub mod legacy;
 pub mod model;
 pub mod pci;
+pub mod virtio;

@@ -1,0 +1,95 @@
+//! virtio 1.x devices behind the modern virtio-pci transport.
+//!
+//! A device implements [`VirtioDevice`]; [`transport::VirtioPciDevice`] gives it PCI identity,
+//! capabilities, the common configuration, MSI-X and queue notification eventfds, and feeds it
+//! queue events from the VMM's event loop. Everything a guest writes is treated as hostile:
+//! errors are counted and logged (rate-limited), and a device that cannot continue is marked
+//! broken (DEVICE_NEEDS_RESET) without affecting the VM or other devices.
+pub mod block;
+pub mod transport;
+
+use event_manager::{EventOps, Events};
+use std::sync::atomic::{AtomicU64, Ordering};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+pub use transport::{VirtioPciDevice, VirtioPciSubscriber};
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
+
+/// How a device tells the driver it used buffers.
+pub trait Interrupt {
+    fn queue(&mut self, queue: u16);
+    fn config(&mut self);
+}
+
+/// What a device does when a guest request is malformed, counted per device.
+#[derive(Default, Debug)]
+pub struct ErrorCounter {
+    count: AtomicU64,
+}
+
+/// Only the first few errors of a device are logged one by one; the rest are counted.
+const LOG_FIRST_ERRORS: u64 = 8;
+
+impl ErrorCounter {
+    pub fn record(&self, device: &str, what: &dyn std::fmt::Display) {
+        let n = self.count.fetch_add(1, Ordering::Relaxed);
+        if n < LOG_FIRST_ERRORS {
+            tracing::warn!(device, "guest error: {what}");
+        } else if n == LOG_FIRST_ERRORS {
+            tracing::warn!(device, "more guest errors: counting only");
+        }
+    }
+    pub fn get(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// Result of device processing: `Err` marks the device broken until the driver resets it.
+pub type DeviceResult = Result<(), String>;
+
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// PCI class code for the transport.
+    fn pci_class(&self) -> u32 {
+        0xff_0000
+    }
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Features offered (including VIRTIO_F_VERSION_1).
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK: queues are validated and owned by the device from now on.
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, acked_features: u64) -> DeviceResult;
+    /// The driver notified queue `index`.
+    fn queue_event(&mut self, index: usize, irq: &mut dyn Interrupt) -> DeviceResult;
+    /// Back to the state before activation (driver reset or NEEDS_RESET recovery).
+    fn reset(&mut self);
+    /// Backend fds (sockets) to register in the event loop; their events arrive in
+    /// [`VirtioDevice::backend_event`].
+    fn backend_init(&mut self, _ops: &mut EventOps) {}
+    fn backend_event(&mut self, _events: Events, _ops: &mut EventOps, _irq: &mut dyn Interrupt) -> DeviceResult {
+        Ok(())
+    }
+    /// Guest errors seen so far.
+    fn errors(&self) -> u64;
+}
+
+/// Copies `data.len()` bytes of `bytes` at `offset` (out of range reads as zero), for device
+/// configuration spaces.
+pub fn read_config_bytes(bytes: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| bytes.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
