@@ -3,11 +3,7 @@ use std::path::{Path, PathBuf};
 
 /// Fails (never skips) when the host cannot run VMs, saying why.
 pub fn require_kvm() {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     assert!(ok, "these tests boot real VMs and need read-write /dev/kvm; it is missing or not accessible here");
 }
 
@@ -18,11 +14,7 @@ pub fn shoji_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>/shoji
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("shoji"))
-        .expect("target dir");
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("shoji")).expect("target dir");
     assert!(
         bin.is_file(),
         "{} is missing: build it first (`cargo build --bins`, or run the whole workspace with `cargo test --workspace`)",
@@ -42,9 +34,5 @@ pub struct ProcessResources {
 pub fn process_resources() -> ProcessResources {
     let count = |p: &str| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    ProcessResources {
-        fds: count("/proc/self/fd"),
-        threads: count("/proc/self/task"),
-        mappings: maps.lines().count(),
-    }
+    ProcessResources { fds: count("/proc/self/fd"), threads: count("/proc/self/task"), mappings: maps.lines().count() }
 }

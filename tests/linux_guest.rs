@@ -13,39 +13,18 @@ fn default_kernel_and_initramfs_boot_to_init_and_reset() {
     eprintln!("kernel {}\nrootfs {}", kernel.display(), rootfs.display());
 
     let start = std::time::Instant::now();
-    let out = Command::new(shoji_bin())
-        .args(["boot", "--vcpus", "2", "--timeout", "600"])
-        .output()
-        .expect("run shoji boot");
+    let out =
+        Command::new(shoji_bin()).args(["boot", "--vcpus", "2", "--timeout", "600"]).output().expect("run shoji boot");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!(
-        "boot took {:?}\n--- console ---\n{stdout}--- stderr ---\n{stderr}",
-        start.elapsed()
-    );
+    eprintln!("boot took {:?}\n--- console ---\n{stdout}--- stderr ---\n{stderr}", start.elapsed());
     assert!(out.status.success(), "shoji boot failed: {:?}", out.status);
-    let marker = stdout
-        .lines()
-        .find(|l| l.starts_with("SHOJI-INIT-OK boottime="))
-        .expect("init marker on the console");
-    let boottime: f64 = marker["SHOJI-INIT-OK boottime=".len()..]
-        .parse()
-        .expect("boottime");
+    let marker = stdout.lines().find(|l| l.starts_with("SHOJI-INIT-OK boottime=")).expect("init marker on the console");
+    let boottime: f64 = marker["SHOJI-INIT-OK boottime=".len()..].parse().expect("boottime");
     assert!(boottime > 0.0);
-    assert!(
-        stdout.contains("reboot: Restarting system"),
-        "the guest's reboot ends the VM"
-    );
+    assert!(stdout.contains("reboot: Restarting system"), "the guest's reboot ends the VM");
     assert!(!stdout.contains("Kernel panic"), "{stdout}");
     let pvm = shoji_vmm::host::is_pvm();
-    assert_eq!(
-        stderr.contains("/dev/kvm is PVM"),
-        pvm,
-        "the PVM note appears exactly on PVM hosts"
-    );
-    assert_eq!(
-        stderr.matches("/dev/kvm is PVM").count(),
-        usize::from(pvm),
-        "said once"
-    );
+    assert_eq!(stderr.contains("/dev/kvm is PVM"), pvm, "the PVM note appears exactly on PVM hosts");
+    assert_eq!(stderr.matches("/dev/kvm is PVM").count(), usize::from(pvm), "said once");
 }

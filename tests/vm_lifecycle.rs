@@ -50,10 +50,7 @@ fn twenty_boots_in_a_row_leave_nothing_behind() {
             _ => boot("probe", "smp hang", 2, Some(Duration::from_millis(300))),
         };
         match i % 4 {
-            0 | 1 => assert_eq!(
-                (reason, out.as_str()),
-                (StopReason::Reset, "SHOJI-NULL-OK\n")
-            ),
+            0 | 1 => assert_eq!((reason, out.as_str()), (StopReason::Reset, "SHOJI-NULL-OK\n")),
             2 => {
                 assert_eq!(reason, StopReason::Reset);
                 assert!(out.contains("probe: smp online=4"), "{out}");
@@ -65,10 +62,7 @@ fn twenty_boots_in_a_row_leave_nothing_behind() {
         }
     }
     let after = process_resources();
-    assert_eq!(
-        before, after,
-        "fds/threads/mappings before vs after 20 boots"
-    );
+    assert_eq!(before, after, "fds/threads/mappings before vs after 20 boots");
 }
 
 #[test]

@@ -25,18 +25,13 @@ const FLAGS: &[&str] = &[
 ];
 
 fn run(cmd: &mut Command) {
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(status.success(), "{cmd:?} failed: {status}");
 }
 
 fn link(cc: &str, kit: &Path, out: &Path, sources: &[&str]) {
     let mut cmd = Command::new(cc);
-    cmd.args(FLAGS)
-        .arg(format!("-Wl,-T,{}", kit.join("guest.ld").display()))
-        .arg("-o")
-        .arg(out);
+    cmd.args(FLAGS).arg(format!("-Wl,-T,{}", kit.join("guest.ld").display())).arg("-o").arg(out);
     for s in sources {
         cmd.arg(kit.join(s));
     }
@@ -74,10 +69,7 @@ fn main() {
     link(&cc, &kit, &out.join("null.elf"), &["null.S"]);
     link(&cc, &kit, &out.join("probe.elf"), &["entry.S", "probe.c"]);
     let flat = out.join("probe.bin");
-    run(Command::new("objcopy")
-        .args(["-O", "binary", "--remove-section=.note"])
-        .arg(out.join("probe.elf"))
-        .arg(&flat));
+    run(Command::new("objcopy").args(["-O", "binary", "--remove-section=.note"]).arg(out.join("probe.elf")).arg(&flat));
     let flat = fs::read(&flat).expect("read probe.bin");
     fs::write(out.join("probe.bzimage"), bzimage(&flat)).expect("write probe.bzimage");
 }

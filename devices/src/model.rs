@@ -43,15 +43,10 @@ impl PciPath {
             return Err(PciPathError::Empty);
         }
         if path.0.len() > PCI_PATH_MAX_DEPTH {
-            return Err(PciPathError::TooDeep {
-                path: path.to_string(),
-            });
+            return Err(PciPathError::TooDeep { path: path.to_string() });
         }
         if let Some(s) = path.0.iter().find(|s| **s >= PCI_SLOTS) {
-            return Err(PciPathError::BadSlot {
-                path: path.to_string(),
-                slot: format!("{s:02x}"),
-            });
+            return Err(PciPathError::BadSlot { path: path.to_string(), slot: format!("{s:02x}") });
         }
         Ok(path)
     }
@@ -83,10 +78,7 @@ impl FromStr for PciPath {
         if parts.len() > PCI_PATH_MAX_DEPTH {
             return Err(PciPathError::TooDeep { path: s.into() });
         }
-        let bad = |slot: &str| PciPathError::BadSlot {
-            path: s.into(),
-            slot: slot.into(),
-        };
+        let bad = |slot: &str| PciPathError::BadSlot { path: s.into(), slot: slot.into() };
         let slots = parts
             .iter()
             .map(|p| {
@@ -120,28 +112,12 @@ mod tests {
     #[test]
     fn invalid_forms_are_rejected_with_the_culprit() {
         assert_eq!("".parse::<PciPath>(), Err(PciPathError::Empty));
-        for (s, slot) in [
-            ("2", "2"),
-            ("020", "020"),
-            ("20", "20"),
-            ("zz", "zz"),
-            ("02/", ""),
-            ("/02", ""),
-            ("+1", "+1"),
-        ] {
-            assert_eq!(
-                s.parse::<PciPath>(),
-                Err(PciPathError::BadSlot {
-                    path: s.into(),
-                    slot: slot.into()
-                }),
-                "{s}"
-            );
+        for (s, slot) in
+            [("2", "2"), ("020", "020"), ("20", "20"), ("zz", "zz"), ("02/", ""), ("/02", ""), ("+1", "+1")]
+        {
+            assert_eq!(s.parse::<PciPath>(), Err(PciPathError::BadSlot { path: s.into(), slot: slot.into() }), "{s}");
         }
-        assert!(matches!(
-            "01/01/01/01/01/01/01/01/01".parse::<PciPath>(),
-            Err(PciPathError::TooDeep { .. })
-        ));
+        assert!(matches!("01/01/01/01/01/01/01/01/01".parse::<PciPath>(), Err(PciPathError::TooDeep { .. })));
         assert!(PciPath::new(vec![]).is_err());
         assert!(PciPath::new(vec![32]).is_err());
     }

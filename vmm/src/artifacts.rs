@@ -17,14 +17,8 @@ struct Recipe {
 const KERNEL: Recipe = Recipe {
     what: "kernel",
     files: &[
-        (
-            "shoji.config",
-            include_str!("../../kernel-config/shoji.config"),
-        ),
-        (
-            "pvm-guest.patch",
-            include_str!("../../kernel-config/pvm-guest.patch"),
-        ),
+        ("shoji.config", include_str!("../../kernel-config/shoji.config")),
+        ("pvm-guest.patch", include_str!("../../kernel-config/pvm-guest.patch")),
         ("build.sh", include_str!("../../kernel-config/build.sh")),
     ],
     output: "vmlinux",
@@ -45,11 +39,7 @@ pub enum ArtifactError {
     #[error("{what}: no cache directory: set SHOJI_CACHE or HOME")]
     NoCache { what: &'static str },
     #[error("{what}: cannot prepare the build in {dir}: {err}")]
-    Prepare {
-        what: &'static str,
-        dir: PathBuf,
-        err: std::io::Error,
-    },
+    Prepare { what: &'static str, dir: PathBuf, err: std::io::Error },
     #[error("{what}: build script failed ({status}); its output is above")]
     Build { what: &'static str, status: String },
     #[error("{what}: build finished but {0} is missing", path.display())]
@@ -71,11 +61,7 @@ fn key(r: &Recipe) -> String {
     for (_, body) in r.files {
         h.update(body.as_bytes());
     }
-    h.finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 fn path_in(cache: &Path, r: &Recipe) -> PathBuf {
@@ -98,11 +84,7 @@ fn ensure(r: &Recipe) -> Result<PathBuf, ArtifactError> {
     if out.is_file() {
         return Ok(out);
     }
-    let prep = |err, dir: &Path| ArtifactError::Prepare {
-        what: r.what,
-        dir: dir.to_path_buf(),
-        err,
-    };
+    let prep = |err, dir: &Path| ArtifactError::Prepare { what: r.what, dir: dir.to_path_buf(), err };
     std::fs::create_dir_all(&cache).map_err(|e| prep(e, &cache))?;
     let dir = cache.join(format!(".{}-src-{}", r.what, std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| prep(e, &dir))?;
@@ -110,11 +92,7 @@ fn ensure(r: &Recipe) -> Result<PathBuf, ArtifactError> {
         for (name, body) in r.files {
             std::fs::write(dir.join(name), body).map_err(|e| prep(e, &dir))?;
         }
-        eprintln!(
-            "shoji: building the guest {} (first use; cached in {})",
-            r.what,
-            cache.display()
-        );
+        eprintln!("shoji: building the guest {} (first use; cached in {})", r.what, cache.display());
         let status = Command::new("bash")
             .arg(dir.join("build.sh"))
             .env("SHOJI_CACHE", &cache)
@@ -122,10 +100,7 @@ fn ensure(r: &Recipe) -> Result<PathBuf, ArtifactError> {
             .status()
             .map_err(|e| prep(e, &dir))?;
         if !status.success() {
-            return Err(ArtifactError::Build {
-                what: r.what,
-                status: status.to_string(),
-            });
+            return Err(ArtifactError::Build { what: r.what, status: status.to_string() });
         }
         Ok(())
     })();
@@ -134,10 +109,7 @@ fn ensure(r: &Recipe) -> Result<PathBuf, ArtifactError> {
     if out.is_file() {
         Ok(out)
     } else {
-        Err(ArtifactError::Missing {
-            what: r.what,
-            path: out,
-        })
+        Err(ArtifactError::Missing { what: r.what, path: out })
     }
 }
 
@@ -165,10 +137,7 @@ mod tests {
             for (_, b) in r.files {
                 cat.extend_from_slice(b.as_bytes());
             }
-            let full: String = Sha256::digest(&cat)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let full: String = Sha256::digest(&cat).iter().map(|b| format!("{b:02x}")).collect();
             assert_eq!(k, full[..16]);
         }
     }

@@ -8,9 +8,7 @@ use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::configurator::{
     linux::LinuxBootConfigurator, pvh::PvhBootConfigurator, BootConfigurator, BootParams,
 };
-use linux_loader::loader::elf::start_info::{
-    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
-};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -106,13 +104,8 @@ pub fn build_cmdline(cmdline: &str) -> Result<Cmdline, BootError> {
             CMDLINE_MAX_SIZE - 1
         )));
     }
-    if cmdline
-        .bytes()
-        .any(|b| b == 0 || !(b.is_ascii_graphic() || b == b' '))
-    {
-        return Err(BootError::Cmdline(
-            "only printable ASCII characters and spaces are allowed".into(),
-        ));
+    if cmdline.bytes().any(|b| b == 0 || !(b.is_ascii_graphic() || b == b' ')) {
+        return Err(BootError::Cmdline("only printable ASCII characters and spaces are allowed".into()));
     }
     Cmdline::try_from(cmdline, CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))
 }
@@ -143,45 +136,23 @@ pub fn load(
     let cmdline = build_cmdline(cmdline)?;
     let format = kernel_format(kernel)?;
     let result = match format {
-        KernelFormat::Elf => {
-            Elf::load(mem, None, kernel, Some(HIMEM_START)).map_err(BootError::Load)?
-        }
-        KernelFormat::BzImage => {
-            BzImage::load(mem, None, kernel, Some(HIMEM_START)).map_err(BootError::Load)?
-        }
+        KernelFormat::Elf => Elf::load(mem, None, kernel, Some(HIMEM_START)).map_err(BootError::Load)?,
+        KernelFormat::BzImage => BzImage::load(mem, None, kernel, Some(HIMEM_START)).map_err(BootError::Load)?,
     };
     let entry = match (format, result.pvh_boot_cap) {
-        (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(addr)) => {
-            BootEntry::Pvh { entry: addr.0 }
-        }
-        (KernelFormat::Elf, _) => BootEntry::Linux64 {
-            entry: result.kernel_load.0,
-        },
-        (KernelFormat::BzImage, _) => BootEntry::Linux64 {
-            entry: result.kernel_load.0 + LINUX64_ENTRY_OFFSET,
-        },
+        (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(addr)) => BootEntry::Pvh { entry: addr.0 },
+        (KernelFormat::Elf, _) => BootEntry::Linux64 { entry: result.kernel_load.0 },
+        (KernelFormat::BzImage, _) => BootEntry::Linux64 { entry: result.kernel_load.0 + LINUX64_ENTRY_OFFSET },
     };
-    linux_loader::loader::load_cmdline(mem, CMDLINE_START, &cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    let cmdline_len = cmdline
-        .as_cstring()
-        .map(|c| c.as_bytes().len())
-        .unwrap_or(0);
+    linux_loader::loader::load_cmdline(mem, CMDLINE_START, &cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let cmdline_len = cmdline.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
 
     let initrd = match initrd {
         Some(f) => {
-            let size = f
-                .metadata()
-                .map_err(|e| BootError::Initrd(e.to_string()))?
-                .len();
-            let addr = initrd_address(mem_bytes, result.kernel_end, size).ok_or(
-                BootError::InitrdTooLarge {
-                    size,
-                    kernel_end: result.kernel_end,
-                },
-            )?;
-            f.seek(SeekFrom::Start(0))
-                .map_err(|e| BootError::Initrd(e.to_string()))?;
+            let size = f.metadata().map_err(|e| BootError::Initrd(e.to_string()))?.len();
+            let addr = initrd_address(mem_bytes, result.kernel_end, size)
+                .ok_or(BootError::InitrdTooLarge { size, kernel_end: result.kernel_end })?;
+            f.seek(SeekFrom::Start(0)).map_err(|e| BootError::Initrd(e.to_string()))?;
             read_into(mem, GuestAddress(addr), f, size)?;
             Some((addr, size))
         }
@@ -193,47 +164,22 @@ pub fn load(
     let e820 = e820_map(mem_bytes);
     match entry {
         BootEntry::Pvh { .. } => write_pvh_params(mem, &e820, initrd)?,
-        BootEntry::Linux64 { .. } => {
-            write_linux_params(mem, &e820, initrd, result.setup_header, cmdline_len)?
-        }
+        BootEntry::Linux64 { .. } => write_linux_params(mem, &e820, initrd, result.setup_header, cmdline_len)?,
     }
-    Ok(Loaded {
-        entry,
-        kernel_end: result.kernel_end,
-        initrd,
-    })
+    Ok(Loaded { entry, kernel_end: result.kernel_end, initrd })
 }
 
-fn read_into(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    f: &mut File,
-    size: u64,
-) -> Result<(), BootError> {
+fn read_into(mem: &GuestMemoryMmap, addr: GuestAddress, f: &mut File, size: u64) -> Result<(), BootError> {
     let len = usize::try_from(size).map_err(|_| BootError::Initrd("too large".into()))?;
-    let mut slice = mem
-        .get_slice(addr, len)
-        .map_err(|e| BootError::Initrd(e.to_string()))?;
-    f.read_exact_volatile(&mut slice)
-        .map_err(|e| BootError::Initrd(format!("{e:?}")))?;
+    let mut slice = mem.get_slice(addr, len).map_err(|e| BootError::Initrd(e.to_string()))?;
+    f.read_exact_volatile(&mut slice).map_err(|e| BootError::Initrd(format!("{e:?}")))?;
     Ok(())
 }
 
-fn write_pvh_params(
-    mem: &GuestMemoryMmap,
-    e820: &[E820Entry],
-    initrd: Option<(u64, u64)>,
-) -> Result<(), BootError> {
+fn write_pvh_params(mem: &GuestMemoryMmap, e820: &[E820Entry], initrd: Option<(u64, u64)>) -> Result<(), BootError> {
     let memmap: Vec<MemmapEntry> = e820
         .iter()
-        .map(|e| {
-            MemmapEntry(hvm_memmap_table_entry {
-                addr: e.addr,
-                size: e.size,
-                type_: e.kind,
-                reserved: 0,
-            })
-        })
+        .map(|e| MemmapEntry(hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 }))
         .collect();
     let mut info = hvm_start_info {
         magic: PVH_MAGIC,
@@ -248,16 +194,11 @@ fn write_pvh_params(
         info.nr_modules = 1;
         info.modlist_paddr = PVH_MODLIST_START.0;
         params = BootParams::new(&StartInfo(info), PVH_INFO_START);
-        let module = ModlistEntry(hvm_modlist_entry {
-            paddr: addr,
-            size,
-            ..Default::default()
-        });
+        let module = ModlistEntry(hvm_modlist_entry { paddr: addr, size, ..Default::default() });
         params.set_modules(&[module], PVH_MODLIST_START);
     }
     params.set_sections(&memmap, PVH_MEMMAP_START);
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
-        .map_err(|e| BootError::Params(e.to_string()))
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem).map_err(|e| BootError::Params(e.to_string()))
 }
 
 fn write_linux_params(
@@ -289,11 +230,7 @@ fn write_linux_params(
         return Err(BootError::Params("too many E820 entries".into()));
     }
     for (slot, e) in params.e820_table.iter_mut().zip(e820) {
-        *slot = boot_e820_entry {
-            addr: e.addr,
-            size: e.size,
-            type_: e.kind,
-        };
+        *slot = boot_e820_entry { addr: e.addr, size: e.size, type_: e.kind };
     }
     params.e820_entries = e820.len() as u8;
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
@@ -312,36 +249,19 @@ mod tests {
     fn cmdline_limits() {
         assert!(build_cmdline("console=ttyS0 quiet").is_ok());
         assert!(build_cmdline(&"a".repeat(CMDLINE_MAX_SIZE - 1)).is_ok());
-        let err = build_cmdline(&"a".repeat(CMDLINE_MAX_SIZE))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("cmdline: 2048 bytes is over the limit of 2047"),
-            "{err}"
-        );
-        assert!(build_cmdline("a\nb")
-            .unwrap_err()
-            .to_string()
-            .starts_with("cmdline:"));
+        let err = build_cmdline(&"a".repeat(CMDLINE_MAX_SIZE)).unwrap_err().to_string();
+        assert!(err.starts_with("cmdline: 2048 bytes is over the limit of 2047"), "{err}");
+        assert!(build_cmdline("a\nb").unwrap_err().to_string().starts_with("cmdline:"));
         assert!(build_cmdline("é").is_err());
         assert!(build_cmdline("").is_ok());
     }
 
     #[test]
     fn initrd_goes_to_the_top_of_low_ram_page_aligned() {
-        assert_eq!(
-            initrd_address(128 * MIB, 20 * MIB, 4096),
-            Some(128 * MIB - 4096)
-        );
-        assert_eq!(
-            initrd_address(128 * MIB, 20 * MIB, 5000),
-            Some(128 * MIB - 8192)
-        );
+        assert_eq!(initrd_address(128 * MIB, 20 * MIB, 4096), Some(128 * MIB - 4096));
+        assert_eq!(initrd_address(128 * MIB, 20 * MIB, 5000), Some(128 * MIB - 8192));
         // Big guests keep the initrd under 2 GiB.
-        assert_eq!(
-            initrd_address(8192 * MIB, 20 * MIB, 4096),
-            Some(0x8000_0000 - 4096)
-        );
+        assert_eq!(initrd_address(8192 * MIB, 20 * MIB, 4096), Some(0x8000_0000 - 4096));
         // Does not fit above the kernel, or empty.
         assert_eq!(initrd_address(32 * MIB, 20 * MIB, 13 * MIB), None);
         assert_eq!(initrd_address(32 * MIB, 20 * MIB, 64 * MIB), None);
@@ -353,11 +273,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("shoji-boot-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cases: [(&str, Vec<u8>, Option<KernelFormat>); 3] = [
-            (
-                "elf",
-                b"\x7fELF\x02\x01\x01".to_vec(),
-                Some(KernelFormat::Elf),
-            ),
+            ("elf", b"\x7fELF\x02\x01\x01".to_vec(), Some(KernelFormat::Elf)),
             (
                 "bz",
                 {

@@ -27,18 +27,14 @@ pub struct BusOverlap {
 const LOG_FIRST_UNCLAIMED: u64 = 16;
 
 impl PioBus {
-    pub fn insert(
-        &mut self,
-        base: u16,
-        len: u16,
-        dev: Arc<Mutex<dyn PioDevice>>,
-    ) -> Result<(), BusOverlap> {
+    pub fn insert(&mut self, base: u16, len: u16, dev: Arc<Mutex<dyn PioDevice>>) -> Result<(), BusOverlap> {
         let end = u32::from(base) + u32::from(len);
         if len == 0
             || end > 0x1_0000
-            || self.ranges.iter().any(|r| {
-                u32::from(base) < u32::from(r.base) + u32::from(r.len) && u32::from(r.base) < end
-            })
+            || self
+                .ranges
+                .iter()
+                .any(|r| u32::from(base) < u32::from(r.base) + u32::from(r.len) && u32::from(r.base) < end)
         {
             return Err(BusOverlap { base, len });
         }
@@ -57,21 +53,13 @@ impl PioBus {
     fn miss(&self, port: u16, write: bool) {
         let n = self.unclaimed.fetch_add(1, Ordering::Relaxed);
         if n < LOG_FIRST_UNCLAIMED {
-            tracing::debug!(
-                port = format_args!("{port:#x}"),
-                write,
-                "port I/O to no device"
-            );
+            tracing::debug!(port = format_args!("{port:#x}"), write, "port I/O to no device");
         }
     }
 
     pub fn read(&self, port: u16, data: &mut [u8]) {
         match self.find(port) {
-            Some((r, off)) => r
-                .dev
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .read(off, data),
+            Some((r, off)) => r.dev.lock().unwrap_or_else(|p| p.into_inner()).read(off, data),
             None => {
                 data.fill(0xff);
                 self.miss(port, false);
@@ -81,11 +69,7 @@ impl PioBus {
 
     pub fn write(&self, port: u16, data: &[u8]) {
         match self.find(port) {
-            Some((r, off)) => r
-                .dev
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write(off, data),
+            Some((r, off)) => r.dev.lock().unwrap_or_else(|p| p.into_inner()).write(off, data),
             None => self.miss(port, true),
         }
     }
@@ -114,15 +98,8 @@ mod tests {
         let dev = Arc::new(Mutex::new(Echo(vec![])));
         let mut bus = PioBus::default();
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
-        bus.insert(0x60, 5, Arc::new(Mutex::new(Echo(vec![]))))
-            .unwrap();
-        assert_eq!(
-            bus.insert(0x3fc, 8, dev.clone()),
-            Err(BusOverlap {
-                base: 0x3fc,
-                len: 8
-            })
-        );
+        bus.insert(0x60, 5, Arc::new(Mutex::new(Echo(vec![])))).unwrap();
+        assert_eq!(bus.insert(0x3fc, 8, dev.clone()), Err(BusOverlap { base: 0x3fc, len: 8 }));
         assert!(bus.insert(0x3f0, 9, dev.clone()).is_err());
         assert!(bus.insert(0xfffe, 4, dev.clone()).is_err());
         assert!(bus.insert(0x100, 0, dev.clone()).is_err());

@@ -32,11 +32,8 @@ fn bits_for(count: u32) -> u32 {
 pub fn filter(supported: &[kvm_cpuid_entry2], cpu: u8, count: u8) -> Vec<kvm_cpuid_entry2> {
     let apic_id = u32::from(cpu);
     let count = u32::from(count);
-    let mut out: Vec<kvm_cpuid_entry2> = supported
-        .iter()
-        .filter(|e| e.function != LEAF_TOPOLOGY && e.function != LEAF_TOPOLOGY_V2)
-        .copied()
-        .collect();
+    let mut out: Vec<kvm_cpuid_entry2> =
+        supported.iter().filter(|e| e.function != LEAF_TOPOLOGY && e.function != LEAF_TOPOLOGY_V2).copied().collect();
     for e in out.iter_mut() {
         match e.function {
             LEAF_FEATURES => {
@@ -51,11 +48,7 @@ pub fn filter(supported: &[kvm_cpuid_entry2], cpu: u8, count: u8) -> Vec<kvm_cpu
             LEAF_CACHE => {
                 // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this cache - 1.
                 let cores = count.saturating_sub(1) & 0x3f;
-                let sharing = if (e.eax & 0xe0) >> 5 >= 3 {
-                    count.saturating_sub(1)
-                } else {
-                    0
-                };
+                let sharing = if (e.eax & 0xe0) >> 5 >= 3 { count.saturating_sub(1) } else { 0 };
                 e.eax = (e.eax & 0x3fff) | (cores << 26) | ((sharing & 0xfff) << 14);
             }
             LEAF_POWER => {
@@ -92,29 +85,12 @@ pub fn filter(supported: &[kvm_cpuid_entry2], cpu: u8, count: u8) -> Vec<kvm_cpu
 mod tests {
     use super::*;
 
-    fn entry(
-        function: u32,
-        index: u32,
-        eax: u32,
-        ebx: u32,
-        ecx: u32,
-        edx: u32,
-    ) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            eax,
-            ebx,
-            ecx,
-            edx,
-            ..Default::default()
-        }
+    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 { function, index, eax, ebx, ecx, edx, ..Default::default() }
     }
 
     fn find(v: &[kvm_cpuid_entry2], f: u32, i: u32) -> kvm_cpuid_entry2 {
-        *v.iter()
-            .find(|e| e.function == f && e.index == i)
-            .expect("leaf present")
+        *v.iter().find(|e| e.function == f && e.index == i).expect("leaf present")
     }
 
     fn host() -> Vec<kvm_cpuid_entry2> {
@@ -151,10 +127,7 @@ mod tests {
     #[test]
     fn topology_is_rewritten_per_vcpu() {
         let out = filter(&host(), 2, 6);
-        assert!(
-            out.iter().all(|e| e.function != 0x1f),
-            "host 0x1f topology dropped"
-        );
+        assert!(out.iter().all(|e| e.function != 0x1f), "host 0x1f topology dropped");
         assert_eq!(out.iter().filter(|e| e.function == 0xb).count(), 3);
         let smt = find(&out, 0xb, 0);
         let core = find(&out, 0xb, 1);
@@ -162,10 +135,7 @@ mod tests {
         assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (0, 1, 1, 2));
         assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (3, 6, 2, 2));
         assert_eq!((end.ebx, (end.ecx >> 8) & 0xff), (0, 0));
-        assert!(out
-            .iter()
-            .filter(|e| e.function == 0xb)
-            .all(|e| e.flags & 1 == 1));
+        assert!(out.iter().filter(|e| e.function == 0xb).all(|e| e.flags & 1 == 1));
         let c4 = find(&out, 4, 0);
         assert_eq!(c4.eax >> 26, 5, "cores per package - 1");
         assert_eq!(c4.eax & 0x3fff, 0x0121 & 0x3fff, "cache type/level kept");
@@ -183,16 +153,7 @@ mod tests {
 
     #[test]
     fn shift_widths() {
-        assert_eq!(
-            (
-                bits_for(1),
-                bits_for(2),
-                bits_for(3),
-                bits_for(4),
-                bits_for(5)
-            ),
-            (0, 1, 2, 2, 3)
-        );
+        assert_eq!((bits_for(1), bits_for(2), bits_for(3), bits_for(4), bits_for(5)), (0, 1, 2, 2, 3));
         assert_eq!(bits_for(254), 8);
     }
 }

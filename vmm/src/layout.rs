@@ -54,36 +54,21 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
     if mem_bytes <= MMIO_GAP_START {
         vec![(GuestAddress(0), mem_bytes)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_GAP_START),
-            (GuestAddress(MMIO_GAP_END), mem_bytes - MMIO_GAP_START),
-        ]
+        vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), mem_bytes - MMIO_GAP_START)]
     }
 }
 
 /// The E820 map: low RAM up to the EBDA, then RAM from 1 MiB, split around the MMIO gap. The
 /// EBDA and the legacy hole (VGA, option ROMs, BIOS) are left out, so the guest never uses them.
 pub fn e820_map(mem_bytes: u64) -> Vec<E820Entry> {
-    let mut map = vec![E820Entry {
-        addr: 0,
-        size: EBDA_START,
-        kind: E820_RAM,
-    }];
+    let mut map = vec![E820Entry { addr: 0, size: EBDA_START, kind: E820_RAM }];
     let himem = HIMEM_START.0;
     let low_end = mem_bytes.min(MMIO_GAP_START);
     if low_end > himem {
-        map.push(E820Entry {
-            addr: himem,
-            size: low_end - himem,
-            kind: E820_RAM,
-        });
+        map.push(E820Entry { addr: himem, size: low_end - himem, kind: E820_RAM });
     }
     if mem_bytes > MMIO_GAP_START {
-        map.push(E820Entry {
-            addr: MMIO_GAP_END,
-            size: mem_bytes - MMIO_GAP_START,
-            kind: E820_RAM,
-        });
+        map.push(E820Entry { addr: MMIO_GAP_END, size: mem_bytes - MMIO_GAP_START, kind: E820_RAM });
     }
     map
 }
@@ -100,16 +85,8 @@ mod tests {
         assert_eq!(
             e820_map(128 * MIB),
             vec![
-                E820Entry {
-                    addr: 0,
-                    size: 0x9fc00,
-                    kind: E820_RAM
-                },
-                E820Entry {
-                    addr: 0x10_0000,
-                    size: 127 * MIB,
-                    kind: E820_RAM
-                },
+                E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM },
+                E820Entry { addr: 0x10_0000, size: 127 * MIB, kind: E820_RAM },
             ]
         );
     }
@@ -117,28 +94,11 @@ mod tests {
     #[test]
     fn large_guest_skips_the_mmio_gap() {
         let regions = ram_regions(4 * GIB);
-        assert_eq!(
-            regions,
-            vec![(GuestAddress(0), 3 * GIB), (GuestAddress(4 * GIB), GIB)]
-        );
+        assert_eq!(regions, vec![(GuestAddress(0), 3 * GIB), (GuestAddress(4 * GIB), GIB)]);
         let map = e820_map(4 * GIB);
         assert_eq!(map.len(), 3);
-        assert_eq!(
-            map[1],
-            E820Entry {
-                addr: MIB,
-                size: 3 * GIB - MIB,
-                kind: E820_RAM
-            }
-        );
-        assert_eq!(
-            map[2],
-            E820Entry {
-                addr: 4 * GIB,
-                size: GIB,
-                kind: E820_RAM
-            }
-        );
+        assert_eq!(map[1], E820Entry { addr: MIB, size: 3 * GIB - MIB, kind: E820_RAM });
+        assert_eq!(map[2], E820Entry { addr: 4 * GIB, size: GIB, kind: E820_RAM });
         // RAM reported equals RAM given, minus the EBDA and legacy hole below 1 MiB.
         let total: u64 = map.iter().map(|e| e.size).sum();
         assert_eq!(total, 4 * GIB - (MIB - 0x9fc00));
@@ -146,9 +106,7 @@ mod tests {
         for w in map.windows(2) {
             assert!(w[0].addr + w[0].size <= w[1].addr);
         }
-        assert!(map
-            .iter()
-            .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
+        assert!(map.iter().all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
     }
 
     #[test]
@@ -171,18 +129,10 @@ mod tests {
         ];
         spans.sort();
         for w in spans.windows(2) {
-            assert!(
-                w[0].0 + w[0].1 <= w[1].0,
-                "{:x?} overlaps {:x?}",
-                w[0],
-                w[1]
-            );
+            assert!(w[0].0 + w[0].1 <= w[1].0, "{:x?} overlaps {:x?}", w[0], w[1]);
         }
         const {
-            assert!(
-                BOOT_STACK_POINTER < PML4_START.0
-                    && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000
-            );
+            assert!(BOOT_STACK_POINTER < PML4_START.0 && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000);
             assert!(CMDLINE_START.0 + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
         }
     }

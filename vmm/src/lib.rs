@@ -6,12 +6,15 @@ pub mod bus;
 pub mod cmdline;
 pub mod cpuid;
 pub mod host;
+pub mod irq;
 pub mod layout;
 pub mod mptable;
+pub mod pci;
 pub mod regs;
 pub mod testkit;
 pub mod vcpu;
 pub mod vm;
 
+pub use pci::DiskConfig;
 pub use vcpu::StopReason;
 pub use vm::{run, KernelImage, SerialOut, VmConfig, VmError, VmOutcome};

@@ -1,7 +1,7 @@
 //! `shoji`: the command-line front end.
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
-use shoji_vmm::{artifacts, cmdline, host, testkit, KernelImage, SerialOut, StopReason, VmConfig};
+use shoji_vmm::{artifacts, cmdline, host, testkit, DiskConfig, KernelImage, SerialOut, StopReason, VmConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -44,20 +44,35 @@ struct BootArgs {
     /// Serial console: "stdout" or a file path.
     #[arg(long, default_value = "stdout")]
     serial: String,
+    /// A virtio-blk disk: raw image or block device, "PATH[,ro]". Repeatable; PCI slots 01, 02, ...
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<String>,
     /// Stop the VM after this many seconds and exit with status 124.
     #[arg(long)]
     timeout: Option<f64>,
 }
 
+/// "PATH[,ro|,rw]" -> disk config; options are checked so a typo is not silently a rw disk.
+fn parse_disk(spec: &str) -> Result<DiskConfig> {
+    let mut parts = spec.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| anyhow!("disk: empty path in {spec:?}"))?;
+    let mut read_only = false;
+    for opt in parts {
+        match opt {
+            "ro" => read_only = true,
+            "rw" => read_only = false,
+            o => return Err(anyhow!("disk: unknown option {o:?} in {spec:?} (expected ro or rw)")),
+        }
+    }
+    Ok(DiskConfig { path: PathBuf::from(path), read_only })
+}
+
 fn boot(a: BootArgs) -> Result<ExitCode> {
+    let disks = a.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
     let pvm = host::is_pvm();
     let (kernel, initrd, cmdline) = if let Some(name) = &a.guest {
-        let image = testkit::guest(name).ok_or_else(|| {
-            anyhow!(
-                "guest: unknown test guest {name:?} (known: {})",
-                testkit::NAMES.join(", ")
-            )
-        })?;
+        let image = testkit::guest(name)
+            .ok_or_else(|| anyhow!("guest: unknown test guest {name:?} (known: {})", testkit::NAMES.join(", ")))?;
         (image, a.initrd, a.cmdline.unwrap_or_default())
     } else {
         let default_kernel = a.kernel.is_none();
@@ -70,11 +85,7 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
             (None, true) => Some(artifacts::ensure_rootfs()?),
             (None, false) => None,
         };
-        (
-            KernelImage::Path(kernel),
-            initrd,
-            cmdline::linux(a.cmdline.as_deref(), pvm),
-        )
+        (KernelImage::Path(kernel), initrd, cmdline::linux(a.cmdline.as_deref(), pvm))
     };
     let serial = match a.serial.as_str() {
         "stdout" | "-" => SerialOut::Stdout,
@@ -86,15 +97,7 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
         None => None,
     };
     let linux = a.guest.is_none();
-    let cfg = VmConfig {
-        kernel,
-        initrd,
-        cmdline,
-        vcpus: a.vcpus,
-        memory_mib: a.memory,
-        serial,
-        timeout,
-    };
+    let cfg = VmConfig { kernel, initrd, cmdline, vcpus: a.vcpus, memory_mib: a.memory, serial, disks, timeout };
     shoji_vmm::vm::check(&cfg)?;
     if linux && pvm {
         eprintln!("shoji: /dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");
@@ -115,10 +118,7 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.cmd {
         Cmd::Boot(a) => boot(a).context("boot"),
     };
@@ -126,16 +126,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One line: the root cause names the field or stage.
-            let msg = e
-                .chain()
-                .skip(1)
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(": ");
-            eprintln!(
-                "shoji: error: {}",
-                if msg.is_empty() { e.to_string() } else { msg }
-            );
+            let msg = e.chain().skip(1).map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+            eprintln!("shoji: error: {}", if msg.is_empty() { e.to_string() } else { msg });
             ExitCode::FAILURE
         }
     }

@@ -51,11 +51,7 @@ pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base,
-        limit: if g == 1 {
-            (raw_limit << 12) | 0xfff
-        } else {
-            raw_limit
-        },
+        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
         selector: u16::from(index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -76,12 +72,7 @@ fn boot_gdt(entry: BootEntry) -> [u64; 4] {
         BootEntry::Pvh { .. } => gdt_entry(0xc09b, 0, 0xfffff),
         BootEntry::Linux64 { .. } => gdt_entry(0xa09b, 0, 0xfffff),
     };
-    [
-        0,
-        code,
-        gdt_entry(0xc093, 0, 0xfffff),
-        gdt_entry(0x808b, 0, 0xfffff),
-    ]
+    [0, code, gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
 }
 
 fn write_gdt_idt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), RegsError> {
@@ -103,14 +94,8 @@ fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
 }
 
 /// Special registers for the BSP; also writes the GDT (and page tables for long mode).
-pub fn setup_sregs(
-    mem: &GuestMemoryMmap,
-    vcpu: &VcpuFd,
-    entry: BootEntry,
-) -> Result<(), RegsError> {
-    let mut sregs: kvm_sregs = vcpu
-        .get_sregs()
-        .map_err(|e| RegsError::Kvm("KVM_GET_SREGS", e))?;
+pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd, entry: BootEntry) -> Result<(), RegsError> {
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(|e| RegsError::Kvm("KVM_GET_SREGS", e))?;
     let gdt = boot_gdt(entry);
     write_gdt_idt(mem, &gdt)?;
     sregs.gdt.base = GDT_START.0;
@@ -140,19 +125,13 @@ pub fn setup_sregs(
             sregs.efer = EFER_LME | EFER_LMA;
         }
     }
-    vcpu.set_sregs(&sregs)
-        .map_err(|e| RegsError::Kvm("KVM_SET_SREGS", e))
+    vcpu.set_sregs(&sregs).map_err(|e| RegsError::Kvm("KVM_SET_SREGS", e))
 }
 
 /// General registers for the BSP.
 pub fn setup_regs(vcpu: &VcpuFd, entry: BootEntry) -> Result<(), RegsError> {
     let regs = match entry {
-        BootEntry::Pvh { entry } => kvm_regs {
-            rflags: 0x2,
-            rip: entry,
-            rbx: PVH_INFO_START.0,
-            ..Default::default()
-        },
+        BootEntry::Pvh { entry } => kvm_regs { rflags: 0x2, rip: entry, rbx: PVH_INFO_START.0, ..Default::default() },
         BootEntry::Linux64 { entry } => kvm_regs {
             rflags: 0x2,
             rip: entry,
@@ -162,18 +141,12 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: BootEntry) -> Result<(), RegsError> {
             ..Default::default()
         },
     };
-    vcpu.set_regs(&regs)
-        .map_err(|e| RegsError::Kvm("KVM_SET_REGS", e))
+    vcpu.set_regs(&regs).map_err(|e| RegsError::Kvm("KVM_SET_REGS", e))
 }
 
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu)
-        .map_err(|e| RegsError::Kvm("KVM_SET_FPU", e))
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(|e| RegsError::Kvm("KVM_SET_FPU", e))
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -193,11 +166,7 @@ const MTRR_DEF_TYPE_WB_ENABLED: u64 = (1 << 11) | 6;
 
 /// The MSRs each vCPU starts with.
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
-    let e = |index, data| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
+    let e = |index, data| kvm_msr_entry { index, data, ..Default::default() };
     vec![
         e(MSR_IA32_SYSENTER_CS, 0),
         e(MSR_IA32_SYSENTER_ESP, 0),
@@ -216,9 +185,7 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let entries = boot_msrs();
     let msrs = Msrs::from_entries(&entries).map_err(|_| RegsError::Msrs(0, entries.len()))?;
-    let set = vcpu
-        .set_msrs(&msrs)
-        .map_err(|e| RegsError::Kvm("KVM_SET_MSRS", e))?;
+    let set = vcpu.set_msrs(&msrs).map_err(|e| RegsError::Kvm("KVM_SET_MSRS", e))?;
     if set != entries.len() {
         return Err(RegsError::Msrs(set, entries.len()));
     }
@@ -236,9 +203,7 @@ fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
 
 /// LINT0 = ExtINT (legacy PIC), LINT1 = NMI, as the MP table says.
 pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let mut lapic = vcpu
-        .get_lapic()
-        .map_err(|e| RegsError::Kvm("KVM_GET_LAPIC", e))?;
+    let mut lapic = vcpu.get_lapic().map_err(|e| RegsError::Kvm("KVM_GET_LAPIC", e))?;
     for (off, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
         let mut raw = [0u8; 4];
         for (i, b) in raw.iter_mut().enumerate() {
@@ -249,8 +214,7 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), RegsError> {
             lapic.regs[off + i] = *b as _;
         }
     }
-    vcpu.set_lapic(&lapic)
-        .map_err(|e| RegsError::Kvm("KVM_SET_LAPIC", e))
+    vcpu.set_lapic(&lapic).map_err(|e| RegsError::Kvm("KVM_SET_LAPIC", e))
 }
 
 /// The guest memory must at least cover what this module writes.
@@ -265,21 +229,12 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_segments() {
         let code64 = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!(
-            (code64.base, code64.limit, code64.selector),
-            (0, 0xffff_ffff, 8)
-        );
-        assert_eq!(
-            (code64.l, code64.db, code64.type_, code64.present, code64.s),
-            (1, 0, 0xb, 1, 1)
-        );
+        assert_eq!((code64.base, code64.limit, code64.selector), (0, 0xffff_ffff, 8));
+        assert_eq!((code64.l, code64.db, code64.type_, code64.present, code64.s), (1, 0, 0xb, 1, 1));
         let code32 = segment_from_gdt(gdt_entry(0xc09b, 0, 0xfffff), 1);
         assert_eq!((code32.l, code32.db, code32.g), (0, 1, 1));
         let data = segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), 2);
-        assert_eq!(
-            (data.type_, data.db, data.selector, data.unusable),
-            (3, 1, 16, 0)
-        );
+        assert_eq!((data.type_, data.db, data.selector, data.unusable), (3, 1, 16, 0));
         let tss = segment_from_gdt(gdt_entry(0x808b, 0, 0xfffff), 3);
         assert_eq!((tss.s, tss.type_, tss.present), (0, 0xb, 1));
         let null = segment_from_gdt(0, 0);
@@ -298,11 +253,7 @@ mod tests {
     #[test]
     fn msrs_include_fast_strings_and_mtrr() {
         let m = boot_msrs();
-        assert!(m
-            .iter()
-            .any(|e| e.index == MSR_IA32_MISC_ENABLE && e.data == 1));
-        assert!(m
-            .iter()
-            .any(|e| e.index == MSR_MTRR_DEF_TYPE && e.data == 0x806));
+        assert!(m.iter().any(|e| e.index == MSR_IA32_MISC_ENABLE && e.data == 1));
+        assert!(m.iter().any(|e| e.index == MSR_MTRR_DEF_TYPE && e.data == 0x806));
     }
 }

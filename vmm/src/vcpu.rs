@@ -1,6 +1,7 @@
 //! vCPU threads: each runs KVM_RUN and dispatches its exits. A fatal exit (triple fault, KVM
 //! internal error, unknown exit) stops the VM with a message naming the reason and the RIP.
 use crate::bus::PioBus;
+use crate::pci::MmioBus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,10 +30,7 @@ pub struct ExitSignal {
 
 impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
-        Ok(ExitSignal {
-            reason: Mutex::new(None),
-            evt: EventFd::new(libc::EFD_NONBLOCK)?,
-        })
+        Ok(ExitSignal { reason: Mutex::new(None), evt: EventFd::new(libc::EFD_NONBLOCK)? })
     }
 
     /// The first reason wins; later ones (e.g. other vCPUs being stopped) are dropped.
@@ -56,7 +54,6 @@ impl ExitSignal {
 #[derive(Default)]
 pub struct VcpuStats {
     pub exits: AtomicU64,
-    pub mmio_unclaimed: AtomicU64,
 }
 
 pub struct VcpuThread {
@@ -85,22 +82,19 @@ pub struct VcpuContext {
     pub id: u8,
     pub fd: VcpuFd,
     pub pio: Arc<PioBus>,
+    pub mmio: Arc<MmioBus>,
     pub exit: Arc<ExitSignal>,
     pub stop: Arc<AtomicBool>,
     pub stats: Arc<VcpuStats>,
 }
 
 fn rip(fd: &VcpuFd) -> String {
-    fd.get_regs()
-        .map(|r| format!("{:#x}", r.rip))
-        .unwrap_or_else(|_| "unknown".into())
+    fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "unknown".into())
 }
 
 impl VcpuContext {
     pub fn spawn(self) -> std::io::Result<VcpuThread> {
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{}", self.id))
-            .spawn(move || self.run())?;
+        let handle = std::thread::Builder::new().name(format!("vcpu{}", self.id)).spawn(move || self.run())?;
         Ok(VcpuThread { handle })
     }
 
@@ -135,13 +129,12 @@ impl VcpuContext {
                 self.pio.write(port, data);
                 None
             }
-            VcpuExit::MmioRead(_, data) => {
-                data.fill(0xff);
-                self.stats.mmio_unclaimed.fetch_add(1, Ordering::Relaxed);
+            VcpuExit::MmioRead(addr, data) => {
+                self.mmio.read(addr, data);
                 None
             }
-            VcpuExit::MmioWrite(..) => {
-                self.stats.mmio_unclaimed.fetch_add(1, Ordering::Relaxed);
+            VcpuExit::MmioWrite(addr, data) => {
+                self.mmio.write(addr, data);
                 None
             }
             VcpuExit::Intr => None,
@@ -149,10 +142,14 @@ impl VcpuContext {
             VcpuExit::SystemEvent(kind, _) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Some(Ok(StopReason::PowerOff)),
                 KVM_SYSTEM_EVENT_RESET => Some(Ok(StopReason::Reset)),
-                KVM_SYSTEM_EVENT_CRASH => Some(Err(format!("guest crashed (KVM system event) on vCPU {id} at RIP {}", rip(&self.fd)))),
+                KVM_SYSTEM_EVENT_CRASH => {
+                    Some(Err(format!("guest crashed (KVM system event) on vCPU {id} at RIP {}", rip(&self.fd))))
+                }
                 k => Some(Err(format!("unknown KVM system event {k} on vCPU {id}"))),
             },
-            VcpuExit::Shutdown => Some(Err(format!("guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU {id} at RIP {}", rip(&self.fd)))),
+            VcpuExit::Shutdown => {
+                Some(Err(format!("guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU {id} at RIP {}", rip(&self.fd))))
+            }
             VcpuExit::InternalError => {
                 // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
                 // active member of the kvm_run union.

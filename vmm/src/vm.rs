@@ -6,15 +6,15 @@ use crate::cpuid;
 use crate::host;
 use crate::layout::{self, KVM_TSS_ADDRESS, MIN_MEMORY_MIB};
 use crate::mptable;
+use crate::pci::{self, AttachedDevice, DiskConfig, EventLoop, PciSetupError};
 use crate::regs::{self, RegsError};
 use crate::vcpu::{self, ExitSignal, StopReason, VcpuContext, VcpuStats};
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use shoji_devices::legacy::{ConsoleWriter, Serial, I8042};
 use shoji_devices::legacy::{COM1_BASE, COM1_GSI, COM1_LEN, I8042_BASE, I8042_LEN};
+use shoji_devices::pci::{CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
+use shoji_devices::virtio::block::Block;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -37,10 +37,7 @@ pub enum SerialOut {
 #[derive(Debug, Clone)]
 pub enum KernelImage {
     Path(PathBuf),
-    Bytes {
-        name: &'static str,
-        data: &'static [u8],
-    },
+    Bytes { name: &'static str, data: &'static [u8] },
 }
 
 pub struct VmConfig {
@@ -51,6 +48,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub serial: SerialOut,
+    /// virtio-blk disks, on PCI slots 01, 02, ... in this order.
+    pub disks: Vec<DiskConfig>,
     /// Stop the VM with [`StopReason::Timeout`] after this long.
     pub timeout: Option<Duration>,
 }
@@ -64,6 +63,7 @@ impl VmConfig {
             vcpus: 1,
             memory_mib: 128,
             serial: SerialOut::Stdout,
+            disks: Vec::new(),
             timeout: None,
         }
     }
@@ -80,6 +80,10 @@ pub enum VmError {
     Vcpus(u8, u8),
     #[error("memory: {0} MiB is out of range ({MIN_MEMORY_MIB}..={1} MiB: the host has {1} MiB)")]
     Memory(u64, u64),
+    #[error("{0}")]
+    Disk(#[from] shoji_devices::virtio::block::BlockError),
+    #[error(transparent)]
+    Pci(#[from] PciSetupError),
     #[error("serial: {0}: {1}")]
     SerialFile(PathBuf, std::io::Error),
     #[error("kvm: {0}: {1}")]
@@ -105,11 +109,15 @@ pub struct VmOutcome {
     pub pio_unclaimed: u64,
     pub mmio_unclaimed: u64,
     pub serial_write_errors: u64,
+    /// Malformed requests the guest sent to virtio devices.
+    pub device_guest_errors: u64,
+    pub devices: Vec<AttachedDevice>,
 }
 
 struct Validated {
     kernel: File,
     initrd: Option<File>,
+    disks: Vec<(DiskConfig, Block)>,
 }
 
 fn open_kernel(image: &KernelImage) -> Result<File, VmError> {
@@ -142,14 +150,9 @@ fn validate(cfg: &VmConfig, max_vcpus: u8) -> Result<Validated, VmError> {
     let initrd = match &cfg.initrd {
         Some(p) => {
             let f = File::open(p).map_err(|e| VmError::InitrdFile(p.clone(), e))?;
-            let md = f
-                .metadata()
-                .map_err(|e| VmError::InitrdFile(p.clone(), e))?;
+            let md = f.metadata().map_err(|e| VmError::InitrdFile(p.clone(), e))?;
             if !md.is_file() {
-                return Err(VmError::InitrdFile(
-                    p.clone(),
-                    std::io::Error::other("not a regular file"),
-                ));
+                return Err(VmError::InitrdFile(p.clone(), std::io::Error::other("not a regular file")));
             }
             Some(f)
         }
@@ -163,7 +166,12 @@ fn validate(cfg: &VmConfig, max_vcpus: u8) -> Result<Validated, VmError> {
         return Err(VmError::Memory(cfg.memory_mib, host_mib));
     }
     boot::build_cmdline(&cfg.cmdline)?;
-    Ok(Validated { kernel, initrd })
+    let disks = cfg
+        .disks
+        .iter()
+        .map(|d| Block::open(&d.path, d.read_only).map(|b| (d.clone(), b)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Validated { kernel, initrd, disks })
 }
 
 /// The most vCPUs a VM may have here: KVM's limit, capped by the MP table's APIC ID space.
@@ -173,16 +181,11 @@ pub fn max_vcpus(kvm: &Kvm) -> u8 {
 
 fn create_memory(vm: &VmFd, mem_mib: u64) -> Result<GuestMemoryMmap, VmError> {
     let bytes = mem_mib << 20;
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(bytes)
-        .into_iter()
-        .map(|(a, s)| (a, s as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges)
-        .map_err(|e| VmError::GuestMemory(format!("{e:?}")))?;
+    let ranges: Vec<(GuestAddress, usize)> =
+        layout::ram_regions(bytes).into_iter().map(|(a, s)| (a, s as usize)).collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::GuestMemory(format!("{e:?}")))?;
     for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+        let host = mem.get_host_address(region.start_addr()).map_err(|e| VmError::GuestMemory(e.to_string()))?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
@@ -192,8 +195,7 @@ fn create_memory(vm: &VmFd, mem_mib: u64) -> Result<GuestMemoryMmap, VmError> {
         };
         // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM fd: the VM is
         // dropped (and its vCPUs joined) before `mem` in `run`.
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        unsafe { vm.set_user_memory_region(r) }.map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }
     Ok(mem)
 }
@@ -201,9 +203,7 @@ fn create_memory(vm: &VmFd, mem_mib: u64) -> Result<GuestMemoryMmap, VmError> {
 fn serial_writer(out: SerialOut) -> Result<ConsoleWriter, VmError> {
     let w: Box<dyn Write + Send> = match out {
         SerialOut::Stdout => Box::new(std::io::stdout()),
-        SerialOut::File(p) => {
-            Box::new(File::create(&p).map_err(|e| VmError::SerialFile(p.clone(), e))?)
-        }
+        SerialOut::File(p) => Box::new(File::create(&p).map_err(|e| VmError::SerialFile(p.clone(), e))?),
         SerialOut::Writer(w) => w,
         SerialOut::Discard => Box::new(std::io::sink()),
     };
@@ -221,83 +221,51 @@ pub fn check(cfg: &VmConfig) -> Result<(), VmError> {
 pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
     let kvm = Kvm::new().map_err(|e| VmError::Kvm("/dev/kvm", e))?;
     let max = max_vcpus(&kvm);
-    let Validated {
-        mut kernel,
-        mut initrd,
-    } = validate(&cfg, max)?;
+    let Validated { mut kernel, mut initrd, disks } = validate(&cfg, max)?;
     vcpu::install_kick_handler().map_err(VmError::Internal)?;
 
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
-    vm.set_tss_address(KVM_TSS_ADDRESS)
-        .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
-    vm.create_irq_chip()
-        .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit)
-        .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+    let vm = Arc::new(kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?);
+    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm.create_irq_chip().map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
     let mem = create_memory(&vm, cfg.memory_mib)?;
     if !regs::boot_area_fits(&mem) {
-        return Err(VmError::Memory(
-            cfg.memory_mib,
-            host::memory_mib().unwrap_or(0),
-        ));
+        return Err(VmError::Memory(cfg.memory_mib, host::memory_mib().unwrap_or(0)));
     }
 
-    let loaded = boot::load(
-        &mem,
-        cfg.memory_mib << 20,
-        &mut kernel,
-        &cfg.cmdline,
-        initrd.as_mut(),
-        cfg.vcpus,
-    )?;
+    let loaded = boot::load(&mem, cfg.memory_mib << 20, &mut kernel, &cfg.cmdline, initrd.as_mut(), cfg.vcpus)?;
     drop(kernel);
     drop(initrd);
     tracing::debug!(?loaded, "kernel loaded");
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Internal(format!("eventfd: {e}")))?);
-    let serial_irq =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Internal(format!("eventfd: {e}")))?;
-    vm.register_irqfd(&serial_irq, COM1_GSI)
-        .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Internal(format!("eventfd: {e}")))?;
+    vm.register_irqfd(&serial_irq, COM1_GSI).map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
     let console = serial_writer(cfg.serial)?;
     let serial_errors = console.errors();
     let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console)));
-    let reset = exit
-        .evt
-        .try_clone()
-        .map_err(|e| VmError::Internal(format!("eventfd: {e}")))?;
+    let reset = exit.evt.try_clone().map_err(|e| VmError::Internal(format!("eventfd: {e}")))?;
     let mut pio = PioBus::default();
-    pio.insert(COM1_BASE, COM1_LEN, serial.clone())
+    pio.insert(COM1_BASE, COM1_LEN, serial.clone()).map_err(|e| VmError::Internal(e.to_string()))?;
+    pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(reset))))
         .map_err(|e| VmError::Internal(e.to_string()))?;
-    pio.insert(
-        I8042_BASE,
-        I8042_LEN,
-        Arc::new(Mutex::new(I8042::new(reset))),
-    )
-    .map_err(|e| VmError::Internal(e.to_string()))?;
+    let devices = pci::build(&vm, &mem, disks)?;
+    pio.insert(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, devices.root.clone())
+        .map_err(|e| VmError::Internal(e.to_string()))?;
     let pio = Arc::new(pio);
+    let mut event_loop = EventLoop::start(&devices)?;
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    let supported =
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(VcpuStats::default());
     let mut contexts = Vec::with_capacity(usize::from(cfg.vcpus));
     for id in 0..cfg.vcpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
+        let fd = vm.create_vcpu(u64::from(id)).map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
         let entries = cpuid::filter(supported.as_slice(), id, cfg.vcpus);
-        let cpuid = CpuId::from_entries(&entries)
-            .map_err(|e| VmError::Internal(format!("CPUID: {e:?}")))?;
-        fd.set_cpuid2(&cpuid)
-            .map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
+        let cpuid = CpuId::from_entries(&entries).map_err(|e| VmError::Internal(format!("CPUID: {e:?}")))?;
+        fd.set_cpuid2(&cpuid).map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
         regs::setup_msrs(&fd)?;
         regs::setup_fpu(&fd)?;
         regs::setup_lapic(&fd)?;
@@ -309,6 +277,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
             id,
             fd,
             pio: pio.clone(),
+            mmio: devices.mmio.clone(),
             exit: exit.clone(),
             stop: stop.clone(),
             stats: stats.clone(),
@@ -345,11 +314,12 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
             tracing::error!("a vCPU thread panicked");
         }
     }
-    serial
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .console()
-        .finish();
+    serial.lock().unwrap_or_else(|p| p.into_inner()).console().finish();
+    event_loop.stop();
+    let device_guest_errors = devices.guest_errors();
+    let attached = devices.attached.clone();
+    let mmio_unclaimed = devices.mmio.unclaimed();
+    drop(devices);
     drop(vm);
     drop(mem);
     let reason = reason?;
@@ -357,8 +327,10 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
         reason,
         exits: stats.exits.load(Ordering::Relaxed),
         pio_unclaimed: pio.unclaimed(),
-        mmio_unclaimed: stats.mmio_unclaimed.load(Ordering::Relaxed),
+        mmio_unclaimed,
         serial_write_errors: serial_errors.load(Ordering::Relaxed),
+        device_guest_errors,
+        devices: attached,
     })
 }
 
@@ -375,11 +347,7 @@ fn wait_for_exit(exit: &ExitSignal, timeout: Option<Duration>) -> Result<StopRea
             }
             None => -1,
         };
-        let mut pfd = libc::pollfd {
-            fd: exit.evt.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: exit.evt.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call.
         let n = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
         if n < 0 {

@@ -12,11 +12,7 @@ fn require_kvm() {
 
 fn shoji(args: &[&str]) -> Output {
     require_kvm();
-    Command::new(env!("CARGO_BIN_EXE_shoji"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run shoji")
+    Command::new(env!("CARGO_BIN_EXE_shoji")).args(args).env_remove("RUST_LOG").output().expect("run shoji")
 }
 
 fn stdout(o: &Output) -> String {
@@ -34,17 +30,13 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn fnv1a(data: &[u8]) -> u32 {
-    data.iter().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
-    })
+    data.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }
 
 /// The probe's "probe: KEY..." lines.
 fn probe_line<'a>(out: &'a str, key: &str) -> &'a str {
     let prefix = format!("probe: {key}");
-    out.lines()
-        .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} line in guest output:\n{out}"))
+    out.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix:?} line in guest output:\n{out}"))
 }
 
 #[test]
@@ -60,9 +52,7 @@ fn null_guest_boots_and_resets_with_1_and_4_vcpus() {
 fn check_handoff(guest: &str, boot: &str) {
     let dir = scratch(guest);
     let initrd = dir.join("initrd.img");
-    let data: Vec<u8> = (0..100_003u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let data: Vec<u8> = (0..100_003u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(&initrd, &data).unwrap();
     let token = format!("token={}", std::process::id());
     let cmdline = format!("console=ttyS0 {token} -- init-arg");
@@ -82,29 +72,11 @@ fn check_handoff(guest: &str, boot: &str) {
     let out = stdout(&o);
     assert!(o.status.success(), "{o:?}");
     assert_eq!(probe_line(&out, "boot="), format!("probe: boot={boot}"));
-    assert_eq!(
-        probe_line(&out, "cmdline="),
-        format!("probe: cmdline=[{cmdline}]")
-    );
-    assert_eq!(
-        probe_line(&out, "initrd"),
-        format!("probe: initrd size={} fnv={:#x}", data.len(), fnv1a(&data))
-    );
-    assert_eq!(
-        probe_line(&out, "mptable"),
-        "probe: mptable cpus=2 checksum=ok"
-    );
-    let e820: Vec<&str> = out
-        .lines()
-        .filter(|l| l.starts_with("probe: e820 "))
-        .collect();
-    assert_eq!(
-        e820,
-        [
-            "probe: e820 0x0 0x9fc00 1",
-            "probe: e820 0x100000 0x3f00000 1"
-        ]
-    );
+    assert_eq!(probe_line(&out, "cmdline="), format!("probe: cmdline=[{cmdline}]"));
+    assert_eq!(probe_line(&out, "initrd"), format!("probe: initrd size={} fnv={:#x}", data.len(), fnv1a(&data)));
+    assert_eq!(probe_line(&out, "mptable"), "probe: mptable cpus=2 checksum=ok");
+    let e820: Vec<&str> = out.lines().filter(|l| l.starts_with("probe: e820 ")).collect();
+    assert_eq!(e820, ["probe: e820 0x0 0x9fc00 1", "probe: e820 0x100000 0x3f00000 1"]);
     assert!(out.ends_with("PROBE-DONE\n"), "{out}");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -122,25 +94,11 @@ fn bzimage_hands_off_cmdline_initrd_e820_and_mptable() {
 #[test]
 fn second_and_further_vcpus_come_up_by_init_sipi() {
     for (guest, vcpus) in [("probe", "2"), ("probe", "4"), ("probe-bzimage", "3")] {
-        let o = shoji(&[
-            "boot",
-            "--guest",
-            guest,
-            "--vcpus",
-            vcpus,
-            "--cmdline",
-            "smp",
-        ]);
+        let o = shoji(&["boot", "--guest", guest, "--vcpus", vcpus, "--cmdline", "smp"]);
         assert!(o.status.success(), "{o:?}");
         let out = stdout(&o);
-        assert_eq!(
-            probe_line(&out, "mptable"),
-            format!("probe: mptable cpus={vcpus} checksum=ok")
-        );
-        assert_eq!(
-            probe_line(&out, "smp"),
-            format!("probe: smp online={vcpus}")
-        );
+        assert_eq!(probe_line(&out, "mptable"), format!("probe: mptable cpus={vcpus} checksum=ok"));
+        assert_eq!(probe_line(&out, "smp"), format!("probe: smp online={vcpus}"));
     }
 }
 
@@ -152,36 +110,18 @@ fn guest_triple_fault_is_a_clear_error() {
         assert!(stdout(&o).contains("probe: crashing"));
         let err = stderr(&o);
         assert_eq!(err.lines().count(), 1, "one line: {err}");
-        assert!(
-            err.starts_with(
-                "shoji: error: guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU 0 at RIP 0x"
-            ),
-            "{err}"
-        );
+        assert!(err.starts_with("shoji: error: guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU 0 at RIP 0x"), "{err}");
     }
 }
 
 #[test]
 fn hung_guest_is_stopped_by_timeout_on_every_vcpu() {
     let start = std::time::Instant::now();
-    let o = shoji(&[
-        "boot",
-        "--guest",
-        "probe",
-        "--vcpus",
-        "3",
-        "--cmdline",
-        "smp hang",
-        "--timeout",
-        "1",
-    ]);
+    let o = shoji(&["boot", "--guest", "probe", "--vcpus", "3", "--cmdline", "smp hang", "--timeout", "1"]);
     assert_eq!(o.status.code(), Some(124), "{o:?}");
     assert!(stdout(&o).contains("probe: hanging"));
     assert!(stderr(&o).contains("timeout"), "{}", stderr(&o));
-    assert!(
-        start.elapsed().as_secs() < 60,
-        "teardown of halted vCPUs must not hang"
-    );
+    assert!(start.elapsed().as_secs() < 60, "teardown of halted vCPUs must not hang");
 }
 
 #[test]
@@ -208,47 +148,17 @@ fn bad_input_gives_one_line_naming_the_field_and_leaves_nothing() {
     let long = "x".repeat(3000);
     let huge = format!("{}", 1u64 << 40);
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (
-            vec!["--kernel", "/nonexistent/vmlinux"],
-            "kernel: /nonexistent/vmlinux: No such file",
-        ),
-        (
-            vec!["--kernel", text.to_str().unwrap()],
-            "kernel: not an ELF vmlinux or a bzImage",
-        ),
+        (vec!["--kernel", "/nonexistent/vmlinux"], "kernel: /nonexistent/vmlinux: No such file"),
+        (vec!["--kernel", text.to_str().unwrap()], "kernel: not an ELF vmlinux or a bzImage"),
         (vec!["--kernel", dir.to_str().unwrap()], "kernel: "),
-        (
-            vec!["--guest", "nope"],
-            "guest: unknown test guest \"nope\"",
-        ),
-        (
-            vec!["--guest", "null", "--memory", "0"],
-            "memory: 0 MiB is out of range",
-        ),
-        (
-            vec!["--guest", "null", "--memory", &huge],
-            "memory: 1099511627776 MiB is out of range",
-        ),
-        (
-            vec!["--guest", "null", "--vcpus", "0"],
-            "vcpus: 0 is out of range",
-        ),
-        (
-            vec!["--guest", "null", "--vcpus", "255"],
-            "vcpus: 255 is out of range",
-        ),
-        (
-            vec!["--guest", "null", "--initrd", unreadable.to_str().unwrap()],
-            "initrd: ",
-        ),
-        (
-            vec!["--guest", "null", "--initrd", dir.to_str().unwrap()],
-            "initrd: ",
-        ),
-        (
-            vec!["--guest", "null", "--cmdline", &long],
-            "cmdline: 3000 bytes is over the limit of 2047",
-        ),
+        (vec!["--guest", "nope"], "guest: unknown test guest \"nope\""),
+        (vec!["--guest", "null", "--memory", "0"], "memory: 0 MiB is out of range"),
+        (vec!["--guest", "null", "--memory", &huge], "memory: 1099511627776 MiB is out of range"),
+        (vec!["--guest", "null", "--vcpus", "0"], "vcpus: 0 is out of range"),
+        (vec!["--guest", "null", "--vcpus", "255"], "vcpus: 255 is out of range"),
+        (vec!["--guest", "null", "--initrd", unreadable.to_str().unwrap()], "initrd: "),
+        (vec!["--guest", "null", "--initrd", dir.to_str().unwrap()], "initrd: "),
+        (vec!["--guest", "null", "--cmdline", &long], "cmdline: 3000 bytes is over the limit of 2047"),
         (vec!["--guest", "null", "--timeout=-1"], "timeout: "),
     ];
     for (args, want) in cases {
@@ -257,20 +167,9 @@ fn bad_input_gives_one_line_naming_the_field_and_leaves_nothing() {
         let o = shoji(&all);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {o:?}");
-        assert_eq!(
-            err.lines().count(),
-            1,
-            "{args:?}: one line expected, got: {err}"
-        );
-        assert!(
-            err.starts_with(&format!("shoji: error: {want}")),
-            "{args:?}: {err}"
-        );
-        assert!(
-            !serial.exists(),
-            "{args:?} left {} behind",
-            serial.display()
-        );
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line expected, got: {err}");
+        assert!(err.starts_with(&format!("shoji: error: {want}")), "{args:?}: {err}");
+        assert!(!serial.exists(), "{args:?} left {} behind", serial.display());
     }
     // Clap's own argument errors also exit non-zero.
     let o = shoji(&["boot", "--vcpus", "many"]);

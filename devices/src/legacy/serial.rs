@@ -37,11 +37,7 @@ pub struct ConsoleWriter {
 
 impl ConsoleWriter {
     pub fn new(inner: Box<dyn Write + Send>) -> Self {
-        ConsoleWriter {
-            inner,
-            buf: Vec::with_capacity(256),
-            errors: Arc::new(AtomicU64::new(0)),
-        }
+        ConsoleWriter { inner, buf: Vec::with_capacity(256), errors: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Write errors on the host side are counted, never passed to the guest.
@@ -58,12 +54,7 @@ impl ConsoleWriter {
         if self.buf.is_empty() {
             return;
         }
-        if self
-            .inner
-            .write_all(&self.buf)
-            .and_then(|_| self.inner.flush())
-            .is_err()
-        {
+        if self.inner.write_all(&self.buf).and_then(|_| self.inner.flush()).is_err() {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.buf.clear();
@@ -96,9 +87,7 @@ pub struct Serial {
 
 impl Serial {
     pub fn new(irq: EventFd, out: ConsoleWriter) -> Self {
-        Serial {
-            uart: vm_superio::Serial::new(EventFdTrigger(irq), out),
-        }
+        Serial { uart: vm_superio::Serial::new(EventFdTrigger(irq), out) }
     }
 
     pub fn console(&mut self) -> &mut ConsoleWriter {
@@ -145,17 +134,11 @@ mod tests {
     #[test]
     fn bytes_reach_the_console_by_line_and_bad_accesses_are_ignored() {
         let sink = Shared::default();
-        let mut s = Serial::new(
-            EventFd::new(0).unwrap(),
-            ConsoleWriter::new(Box::new(sink.clone())),
-        );
+        let mut s = Serial::new(EventFd::new(0).unwrap(), ConsoleWriter::new(Box::new(sink.clone())));
         for b in b"hi" {
             s.write(0, &[*b]);
         }
-        assert!(
-            sink.0.lock().unwrap().is_empty(),
-            "partial line stays buffered"
-        );
+        assert!(sink.0.lock().unwrap().is_empty(), "partial line stays buffered");
         s.write(0, b"\n");
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
         // Wide or out-of-range accesses from a guest: no panic, reads give all ones.

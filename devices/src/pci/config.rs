@@ -76,7 +76,7 @@ impl PciConfig {
     }
 
     pub fn set_bar(&mut self, index: usize, bar: Bar) -> Result<(), ConfigError> {
-        if index >= NUM_BARS || bar.size < 16 || !bar.size.is_power_of_two() || bar.addr % bar.size != 0 {
+        if index >= NUM_BARS || bar.size < 16 || !bar.size.is_power_of_two() || !bar.addr.is_multiple_of(bar.size) {
             return Err(ConfigError::BadBar(index));
         }
         self.bars[index] = Some(bar);

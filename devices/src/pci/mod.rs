@@ -100,6 +100,18 @@ impl PciRoot {
 
 impl PioDevice for PciRoot {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
+        self.read_inner(offset, data);
+        tracing::trace!(offset, address = format_args!("{:#x}", self.address), ?data, "PCI config read");
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        tracing::trace!(offset, address = format_args!("{:#x}", self.address), ?data, "PCI config write");
+        self.write_inner(offset, data);
+    }
+}
+
+impl PciRoot {
+    fn read_inner(&mut self, offset: u16, data: &mut [u8]) {
         match offset {
             0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
             4..=7 if usize::from(offset - 4) + data.len() <= 4 => match self.selected(offset) {
@@ -110,7 +122,7 @@ impl PioDevice for PciRoot {
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write_inner(&mut self, offset: u16, data: &[u8]) {
         match offset {
             0 if data.len() == 4 => {
                 self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) & 0x80ff_fffc;
@@ -152,7 +164,7 @@ mod tests {
     #[test]
     fn byte_and_word_accesses_hit_the_right_register() {
         let mut root = PciRoot::new();
-        root.write(0, &(ENABLE | 0x00).to_le_bytes());
+        root.write(0, &ENABLE.to_le_bytes());
         let mut w = [0; 2];
         root.read(6, &mut w);
         assert_eq!(u16::from_le_bytes(w), 0x0008, "device id via 0xCFE");

@@ -44,7 +44,14 @@ impl Msix {
         for e in table.chunks_mut(ENTRY_SIZE) {
             e[12..16].copy_from_slice(&VECTOR_MASKED.to_le_bytes());
         }
-        Msix { table, pba: vec![0; n.div_ceil(64) * 8], routes: vec![None; n], enabled: false, function_masked: false, irq }
+        Msix {
+            table,
+            pba: vec![0; n.div_ceil(64) * 8],
+            routes: vec![None; n],
+            enabled: false,
+            function_masked: false,
+            irq,
+        }
     }
 
     pub fn vectors(&self) -> u16 {

@@ -61,9 +61,9 @@ unsafe impl ByteValued for DiscardSegment {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("disk {0}: {1}")]
+    #[error("disk: {0}: {1}")]
     Open(PathBuf, std::io::Error),
-    #[error("disk {0}: size {1} is not a multiple of 512 bytes")]
+    #[error("disk: {0}: size {1} is not a multiple of 512 bytes")]
     Size(PathBuf, u64),
 }
 
@@ -137,7 +137,7 @@ impl Block {
     }
 
     fn check_range(&self, sector: u64, bytes: u64) -> Result<u64, ReqError> {
-        if bytes % SECTOR_SIZE != 0 {
+        if !bytes.is_multiple_of(SECTOR_SIZE) {
             return Err(ReqError::Guest(format!("length {bytes} is not a multiple of 512")));
         }
         if bytes > MAX_REQUEST_BYTES {
@@ -252,7 +252,8 @@ impl Block {
                 }
                 let seg = std::mem::size_of::<DiscardSegment>();
                 let count = reader.available_bytes() / seg;
-                if count == 0 || count > MAX_DISCARD_SEGMENTS as usize || reader.available_bytes() % seg != 0 {
+                if count == 0 || count > MAX_DISCARD_SEGMENTS as usize || !reader.available_bytes().is_multiple_of(seg)
+                {
                     return Err(ReqError::Guest(format!("{} bytes of discard segments", reader.available_bytes())));
                 }
                 for _ in 0..count {
@@ -354,7 +355,13 @@ impl VirtioDevice for Block {
 }
 
 impl Block {
-    fn process(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue, index: u16, irq: &mut dyn Interrupt) -> DeviceResult {
+    fn process(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        index: u16,
+        irq: &mut dyn Interrupt,
+    ) -> DeviceResult {
         let mut used_any = false;
         // One pass over what is available now: the driver notifies again for later requests.
         // Heads are collected first because the iterator borrows the queue.

@@ -149,7 +149,11 @@ impl VirtioPciDevice {
         let msix_cap = config.add_capability(CAP_ID_MSIX, &body, &writable)?;
         config.add_capability(CAP_ID_VENDOR, &vendor_cap(CFG_COMMON, COMMON, COMMON_LEN, None), &[])?;
         let notify_len = (queues.len() as u64).max(1) * u64::from(NOTIFY_MULTIPLIER);
-        config.add_capability(CAP_ID_VENDOR, &vendor_cap(CFG_NOTIFY, NOTIFY, notify_len, Some(NOTIFY_MULTIPLIER)), &[])?;
+        config.add_capability(
+            CAP_ID_VENDOR,
+            &vendor_cap(CFG_NOTIFY, NOTIFY, notify_len, Some(NOTIFY_MULTIPLIER)),
+            &[],
+        )?;
         config.add_capability(CAP_ID_VENDOR, &vendor_cap(CFG_ISR, ISR, 1, None), &[])?;
         config.add_capability(CAP_ID_VENDOR, &vendor_cap(CFG_DEVICE, DEVICE_CFG, DEVICE_CFG_LEN, None), &[])?;
         let notify = (0..queues.len())
@@ -180,7 +184,11 @@ impl VirtioPciDevice {
     /// (guest address, eventfd) for each queue's notification, for KVM ioeventfds.
     pub fn notify_eventfds(&self) -> Vec<(u64, &EventFd)> {
         let base = self.config.bar(0).map(|b| u64::from(b.addr)).unwrap_or(0);
-        self.notify.iter().enumerate().map(|(i, e)| (base + NOTIFY + u64::from(NOTIFY_MULTIPLIER) * i as u64, e)).collect()
+        self.notify
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (base + NOTIFY + u64::from(NOTIFY_MULTIPLIER) * i as u64, e))
+            .collect()
     }
 
     pub fn status(&self) -> u8 {
@@ -199,7 +207,12 @@ impl VirtioPciDevice {
     fn irq(&mut self) -> (&mut Box<dyn VirtioDevice>, TransportIrq<'_>) {
         (
             &mut self.device,
-            TransportIrq { msix: &mut self.msix, queues: &self.queues, config_vector: self.config_vector, isr: &mut self.isr },
+            TransportIrq {
+                msix: &mut self.msix,
+                queues: &self.queues,
+                config_vector: self.config_vector,
+                isr: &mut self.isr,
+            },
         )
     }
 
@@ -265,7 +278,8 @@ impl VirtioPciDevice {
         if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             let offered = self.device.features();
             if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                self.errors.record(&self.name, &format_args!("driver features {:#x} not acceptable", self.driver_features));
+                self.errors
+                    .record(&self.name, &format_args!("driver features {:#x} not acceptable", self.driver_features));
                 v &= !STATUS_FEATURES_OK;
             }
         }
@@ -356,7 +370,7 @@ impl VirtioPciDevice {
                     q.ready = true;
                 }
             }
-            (0x20..=0x37, 4 | 8) if setup && off % 4 == 0 => {
+            (0x20..=0x37, 4 | 8) if setup && off.is_multiple_of(4) => {
                 let Some(q) = self.selected_queue().filter(|q| !q.ready) else { return };
                 let field = match off & !7 {
                     0x20 => &mut q.desc,
@@ -365,13 +379,15 @@ impl VirtioPciDevice {
                 };
                 if data.len() == 8 {
                     *field = val;
-                } else if off % 8 == 0 {
+                } else if off.is_multiple_of(8) {
                     *field = (*field & !0xffff_ffff) | val;
                 } else {
                     *field = (*field & 0xffff_ffff) | (val << 32);
                 }
             }
-            _ => self.errors.record(&self.name, &format_args!("common config write of {} bytes at {off:#x} ignored", data.len())),
+            _ => self
+                .errors
+                .record(&self.name, &format_args!("common config write of {} bytes at {off:#x} ignored", data.len())),
         }
     }
 
@@ -431,11 +447,15 @@ impl PciDevice for VirtioPciDevice {
                 data[0] = self.isr;
                 self.isr = 0; // read to clear
             }
-            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => self.device.read_config(o - DEVICE_CFG, data),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                self.device.read_config(o - DEVICE_CFG, data)
+            }
             o if (MSIX_TABLE..MSIX_TABLE + self.msix.table_size() as u64).contains(&o) => {
                 self.msix.table_read(o - MSIX_TABLE, data)
             }
-            o if (MSIX_PBA..MSIX_PBA + self.msix.pba_size() as u64).contains(&o) => self.msix.pba_read(o - MSIX_PBA, data),
+            o if (MSIX_PBA..MSIX_PBA + self.msix.pba_size() as u64).contains(&o) => {
+                self.msix.pba_read(o - MSIX_PBA, data)
+            }
             _ => {}
         }
     }
@@ -448,7 +468,9 @@ impl PciDevice for VirtioPciDevice {
         let notify_end = NOTIFY + u64::from(NOTIFY_MULTIPLIER) * self.queues.len() as u64;
         match off {
             o if end <= COMMON + COMMON_LEN => self.common_write(o, data),
-            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => self.device.write_config(o - DEVICE_CFG, data),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                self.device.write_config(o - DEVICE_CFG, data)
+            }
             o if (NOTIFY..notify_end).contains(&o) => {
                 let q = ((o - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
                 self.queue_notified(q);

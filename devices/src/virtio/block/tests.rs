@@ -84,8 +84,7 @@ impl Rig {
 
     fn last_used_len(&self) -> u32 {
         let idx = self.vq.used().idx().load();
-        self.vq
-            .used().ring().ref_at(usize::from(idx.wrapping_sub(1)) % 16).unwrap().load().len()
+        self.vq.used().ring().ref_at(usize::from(idx.wrapping_sub(1)) % 16).unwrap().load().len()
     }
 }
 
@@ -207,5 +206,5 @@ fn bad_backing_files() {
     assert!(matches!(Block::open(&p, false), Err(BlockError::Size(_, 1000))));
     std::fs::remove_file(&p).unwrap();
     let e = Block::open(Path::new("/nonexistent/disk.img"), true).err().unwrap().to_string();
-    assert!(e.starts_with("disk /nonexistent/disk.img: "), "{e}");
+    assert!(e.starts_with("disk: /nonexistent/disk.img: "), "{e}");
 }
