@@ -251,6 +251,9 @@ impl VirtioPciDevice {
                 Err(e) => return self.mark_broken(&format!("queue {i}: {e:?}")),
             };
             if r.ready {
+                if r.size == 0 || r.size > r.max || !r.size.is_power_of_two() {
+                    return self.mark_broken(&format!("queue {i}: size {} (max {})", r.size, r.max));
+                }
                 q.set_size(r.size);
                 q.set_desc_table_address(Some(r.desc as u32), Some((r.desc >> 32) as u32));
                 q.set_avail_ring_address(Some(r.avail as u32), Some((r.avail >> 32) as u32));
@@ -507,3 +510,6 @@ impl MutEventSubscriber for VirtioPciSubscriber {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
