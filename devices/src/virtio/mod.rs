@@ -6,6 +6,7 @@
 //! errors are counted and logged (rate-limited), and a device that cannot continue is marked
 //! broken (DEVICE_NEEDS_RESET) without affecting the VM or other devices.
 pub mod block;
+pub mod fs;
 pub mod transport;
 
 use event_manager::{EventOps, Events};
