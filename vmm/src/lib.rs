@@ -15,6 +15,6 @@ pub mod testkit;
 pub mod vcpu;
 pub mod vm;
 
-pub use pci::DiskConfig;
+pub use pci::{DiskConfig, ShareConfig};
 pub use vcpu::StopReason;
 pub use vm::{run, KernelImage, SerialOut, VmConfig, VmError, VmOutcome};

@@ -1,7 +1,9 @@
 //! `shoji`: the command-line front end.
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
-use shoji_vmm::{artifacts, cmdline, host, testkit, DiskConfig, KernelImage, SerialOut, StopReason, VmConfig};
+use shoji_vmm::{
+    artifacts, cmdline, host, testkit, DiskConfig, KernelImage, SerialOut, ShareConfig, StopReason, VmConfig,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -47,6 +49,10 @@ struct BootArgs {
     /// A virtio-blk disk: raw image or block device, "PATH[,ro]". Repeatable; PCI slots 01, 02, ...
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<String>,
+    /// Share a host directory through virtio-fs: "DIR[,tag=T][,ro]" (tag defaults to share0,
+    /// share1, ...). Repeatable; PCI slots after the disks.
+    #[arg(long = "share", value_name = "DIR[,tag=T][,ro]")]
+    shares: Vec<String>,
     /// Stop the VM after this many seconds and exit with status 124.
     #[arg(long)]
     timeout: Option<f64>,
@@ -67,8 +73,25 @@ fn parse_disk(spec: &str) -> Result<DiskConfig> {
     Ok(DiskConfig { path: PathBuf::from(path), read_only })
 }
 
+/// "DIR[,tag=T][,ro|,rw]" -> share config.
+fn parse_share(spec: &str, index: usize) -> Result<ShareConfig> {
+    let mut parts = spec.split(',');
+    let dir = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| anyhow!("share: empty directory in {spec:?}"))?;
+    let mut share = ShareConfig { dir: PathBuf::from(dir), tag: format!("share{index}"), read_only: false };
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("tag", t)) => share.tag = t.to_string(),
+            None if opt == "ro" => share.read_only = true,
+            None if opt == "rw" => share.read_only = false,
+            _ => return Err(anyhow!("share: unknown option {opt:?} in {spec:?} (expected tag=T, ro or rw)")),
+        }
+    }
+    Ok(share)
+}
+
 fn boot(a: BootArgs) -> Result<ExitCode> {
     let disks = a.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
+    let shares = a.shares.iter().enumerate().map(|(i, s)| parse_share(s, i)).collect::<Result<Vec<_>>>()?;
     let pvm = host::is_pvm();
     let (kernel, initrd, cmdline) = if let Some(name) = &a.guest {
         let image = testkit::guest(name)
@@ -97,7 +120,8 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
         None => None,
     };
     let linux = a.guest.is_none();
-    let cfg = VmConfig { kernel, initrd, cmdline, vcpus: a.vcpus, memory_mib: a.memory, serial, disks, timeout };
+    let cfg =
+        VmConfig { kernel, initrd, cmdline, vcpus: a.vcpus, memory_mib: a.memory, serial, disks, shares, timeout };
     shoji_vmm::vm::check(&cfg)?;
     if linux && pvm {
         eprintln!("shoji: /dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");

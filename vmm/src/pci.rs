@@ -8,6 +8,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use shoji_devices::model::PciPath;
 use shoji_devices::pci::{PciRoot, SharedPciDevice};
 use shoji_devices::virtio::block::Block;
+use shoji_devices::virtio::fs::Fs;
 use shoji_devices::virtio::transport::BAR_SIZE;
 use shoji_devices::virtio::{VirtioDevice, VirtioPciDevice, VirtioPciSubscriber};
 use std::path::PathBuf;
@@ -32,6 +33,14 @@ pub enum PciSetupError {
     IoEvent(kvm_ioctls::Error),
     #[error("PCI: event loop: {0}")]
     EventLoop(String),
+}
+
+/// A host directory shared with the guest through virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareConfig {
+    pub dir: PathBuf,
+    pub tag: String,
+    pub read_only: bool,
 }
 
 /// A disk as the user asked for it.
@@ -113,12 +122,16 @@ impl PciDevices {
     }
 }
 
-/// Builds the bus with `disks` (slots in order from 01) and wires each device to KVM.
-pub fn build(
-    vm: &Arc<VmFd>,
-    mem: &GuestMemoryMmap,
-    disks: Vec<(DiskConfig, Block)>,
-) -> Result<PciDevices, PciSetupError> {
+/// The devices to put on the bus, already opened and checked.
+#[derive(Default)]
+pub struct DeviceSet {
+    pub disks: Vec<(DiskConfig, Block)>,
+    pub shares: Vec<(ShareConfig, Fs)>,
+}
+
+/// Builds the bus and wires each device to KVM. Slots are assigned from 01 in a fixed order:
+/// disks (as given), then shares (as given).
+pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, set: DeviceSet) -> Result<PciDevices, PciSetupError> {
     let routing = Arc::new(IrqRouting::new(vm.clone()));
     let mut alloc = AddressAllocator::new(MMIO_GAP_START, u64::from(IOAPIC_ADDR) - MMIO_GAP_START)
         .map_err(|_| PciSetupError::NoMmio)?;
@@ -145,9 +158,13 @@ pub fn build(
         virtio.push(t);
         Ok(())
     };
-    for (cfg, block) in disks {
+    for (cfg, block) in set.disks {
         let what = format!("{}{}", cfg.path.display(), if cfg.read_only { " (ro)" } else { "" });
         add(what, "virtio-blk", Box::new(block))?;
+    }
+    for (cfg, fs) in set.shares {
+        let what = format!("{} tag={}{}", cfg.dir.display(), cfg.tag, if cfg.read_only { " (ro)" } else { "" });
+        add(what, "virtio-fs", Box::new(fs))?;
     }
     mmio.ranges.sort_by_key(|r| r.start);
     Ok(PciDevices { root: Arc::new(Mutex::new(root)), mmio: Arc::new(mmio), attached, virtio })

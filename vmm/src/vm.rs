@@ -6,7 +6,7 @@ use crate::cpuid;
 use crate::host;
 use crate::layout::{self, KVM_TSS_ADDRESS, MIN_MEMORY_MIB};
 use crate::mptable;
-use crate::pci::{self, AttachedDevice, DiskConfig, EventLoop, PciSetupError};
+use crate::pci::{self, AttachedDevice, DeviceSet, DiskConfig, EventLoop, PciSetupError, ShareConfig};
 use crate::regs::{self, RegsError};
 use crate::vcpu::{self, ExitSignal, StopReason, VcpuContext, VcpuStats};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -15,6 +15,7 @@ use shoji_devices::legacy::{ConsoleWriter, Serial, I8042};
 use shoji_devices::legacy::{COM1_BASE, COM1_GSI, COM1_LEN, I8042_BASE, I8042_LEN};
 use shoji_devices::pci::{CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 use shoji_devices::virtio::block::Block;
+use shoji_devices::virtio::fs::Fs;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -50,6 +51,8 @@ pub struct VmConfig {
     pub serial: SerialOut,
     /// virtio-blk disks, on PCI slots 01, 02, ... in this order.
     pub disks: Vec<DiskConfig>,
+    /// virtio-fs shares, on the PCI slots after the disks.
+    pub shares: Vec<ShareConfig>,
     /// Stop the VM with [`StopReason::Timeout`] after this long.
     pub timeout: Option<Duration>,
 }
@@ -64,6 +67,7 @@ impl VmConfig {
             memory_mib: 128,
             serial: SerialOut::Stdout,
             disks: Vec::new(),
+            shares: Vec::new(),
             timeout: None,
         }
     }
@@ -82,6 +86,8 @@ pub enum VmError {
     Memory(u64, u64),
     #[error("{0}")]
     Disk(#[from] shoji_devices::virtio::block::BlockError),
+    #[error("{0}")]
+    Share(#[from] shoji_devices::virtio::fs::FsError),
     #[error(transparent)]
     Pci(#[from] PciSetupError),
     #[error("serial: {0}: {1}")]
@@ -117,7 +123,7 @@ pub struct VmOutcome {
 struct Validated {
     kernel: File,
     initrd: Option<File>,
-    disks: Vec<(DiskConfig, Block)>,
+    devices: DeviceSet,
 }
 
 fn open_kernel(image: &KernelImage) -> Result<File, VmError> {
@@ -171,7 +177,12 @@ fn validate(cfg: &VmConfig, max_vcpus: u8) -> Result<Validated, VmError> {
         .iter()
         .map(|d| Block::open(&d.path, d.read_only).map(|b| (d.clone(), b)))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Validated { kernel, initrd, disks })
+    let shares = cfg
+        .shares
+        .iter()
+        .map(|s| Fs::new(&s.tag, &s.dir, s.read_only).map(|f| (s.clone(), f)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Validated { kernel, initrd, devices: DeviceSet { disks, shares } })
 }
 
 /// The most vCPUs a VM may have here: KVM's limit, capped by the MP table's APIC ID space.
@@ -221,7 +232,7 @@ pub fn check(cfg: &VmConfig) -> Result<(), VmError> {
 pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
     let kvm = Kvm::new().map_err(|e| VmError::Kvm("/dev/kvm", e))?;
     let max = max_vcpus(&kvm);
-    let Validated { mut kernel, mut initrd, disks } = validate(&cfg, max)?;
+    let Validated { mut kernel, mut initrd, devices } = validate(&cfg, max)?;
     vcpu::install_kick_handler().map_err(VmError::Internal)?;
 
     let vm = Arc::new(kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?);
@@ -250,7 +261,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
     pio.insert(COM1_BASE, COM1_LEN, serial.clone()).map_err(|e| VmError::Internal(e.to_string()))?;
     pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(reset))))
         .map_err(|e| VmError::Internal(e.to_string()))?;
-    let devices = pci::build(&vm, &mem, disks)?;
+    let devices = pci::build(&vm, &mem, devices)?;
     pio.insert(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, devices.root.clone())
         .map_err(|e| VmError::Internal(e.to_string()))?;
     let pio = Arc::new(pio);
