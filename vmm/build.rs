@@ -24,6 +24,9 @@ const FLAGS: &[&str] = &[
     "-Wl,--no-warn-rwx-segments",
 ];
 
+/// The probe guest: entry and interrupt stubs, boot hand-off checks, and the device modes.
+const SOURCES: &[&str] = &["entry.S", "probe.c", "pci.c", "idt.c", "virtio.c", "blk.c"];
+
 fn run(cmd: &mut Command) {
     let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(status.success(), "{cmd:?} failed: {status}");
@@ -61,13 +64,13 @@ fn main() {
     let kit = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("testkit");
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let cc = env::var("SHOJI_GUEST_CC").unwrap_or_else(|_| "gcc".into());
-    for f in ["guest.ld", "null.S", "entry.S", "probe.c"] {
+    for f in SOURCES.iter().chain(&["guest.ld", "null.S", "probe.h"]) {
         println!("cargo:rerun-if-changed=testkit/{f}");
     }
     println!("cargo:rerun-if-env-changed=SHOJI_GUEST_CC");
 
     link(&cc, &kit, &out.join("null.elf"), &["null.S"]);
-    link(&cc, &kit, &out.join("probe.elf"), &["entry.S", "probe.c"]);
+    link(&cc, &kit, &out.join("probe.elf"), SOURCES);
     let flat = out.join("probe.bin");
     run(Command::new("objcopy").args(["-O", "binary", "--remove-section=.note"]).arg(out.join("probe.elf")).arg(&flat));
     let flat = fs::read(&flat).expect("read probe.bin");

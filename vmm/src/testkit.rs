@@ -4,7 +4,8 @@ use crate::vm::KernelImage;
 
 /// Writes [`NULL_MARKER`] to COM1, then resets through the i8042 (PVH ELF).
 pub const NULL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/null.elf"));
-/// Reports boot hand-off (cmdline, initrd, E820, MP table, SMP bring-up) on COM1 (PVH ELF).
+/// Reports boot hand-off (cmdline, initrd, E820, MP table, SMP bring-up) on COM1 (PVH ELF);
+/// command-line words select device modes (`pci` enumeration, a `blk` virtio-blk driver).
 pub const PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
 /// The same probe as a bzImage, entered through the Linux 64-bit boot protocol.
 pub const PROBE_BZIMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.bzimage"));

@@ -48,7 +48,11 @@ common64:
 	mov %ax, %es
 	mov %ax, %ss
 	mov $stack_top, %rsp
-	call probe_main
+	pushq $0x08			/* reload CS from our GDT: the boot protocol's CS selector */
+	lea 2f(%rip), %rax		/* may name a data descriptor here, and iretq reloads CS */
+	pushq %rax
+	lretq
+2:	call probe_main
 1:	hlt
 	jmp 1b
 
@@ -57,6 +61,51 @@ common64:
 triple_fault:
 	lidt null_idt
 	ud2
+
+/* Exception stubs: where the CPU pushes no error code, push 0, then the vector; exc_common
+ * hands (vector, error, rip) to probe_exception (idt.c), which reports and crashes. */
+	.macro exc_stub v
+exc_\v:
+	.if (\v == 8) || (\v >= 10 && \v <= 14) || (\v == 17) || (\v == 21) || (\v == 29) || (\v == 30)
+	.else
+	pushq $0
+	.endif
+	pushq $\v
+	jmp exc_common
+	.endm
+	.irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+	exc_stub \v
+	.endr
+exc_common:
+	mov (%rsp), %rdi
+	mov 8(%rsp), %rsi
+	mov 16(%rsp), %rdx
+	and $-16, %rsp
+	call probe_exception
+1:	hlt
+	jmp 1b
+
+/* Counting interrupt stubs for vectors 0x20..0x4f, 32 bytes apart from irq_stub_base: each
+ * increments irq_counts[vector] and signals EOI to the local APIC. */
+	.balign 32
+	.globl irq_stub_base
+irq_stub_base:
+	.set vec, 0x20
+	.rept 0x30
+	.balign 32
+	lock incl irq_counts + 4 * vec(%rip)
+	push %rax
+	mov $0xfee000b0, %eax
+	movl $0, (%rax)
+	pop %rax
+	iretq
+	.set vec, vec + 1
+	.endr
+
+/* The spurious vector: no EOI, as the APIC sets no in-service bit for it. */
+	.globl irq_spurious
+irq_spurious:
+	iretq
 
 /* Real-mode trampoline for application processors, copied to 0x8000 by the BSP. */
 	.code16
@@ -82,6 +131,12 @@ gdt_desc:
 null_idt:
 	.word 0
 	.quad 0
+	.balign 8
+	.globl exc_stubs
+exc_stubs:
+	.irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+	.quad exc_\v
+	.endr
 
 	.section .data
 	.balign 4096

@@ -1,16 +1,15 @@
 /* probe: a freestanding test guest that reports, on COM1, what the VMM handed it, so host tests
  * can check boot hand-off from inside the guest. Words on the command line select extra work:
  *   smp    bring up every other CPU listed in the MP table (INIT-SIPI-SIPI) and count them
+ *   pci    list PCI bus 0: every function, and each virtio device's BARs and capabilities
+ *   blk    drive the first virtio-blk disk with MSI-X interrupts: write, flush, read, GET_ID
  *   crash  triple-fault after reporting
  *   hang   halt forever with interrupts off (tests timeouts and vCPU teardown)
+ * (pci.c and blk.c describe their output lines; virtio.c and idt.c are the driver core.)
  * Output lines (all start with "probe: "), then "PROBE-DONE" and an i8042 reset. */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "probe.h"
 
 extern char ap_tramp_start[], ap_tramp_end[];
-extern void triple_fault(void) __attribute__((noreturn));
 
 void *memcpy(void *d, const void *s, unsigned long n)
 {
@@ -27,36 +26,6 @@ void *memset(void *d, int c, unsigned long n)
 	while (n--)
 		*dp++ = (u8)c;
 	return d;
-}
-
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static void putc(char c) { outb(0x3f8, (u8)c); }
-static void puts(const char *s) { while (*s) putc(*s++); }
-static void puthex(u64 v)
-{
-	puts("0x");
-	int started = 0;
-	for (int i = 60; i >= 0; i -= 4) {
-		int d = (v >> i) & 0xf;
-		if (d || started || i == 0) {
-			putc("0123456789abcdef"[d]);
-			started = 1;
-		}
-	}
-}
-static void putdec(u64 v)
-{
-	char b[21];
-	int n = 0;
-	do { b[n++] = '0' + v % 10; v /= 10; } while (v);
-	while (n) putc(b[--n]);
-}
-
-static u32 fnv1a(const u8 *p, u64 n)
-{
-	u32 h = 0x811c9dc5;
-	while (n--) { h ^= *p++; h *= 0x01000193; }
-	return h;
 }
 
 static int has_word(const char *s, const char *w)
@@ -172,6 +141,10 @@ void probe_main(u64 info, int kind)
 	if (has_word(cmdline, "smp") && cpus > 0) {
 		puts("probe: smp online="); putdec(start_aps(cpus - 1)); putc('\n');
 	}
+	if (has_word(cmdline, "pci"))
+		pci_mode();
+	if (has_word(cmdline, "blk"))
+		blk_mode();
 	if (has_word(cmdline, "crash")) {
 		puts("probe: crashing\n");
 		triple_fault();
