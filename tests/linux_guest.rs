@@ -47,10 +47,21 @@ fn linux_guest_sees_and_uses_the_devices() {
     let content: Vec<u8> = (0..(2u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
     std::fs::write(&rw, &content).unwrap();
     std::fs::write(&ro, &content[..1 << 20]).unwrap();
-    let cmdline = format!("{} shoji.selftest shoji.selftest.write=vda", shoji_vmm::cmdline::DEFAULT);
+    let share = dir.join("share");
+    let share_ro = dir.join("share-ro");
+    for d in [&share, &share_ro] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("hello.txt"), "hello from the host\n").unwrap();
+    }
+    let cmdline = format!(
+        "{} shoji.selftest shoji.selftest.write=vda shoji.selftest.fs=hostdir shoji.selftest.fs=rodir",
+        shoji_vmm::cmdline::DEFAULT
+    );
     let out = Command::new(shoji_bin())
         .args(["boot", "--timeout", "600", "--cmdline", &cmdline])
         .args(["--disk", rw.to_str().unwrap(), "--disk", &format!("{},ro", ro.display())])
+        .args(["--share", &format!("{},tag=hostdir", share.display())])
+        .args(["--share", &format!("{},tag=rodir,ro", share_ro.display())])
         .output()
         .expect("run shoji boot");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -61,6 +72,8 @@ fn linux_guest_sees_and_uses_the_devices() {
         "selftest: pci 0000:00:00.0 0x1b36:0x0008",
         "selftest: pci 0000:00:01.0 0x1af4:0x1042",
         "selftest: pci 0000:00:02.0 0x1af4:0x1042",
+        "selftest: pci 0000:00:03.0 0x1af4:0x105a",
+        "selftest: pci 0000:00:04.0 0x1af4:0x105a",
     ] {
         assert!(stdout.lines().any(|l| l == line), "missing {line:?}");
     }
@@ -73,5 +86,12 @@ fn linux_guest_sees_and_uses_the_devices() {
     assert!(after.starts_with(b"SHOJI-GUEST-WROTE-THIS\0"), "the guest's write reached the host file");
     assert_eq!(&after[512..], &content[512..], "nothing else changed");
     assert_eq!(std::fs::read(&ro).unwrap(), &content[..1 << 20], "read-only disk untouched");
+    // virtio-fs: the guest mounts both shares, reads the host's file, writes only to the rw one.
+    assert!(stdout.contains("selftest: fs hostdir hello.txt [hello from the host] len=19"), "{stdout}");
+    assert!(stdout.contains("selftest: fs rodir hello.txt [hello from the host] len=19"), "{stdout}");
+    assert!(stdout.contains("selftest: fs hostdir create errno=0"));
+    assert!(stdout.contains("selftest: fs rodir create errno=30"), "EROFS on the read-only share");
+    assert_eq!(std::fs::read_to_string(share.join("from-guest.txt")).unwrap(), "written by the guest\n");
+    assert!(!share_ro.join("from-guest.txt").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
