@@ -171,4 +171,7 @@ int virtq_wait(struct virtq *q, u32 *len, u32 ticks);
 /* ---- blk.c ---- */
 void blk_mode(void);
 
+/* ---- fs.c ---- */
+void fs_mode(void);
+
 #endif

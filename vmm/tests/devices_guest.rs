@@ -1,6 +1,7 @@
 //! PCI and virtio devices seen from inside a guest: the probe test guest enumerates bus 0
-//! (`pci` mode) and drives a virtio-blk disk as a real driver does, with MSI-X interrupts
-//! (`blk` mode); the host checks its report and the disk file afterwards. Needs /dev/kvm.
+//! (`pci` mode), drives a virtio-blk disk as a real driver does, with MSI-X interrupts
+//! (`blk` mode), and talks FUSE to a virtio-fs share (`fs` mode); the host checks its report and
+//! the disk file or shared directory afterwards. Needs /dev/kvm.
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -16,10 +17,18 @@ fn require_kvm() {
 
 /// Boots `guest` with `cmdline` and `disks`; a guest that hangs is stopped by --timeout.
 fn boot(guest: &str, cmdline: &str, disks: &[String]) -> Output {
+    boot_with(guest, cmdline, disks, &[])
+}
+
+/// [`boot`] with virtio-fs `shares` ("DIR[,tag=T][,ro]") after the disks.
+fn boot_with(guest: &str, cmdline: &str, disks: &[String], shares: &[String]) -> Output {
     require_kvm();
     let mut args = vec!["boot", "--guest", guest, "--cmdline", cmdline, "--timeout", "60"];
     for d in disks {
         args.extend(["--disk", d.as_str()]);
+    }
+    for s in shares {
+        args.extend(["--share", s.as_str()]);
     }
     Command::new(env!("CARGO_BIN_EXE_shoji")).args(&args).env_remove("RUST_LOG").output().expect("run shoji")
 }
@@ -217,4 +226,148 @@ fn blk_read_only_disk_rejects_the_write_and_stays_unchanged() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("write to a read-only disk"), "{err}");
     assert!(std::fs::read(&disk).unwrap() == before, "a read-only disk must not change");
+}
+
+/// What the host puts in a share for the `fs` mode: "hello.txt", 3000 bytes starting with a
+/// known first line.
+fn hello_txt() -> Vec<u8> {
+    let mut d = b"hello from the host\n".to_vec();
+    let mut i = 0u32;
+    while d.len() < 3000 {
+        d.push(b'a' + (i.wrapping_mul(2_654_435_761).rotate_right(7) % 26) as u8);
+        i += 1;
+        if i % 61 == 0 {
+            d.push(b'\n');
+        }
+    }
+    d.truncate(3000);
+    d
+}
+
+/// What the probe writes to "from-guest.txt" (fs.c: FS_WRITE_TEXT).
+const FS_WRITE_TEXT: &[u8] = b"written by the probe\n";
+
+/// The number after `key=` in the probe's "probe: fs irqs=N requests=M" line.
+fn fs_counter(out: &str, key: &str) -> u64 {
+    let line = probe_line(out, "fs irqs=");
+    let field = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"));
+    field.parse().unwrap_or_else(|_| panic!("bad number in {line:?}"))
+}
+
+/// Boots `fs` with one share of a fresh directory holding hello.txt; returns the output and
+/// the directory (the scratch area is removed when the returned guard drops).
+fn run_fs(name: &str, read_only: bool) -> (Output, String, Scratch, PathBuf) {
+    let scratch = Scratch::new(name);
+    let share = scratch.0.join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("hello.txt"), hello_txt()).unwrap();
+    let spec = format!("{},tag=hostdir{}", share.display(), if read_only { ",ro" } else { "" });
+    let o = boot_with("probe", "fs", &[], &[spec]);
+    let out = stdout(&o);
+    (o, out, scratch, share)
+}
+
+/// Lines every `fs` run prints the same way, read-only or not.
+fn check_fs_common(out: &str) {
+    assert!(!out.contains("probe: fs error"), "{out}");
+    let slot = probe_line(out, "fs slot=");
+    let hex = slot.strip_prefix("probe: fs slot=01 features=0x").unwrap_or_else(|| panic!("{slot:?}"));
+    assert_ne!(u64::from_str_radix(hex, 16).unwrap() & (1 << 32), 0, "VIRTIO_F_VERSION_1: {slot}");
+    let init = probe_line(out, "fs init");
+    let minor = init.strip_prefix("probe: fs init error=0 major=7 minor=").unwrap_or_else(|| panic!("{init:?}"));
+    assert!(minor.parse::<u32>().unwrap() >= 31, "{init}");
+    assert_eq!(probe_line(out, "fs tag="), "probe: fs tag=hostdir");
+    let hello = hello_txt();
+    assert_eq!(
+        probe_line(out, "fs lookup hello.txt"),
+        format!("probe: fs lookup hello.txt error=0 size={}", hello.len())
+    );
+    assert_eq!(probe_line(out, "fs read"), format!("probe: fs read len={} fnv={:#x}", hello.len(), fnv1a(&hello)));
+    assert_eq!(probe_line(out, "fs text="), "probe: fs text=[hello from the host]");
+    assert_eq!(probe_line(out, "fs lookup missing.txt"), "probe: fs lookup missing.txt error=-2");
+    assert!(out.ends_with("PROBE-DONE\n"), "{out}");
+}
+
+#[test]
+fn fs_driver_inits_looks_up_reads_and_creates_files_in_a_share() {
+    let (o, out, _scratch, share) = run_fs("fs-rw", false);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stderr(&o), "", "the driver must not cause guest errors");
+    check_fs_common(&out);
+    assert_eq!(
+        probe_line(&out, "fs create"),
+        format!("probe: fs create error=0 write error=0 written={}", FS_WRITE_TEXT.len())
+    );
+    assert_eq!(
+        probe_line(&out, "fs status"),
+        "probe: fs status init=0 lookup=0 open=0 read=0 release=0 missing=-2 create=0 write=0 release2=0"
+    );
+    // INIT, LOOKUP, OPEN, READ, RELEASE, LOOKUP, CREATE, WRITE, RELEASE: one MSI-X interrupt each.
+    let (irqs, requests) = (fs_counter(&out, "irqs"), fs_counter(&out, "requests"));
+    assert_eq!(requests, 9, "{out}");
+    assert!(irqs >= requests, "{irqs} MSI-X interrupts for {requests} requests:\n{out}");
+
+    let created = share.join("from-guest.txt");
+    assert_eq!(std::fs::read(&created).unwrap(), FS_WRITE_TEXT, "what the guest wrote");
+    // Mode 0644 as asked (umask 022 applied by the device, not the VMM's own umask).
+    assert_eq!(std::fs::metadata(&created).unwrap().mode() & 0o7777, 0o644);
+    assert_eq!(std::fs::read(share.join("hello.txt")).unwrap(), hello_txt(), "hello.txt unchanged");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&share).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["from-guest.txt", "hello.txt"]);
+}
+
+#[test]
+fn fs_read_only_share_reads_but_refuses_create_with_erofs() {
+    let (o, out, _scratch, share) = run_fs("fs-ro", true);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stderr(&o), "", "EROFS answers are not guest errors");
+    check_fs_common(&out);
+    assert_eq!(probe_line(&out, "fs create"), "probe: fs create error=-30 write error=skipped written=0");
+    assert_eq!(
+        probe_line(&out, "fs status"),
+        "probe: fs status init=0 lookup=0 open=0 read=0 release=0 missing=-2 create=-30 write=- release2=-"
+    );
+    let (irqs, requests) = (fs_counter(&out, "irqs"), fs_counter(&out, "requests"));
+    assert_eq!(requests, 7, "{out}");
+    assert!(irqs >= requests, "{irqs} MSI-X interrupts for {requests} requests:\n{out}");
+    let names: Vec<_> = std::fs::read_dir(&share).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["hello.txt"], "nothing may be created in a read-only share");
+    assert_eq!(std::fs::read(share.join("hello.txt")).unwrap(), hello_txt());
+}
+
+#[test]
+fn pci_bus_lists_virtio_fs_share_after_the_disk() {
+    let dir = Scratch::new("pci-fs");
+    let disk = dir.file("a.img", &vec![0u8; 1 << 20]);
+    let share = dir.0.join("share");
+    std::fs::create_dir(&share).unwrap();
+    let o = boot_with("probe", "pci", &[disk.display().to_string()], &[format!("{},tag=pcitest", share.display())]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stderr(&o), "", "enumeration must not cause guest errors");
+    let pci: Vec<&str> = out.lines().filter(|l| l.starts_with("probe: pci")).collect();
+    let mut want = vec!["probe: pci 00 1b36:0008 class=060000".to_string()];
+    want.extend(virtio_blk_lines("01", "0xc0000000"));
+    // Two queues (hiprio, request) + config: three MSI-X vectors; otherwise the same layout.
+    want.extend(
+        [
+            "1af4:105a class=018000",
+            "bar0 mem=0xc0008000 size=0x8000",
+            "cap msix size=3 table=0:0x4000 pba=0:0x6000",
+            "cap virtio type=1 bar=0 off=0x0 len=0x38",
+            "cap virtio type=2 bar=0 off=0x3000 len=0x8 mult=4",
+            "cap virtio type=3 bar=0 off=0x1000 len=0x1",
+            "cap virtio type=4 bar=0 off=0x2000 len=0x1000",
+        ]
+        .iter()
+        .map(|l| format!("probe: pci 02 {l}")),
+    );
+    want.push("probe: pci functions=3".into());
+    assert_eq!(pci, want, "{out}");
+    assert!(out.ends_with("PROBE-DONE\n"), "{out}");
 }
