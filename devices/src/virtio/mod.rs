@@ -7,6 +7,7 @@
 //! broken (DEVICE_NEEDS_RESET) without affecting the VM or other devices.
 pub mod block;
 pub mod transport;
+pub mod vsock;
 
 use event_manager::{EventOps, Events};
 use std::sync::atomic::{AtomicU64, Ordering};
