@@ -8,6 +8,7 @@
 pub mod block;
 pub mod fs;
 pub mod transport;
+pub mod vsock;
 
 use event_manager::{EventOps, Events};
 use std::sync::atomic::{AtomicU64, Ordering};
