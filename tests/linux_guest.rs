@@ -2,7 +2,10 @@
 //! real /dev/kvm, driven through the `shoji` CLI exactly as a user runs it. One boot per test
 //! binary: on PVM hosts the guest kernel is emulated and takes ~10-20 s to reach /init.
 use shoji_tests::{require_kvm, shoji_bin};
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[test]
 fn default_kernel_and_initramfs_boot_to_init_and_reset() {
@@ -54,16 +57,50 @@ fn linux_guest_sees_and_uses_the_devices() {
         std::fs::write(d.join("hello.txt"), "hello from the host\n").unwrap();
     }
     let cmdline = format!(
-        "{} shoji.selftest shoji.selftest.write=vda shoji.selftest.fs=hostdir shoji.selftest.fs=rodir",
+        "{} shoji.selftest shoji.selftest.write=vda shoji.selftest.fs=hostdir shoji.selftest.fs=rodir \
+         shoji.selftest.vsock=5000 shoji.selftest.vsock.host=6000",
         shoji_vmm::cmdline::DEFAULT
     );
-    let out = Command::new(shoji_bin())
+    // vsock, guest -> host: the guest connects to the host's port 6000 = SOCKET_6000.
+    let sock = dir.join("vsock.sock");
+    let host_listener = UnixListener::bind(format!("{}_6000", sock.display())).unwrap();
+    let guest_to_host = std::thread::spawn(move || {
+        let (mut c, _) = host_listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(c.try_clone().unwrap()).read_line(&mut line).unwrap();
+        c.write_all(b"host-reply\n").unwrap();
+        line
+    });
+    let child = Command::new(shoji_bin())
         .args(["boot", "--timeout", "600", "--cmdline", &cmdline])
         .args(["--disk", rw.to_str().unwrap(), "--disk", &format!("{},ro", ro.display())])
         .args(["--share", &format!("{},tag=hostdir", share.display())])
         .args(["--share", &format!("{},tag=rodir,ro", share_ro.display())])
-        .output()
+        .args(["--vsock", sock.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run shoji boot");
+    // vsock, host -> guest: CONNECT to the guest's port 5000 until its listener is up.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let echoed = loop {
+        assert!(Instant::now() < deadline, "the guest's vsock listener never answered");
+        if let Ok(mut s) = UnixStream::connect(&sock) {
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut ok = String::new();
+            if s.write_all(b"CONNECT 5000\n").is_ok() && r.read_line(&mut ok).is_ok() && ok.starts_with("OK ") {
+                s.write_all(b"ping\n").unwrap();
+                let mut reply = String::new();
+                r.read_line(&mut reply).unwrap();
+                break reply;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(echoed, "guest-echo: ping\n");
+    assert_eq!(guest_to_host.join().unwrap(), "hello-from-guest\n");
+    let out = child.wait_with_output().expect("wait for shoji boot");
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("--- console ---\n{stdout}--- stderr ---\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{:?}", out.status);
@@ -74,6 +111,7 @@ fn linux_guest_sees_and_uses_the_devices() {
         "selftest: pci 0000:00:02.0 0x1af4:0x1042",
         "selftest: pci 0000:00:03.0 0x1af4:0x105a",
         "selftest: pci 0000:00:04.0 0x1af4:0x105a",
+        "selftest: pci 0000:00:05.0 0x1af4:0x1053",
     ] {
         assert!(stdout.lines().any(|l| l == line), "missing {line:?}");
     }
@@ -93,5 +131,8 @@ fn linux_guest_sees_and_uses_the_devices() {
     assert!(stdout.contains("selftest: fs rodir create errno=30"), "EROFS on the read-only share");
     assert_eq!(std::fs::read_to_string(share.join("from-guest.txt")).unwrap(), "written by the guest\n");
     assert!(!share_ro.join("from-guest.txt").exists());
+    assert!(stdout.contains("selftest: vsock echoed [ping]"));
+    assert!(stdout.contains("selftest: vsock host replied [host-reply]"));
+    assert!(!sock.exists(), "the VMM removes its vsock socket");
     std::fs::remove_dir_all(&dir).unwrap();
 }

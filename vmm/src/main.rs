@@ -53,6 +53,10 @@ struct BootArgs {
     /// share1, ...). Repeatable; PCI slots after the disks.
     #[arg(long = "share", value_name = "DIR[,tag=T][,ro]")]
     shares: Vec<String>,
+    /// virtio-vsock (guest CID 3) with its host side on this unix socket: connect and send
+    /// "CONNECT <port>\n"; guest connections to the host's port P go to SOCKET_P.
+    #[arg(long, value_name = "SOCKET")]
+    vsock: Option<PathBuf>,
     /// Stop the VM after this many seconds and exit with status 124.
     #[arg(long)]
     timeout: Option<f64>,
@@ -120,8 +124,18 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
         None => None,
     };
     let linux = a.guest.is_none();
-    let cfg =
-        VmConfig { kernel, initrd, cmdline, vcpus: a.vcpus, memory_mib: a.memory, serial, disks, shares, timeout };
+    let cfg = VmConfig {
+        kernel,
+        initrd,
+        cmdline,
+        vcpus: a.vcpus,
+        memory_mib: a.memory,
+        serial,
+        disks,
+        shares,
+        vsock: a.vsock,
+        timeout,
+    };
     shoji_vmm::vm::check(&cfg)?;
     if linux && pvm {
         eprintln!("shoji: /dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");

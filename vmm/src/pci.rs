@@ -10,6 +10,7 @@ use shoji_devices::pci::{PciRoot, SharedPciDevice};
 use shoji_devices::virtio::block::Block;
 use shoji_devices::virtio::fs::Fs;
 use shoji_devices::virtio::transport::BAR_SIZE;
+use shoji_devices::virtio::vsock::Vsock;
 use shoji_devices::virtio::{VirtioDevice, VirtioPciDevice, VirtioPciSubscriber};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -127,10 +128,11 @@ impl PciDevices {
 pub struct DeviceSet {
     pub disks: Vec<(DiskConfig, Block)>,
     pub shares: Vec<(ShareConfig, Fs)>,
+    pub vsock: Option<Vsock>,
 }
 
 /// Builds the bus and wires each device to KVM. Slots are assigned from 01 in a fixed order:
-/// disks (as given), then shares (as given).
+/// disks (as given), then shares (as given), then vsock.
 pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, set: DeviceSet) -> Result<PciDevices, PciSetupError> {
     let routing = Arc::new(IrqRouting::new(vm.clone()));
     let mut alloc = AddressAllocator::new(MMIO_GAP_START, u64::from(IOAPIC_ADDR) - MMIO_GAP_START)
@@ -165,6 +167,10 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, set: DeviceSet) -> Result<Pc
     for (cfg, fs) in set.shares {
         let what = format!("{} tag={}{}", cfg.dir.display(), cfg.tag, if cfg.read_only { " (ro)" } else { "" });
         add(what, "virtio-fs", Box::new(fs))?;
+    }
+    if let Some(v) = set.vsock {
+        let what = format!("cid={} {}", v.guest_cid(), v.uds_path().display());
+        add(what, "virtio-vsock", Box::new(v))?;
     }
     mmio.ranges.sort_by_key(|r| r.start);
     Ok(PciDevices { root: Arc::new(Mutex::new(root)), mmio: Arc::new(mmio), attached, virtio })

@@ -16,6 +16,7 @@ use shoji_devices::legacy::{COM1_BASE, COM1_GSI, COM1_LEN, I8042_BASE, I8042_LEN
 use shoji_devices::pci::{CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 use shoji_devices::virtio::block::Block;
 use shoji_devices::virtio::fs::Fs;
+use shoji_devices::virtio::vsock::Vsock;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -53,6 +54,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-fs shares, on the PCI slots after the disks.
     pub shares: Vec<ShareConfig>,
+    /// The hybrid vsock device: host side is a unix socket at this path (Firecracker's
+    /// protocol: `CONNECT <port>` in, `OK <port>` back; guest connections go to `PATH_<port>`).
+    pub vsock: Option<PathBuf>,
     /// Stop the VM with [`StopReason::Timeout`] after this long.
     pub timeout: Option<Duration>,
 }
@@ -68,6 +72,7 @@ impl VmConfig {
             serial: SerialOut::Stdout,
             disks: Vec::new(),
             shares: Vec::new(),
+            vsock: None,
             timeout: None,
         }
     }
@@ -88,6 +93,8 @@ pub enum VmError {
     Disk(#[from] shoji_devices::virtio::block::BlockError),
     #[error("{0}")]
     Share(#[from] shoji_devices::virtio::fs::FsError),
+    #[error("{0}")]
+    Vsock(#[from] shoji_devices::virtio::vsock::VsockError),
     #[error(transparent)]
     Pci(#[from] PciSetupError),
     #[error("serial: {0}: {1}")]
@@ -182,7 +189,11 @@ fn validate(cfg: &VmConfig, max_vcpus: u8) -> Result<Validated, VmError> {
         .iter()
         .map(|s| Fs::new(&s.tag, &s.dir, s.read_only).map(|f| (s.clone(), f)))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Validated { kernel, initrd, devices: DeviceSet { disks, shares } })
+    let vsock = match &cfg.vsock {
+        Some(p) => Some(Vsock::new(shoji_devices::model::GUEST_CID, p)?),
+        None => None,
+    };
+    Ok(Validated { kernel, initrd, devices: DeviceSet { disks, shares, vsock } })
 }
 
 /// The most vCPUs a VM may have here: KVM's limit, capped by the MP table's APIC ID space.
