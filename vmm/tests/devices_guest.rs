@@ -236,7 +236,7 @@ fn hello_txt() -> Vec<u8> {
     while d.len() < 3000 {
         d.push(b'a' + (i.wrapping_mul(2_654_435_761).rotate_right(7) % 26) as u8);
         i += 1;
-        if i % 61 == 0 {
+        if i.is_multiple_of(61) {
             d.push(b'\n');
         }
     }
