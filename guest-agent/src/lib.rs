@@ -1,0 +1,4 @@
+//! Shoji's guest agent, PID 1 in the sandbox VM. So far: the pure core of device handling
+//! (requests → updates → one batched rewrite of the container's OCI spec).
+
+pub mod device;
