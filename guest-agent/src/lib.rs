@@ -2,3 +2,4 @@
 //! (requests → updates → one batched rewrite of the container's OCI spec).
 
 pub mod device;
+pub mod runtime;
