@@ -13,3 +13,17 @@ pub mod model;
 pub mod pci;
 #[cfg(feature = "emulation")]
 pub mod virtio;
+
+/// Copies `data.len()` bytes of `src` starting at `offset` into `data`; bytes past the end of
+/// `src` (or an offset that overflows) read as `fill`. Every guest-visible register window
+/// (config spaces, MSI-X table and PBA) reads through this, so no access can index out of range.
+pub fn copy_out(src: &[u8], offset: u64, data: &mut [u8], fill: u8) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| src.get(o))
+            .copied()
+            .unwrap_or(fill);
+    }
+}

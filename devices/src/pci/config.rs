@@ -117,9 +117,7 @@ impl PciConfig {
 
     /// Reads `data.len()` bytes at `offset`; bytes past the end read as all ones.
     pub fn read(&self, offset: usize, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset.checked_add(i).and_then(|o| self.bytes.get(o)).copied().unwrap_or(0xff);
-        }
+        crate::copy_out(&self.bytes, offset as u64, data, 0xff)
     }
 
     /// Writes only the bits the mask allows. BAR writes follow the sizing protocol: all ones

@@ -131,14 +131,7 @@ impl Msix {
     }
 
     pub fn table_read(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| self.table.get(o))
-                .copied()
-                .unwrap_or(0xff);
-        }
+        crate::copy_out(&self.table, offset, data, 0xff)
     }
 
     pub fn table_write(&mut self, offset: u64, data: &[u8]) {
@@ -158,14 +151,7 @@ impl Msix {
     }
 
     pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| self.pba.get(o))
-                .copied()
-                .unwrap_or(0xff);
-        }
+        crate::copy_out(&self.pba, offset, data, 0xff)
     }
 
     /// Raises `vector`: delivered now, or left pending while masked. Without MSI-X enabled

@@ -337,10 +337,7 @@ impl VirtioDevice for Block {
     }
     fn queue_event(&mut self, index: usize, irq: &mut dyn Interrupt) -> DeviceResult {
         let Some(mem) = self.mem.clone() else { return Ok(()) };
-        let mut queue = match self.queues.get_mut(index) {
-            Some(q) if q.ready() => std::mem::replace(q, Queue::new(QUEUE_SIZE).map_err(|e| format!("{e:?}"))?),
-            _ => return Ok(()),
-        };
+        let Some(mut queue) = super::take_ready_queue(&mut self.queues, index)? else { return Ok(()) };
         let result = self.process(&mem, &mut queue, index as u16, irq);
         self.queues[index] = queue;
         result

@@ -12,7 +12,7 @@ pub mod vsock;
 
 use event_manager::{EventOps, Events};
 use std::sync::atomic::{AtomicU64, Ordering};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 pub use transport::{VirtioPciDevice, VirtioPciSubscriber};
@@ -86,12 +86,17 @@ pub trait VirtioDevice: Send {
 /// Copies `data.len()` bytes of `bytes` at `offset` (out of range reads as zero), for device
 /// configuration spaces.
 pub fn read_config_bytes(bytes: &[u8], offset: u64, data: &mut [u8]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = offset
-            .checked_add(i as u64)
-            .and_then(|o| usize::try_from(o).ok())
-            .and_then(|o| bytes.get(o))
-            .copied()
-            .unwrap_or(0);
+    crate::copy_out(bytes, offset, data, 0)
+}
+
+/// Takes ready queue `index` out of `queues` (an unready placeholder stays in its place) so a
+/// device can process it while borrowing itself mutably; the caller puts it back.
+pub fn take_ready_queue(queues: &mut [Queue], index: usize) -> Result<Option<Queue>, String> {
+    match queues.get_mut(index) {
+        Some(q) if q.ready() => {
+            let max = q.max_size();
+            Ok(Some(std::mem::replace(q, Queue::new(max).map_err(|e| format!("{e:?}"))?)))
+        }
+        _ => Ok(None),
     }
 }
