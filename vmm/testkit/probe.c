@@ -4,9 +4,12 @@
  *   pci    list PCI bus 0: every function, and each virtio device's BARs and capabilities
  *   blk    drive the first virtio-blk disk with MSI-X interrupts: write, flush, read, GET_ID
  *   fs     drive the first virtio-fs share with MSI-X interrupts: FUSE init, lookup, read, create
+ *   vsock  drive the first virtio-vsock device with MSI-X interrupts: accept a host connection
+ *          on guest port vport=N (default 5000) and echo a line, then connect to host port
+ *          hport=M (default 6000) and exchange a line (0 skips either part)
  *   crash  triple-fault after reporting
  *   hang   halt forever with interrupts off (tests timeouts and vCPU teardown)
- * (pci.c, blk.c and fs.c describe their output lines; virtio.c and idt.c are the driver core.)
+ * (pci.c, blk.c, fs.c and vsock.c describe their output lines; virtio.c and idt.c are the driver core.)
  * Output lines (all start with "probe: "), then "PROBE-DONE" and an i8042 reset. */
 #include "probe.h"
 
@@ -40,6 +43,26 @@ static int has_word(const char *s, const char *w)
 		while (*s && *s != ' ') s++;
 	}
 	return 0;
+}
+
+/* The number in word `key`N (key includes the '='), or `dflt` when there is no such word or
+ * it is not a decimal number that fits in 32 bits. */
+static u32 word_number(const char *s, const char *key, u32 dflt)
+{
+	if (!s) return dflt;
+	while (*s) {
+		while (*s == ' ') s++;
+		const char *a = s, *b = key;
+		while (*b && *a == *b) { a++; b++; }
+		if (!*b) {
+			u64 v = 0;
+			int digits = 0;
+			while (*a >= '0' && *a <= '9' && v <= 0xffffffffULL) { v = v * 10 + (u64)(*a++ - '0'); digits++; }
+			if (digits && (*a == ' ' || *a == 0) && v <= 0xffffffffULL) return (u32)v;
+		}
+		while (*s && *s != ' ') s++;
+	}
+	return dflt;
 }
 
 static u8 sum8(const u8 *p, u64 n) { u8 s = 0; while (n--) s += *p++; return s; }
@@ -148,6 +171,8 @@ void probe_main(u64 info, int kind)
 		blk_mode();
 	if (has_word(cmdline, "fs"))
 		fs_mode();
+	if (has_word(cmdline, "vsock"))
+		vsock_mode(word_number(cmdline, "vport=", 5000), word_number(cmdline, "hport=", 6000));
 	if (has_word(cmdline, "crash")) {
 		puts("probe: crashing\n");
 		triple_fault();

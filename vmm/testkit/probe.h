@@ -174,4 +174,7 @@ void blk_mode(void);
 /* ---- fs.c ---- */
 void fs_mode(void);
 
+/* ---- vsock.c: port 0 skips that part ---- */
+void vsock_mode(u32 vport, u32 hport);
+
 #endif

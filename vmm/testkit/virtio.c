@@ -1,6 +1,6 @@
 /* A minimal virtio 1.x driver core for the probe's device modes: find a virtio-pci function and
  * its structures through the capability list, negotiate features, MSI-X, and split virtqueues
- * (set up, add a chain, kick, wait for it to be used). Device modes (blk.c, fs.c; later vsock)
+ * (set up, add a chain, kick, wait for it to be used). Device modes (blk.c, fs.c, vsock.c)
  * build on these and only add their request formats. */
 #include "probe.h"
 

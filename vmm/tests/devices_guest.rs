@@ -1,10 +1,14 @@
 //! PCI and virtio devices seen from inside a guest: the probe test guest enumerates bus 0
 //! (`pci` mode), drives a virtio-blk disk as a real driver does, with MSI-X interrupts
-//! (`blk` mode), and talks FUSE to a virtio-fs share (`fs` mode); the host checks its report and
-//! the disk file or shared directory afterwards. Needs /dev/kvm.
+//! (`blk` mode), talks FUSE to a virtio-fs share (`fs` mode), and runs vsock streams both ways
+//! (`vsock` mode); the host checks its report and the disk file, shared directory or sockets
+//! afterwards. Needs /dev/kvm.
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 const SECTOR: usize = 512;
 
@@ -370,4 +374,255 @@ fn pci_bus_lists_virtio_fs_share_after_the_disk() {
     want.push("probe: pci functions=3".into());
     assert_eq!(pci, want, "{out}");
     assert!(out.ends_with("PROBE-DONE\n"), "{out}");
+}
+
+/// A `shoji boot` child, killed if the test ends (or fails) before it exits.
+struct Vm(Option<Child>);
+
+impl Vm {
+    /// Boots the probe with `cmdline` and `--vsock sock`.
+    fn vsock(cmdline: &str, sock: &Path) -> Vm {
+        require_kvm();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoji"))
+            .args(["boot", "--guest", "probe", "--cmdline", cmdline, "--timeout", "60", "--vsock"])
+            .arg(sock)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run shoji");
+        Vm(Some(child))
+    }
+
+    /// Waits (at most 90 s: the VM's own --timeout is 60 s) for the exit, then collects the
+    /// output (a few KiB: it fits the pipes, so the child never blocks on them).
+    fn wait(mut self) -> Output {
+        let mut child = self.0.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("shoji did not exit within 90 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        child.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
+        child.stderr.take().unwrap().read_to_end(&mut stderr).unwrap();
+        Output { status, stdout, stderr }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One line (up to and including '\n', 256 bytes at most) or whatever came before end of file;
+/// the stream's read timeout bounds the wait.
+fn read_line(r: &mut impl BufRead) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    r.take(256).read_until(b'\n', &mut line)?;
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Host side of a guest-initiated connection: a listener at `path` that accepts one stream
+/// (within 60 s), reads one line, answers `host-reply\n` and then waits for end of file (10 s).
+/// Returns the line and whether end of file came.
+fn host_listener(path: &Path) -> std::thread::JoinHandle<Result<(String, bool), String>> {
+    let listener = UnixListener::bind(path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(format!("accept: {e}")),
+            }
+        };
+        stream.set_nonblocking(false).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(&stream);
+        let line = read_line(&mut r).map_err(|e| format!("read: {e}"))?;
+        (&stream).write_all(b"host-reply\n").map_err(|e| format!("write: {e}"))?;
+        let mut rest = Vec::new();
+        let eof = match r.read_to_end(&mut rest) {
+            Ok(_) => rest.is_empty(),
+            Err(e) => return Err(format!("waiting for end of file: {e} (after {rest:?})")),
+        };
+        Ok((line, eof))
+    })
+}
+
+/// Connects to the VMM's socket and asks for guest `port` until the guest answers (`OK <port>`),
+/// retrying while the VMM is starting or the guest driver is not up yet (the device then
+/// resets the handshake after 2 s). Returns the stream's reader, the host port and the tries.
+fn host_connect(sock: &Path, port: u32) -> (BufReader<UnixStream>, u32, u32) {
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let mut tries = 0;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(if tries == 0 { 0 } else { 200 }));
+        let Ok(mut s) = UnixStream::connect(sock) else { continue };
+        tries += 1;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        if s.write_all(format!("CONNECT {port}\n").as_bytes()).is_err() {
+            continue;
+        }
+        let mut r = BufReader::new(s);
+        match read_line(&mut r) {
+            Ok(line) => {
+                if let Some(p) = line.strip_prefix("OK ").and_then(|l| l.strip_suffix('\n')) {
+                    return (r, p.parse().unwrap_or_else(|_| panic!("bad OK line {line:?}")), tries);
+                }
+                last = line;
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    panic!("no OK from the guest within 45 s ({tries} tries, last answer {last:?})");
+}
+
+/// The number after `key=` in a probe line.
+fn field(line: &str, key: &str) -> u64 {
+    let v = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"));
+    v.parse().unwrap_or_else(|_| panic!("bad {key} in {line:?}"))
+}
+
+/// Lines every `vsock` run prints the same way.
+fn check_vsock_common(out: &str) {
+    assert!(!out.contains("probe: vsock error"), "{out}");
+    let slot = probe_line(out, "vsock slot=");
+    let hex = slot.strip_prefix("probe: vsock slot=01 features=0x").unwrap_or_else(|| panic!("{slot:?}"));
+    assert_eq!(u64::from_str_radix(hex, 16).unwrap(), 1 << 32, "VIRTIO_F_VERSION_1 only: {slot}");
+    assert_eq!(probe_line(out, "vsock cid="), "probe: vsock cid=3");
+    assert!(out.ends_with("PROBE-DONE\n"), "{out}");
+}
+
+#[test]
+fn vsock_driver_accepts_a_host_connection_and_connects_to_a_host_listener() {
+    let dir = Scratch::new("vsock");
+    let sock = dir.0.join("v.sock");
+    let mut host_sock = sock.clone().into_os_string();
+    host_sock.push("_6000");
+    let host = host_listener(Path::new(&host_sock));
+    let vm = Vm::vsock("vsock vport=5000 hport=6000", &sock);
+
+    // Host to guest: CONNECT, ping, the guest's echo, then end of file (the guest closed).
+    let (mut r, host_port, tries) = host_connect(&sock, 5000);
+    r.get_ref().write_all(b"ping\n").unwrap();
+    r.get_ref().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(read_line(&mut r).unwrap(), "guest-echo: ping\n");
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "nothing after the echo: {rest:?}");
+
+    let o = vm.wait();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stderr(&o), "", "the driver must not cause guest errors");
+    check_vsock_common(&out);
+    assert_eq!(probe_line(&out, "vsock accepted"), format!("probe: vsock accepted port=5000 from=2:{host_port}"));
+    assert_eq!(probe_line(&out, "vsock echoed"), "probe: vsock echoed [ping]");
+    assert_eq!(probe_line(&out, "vsock listen closed"), "probe: vsock listen closed=rst");
+    assert_eq!(probe_line(&out, "vsock connected"), "probe: vsock connected port=6000 local=50000");
+    assert_eq!(probe_line(&out, "vsock host replied"), "probe: vsock host replied [host-reply]");
+    assert_eq!(probe_line(&out, "vsock connect closed"), "probe: vsock connect closed=rst");
+    assert!(!out.contains("refused"), "{out}");
+    // Each sent packet waits for its tx interrupt: RESPONSE, RW, SHUTDOWN each way, REQUEST.
+    let packets = probe_line(&out, "vsock packets");
+    let (irqs, tx) = (field(probe_line(&out, "vsock irqs="), "irqs"), field(packets, "tx"));
+    assert_eq!(tx, 6, "{out}");
+    assert!(irqs >= tx, "{irqs} MSI-X interrupts for {tx} sent packets:\n{out}");
+    // REQUEST, RW, RST; RESPONSE, RW, RST at least.
+    assert!(field(packets, "rx") >= 6, "{out}");
+    if tries == 1 {
+        // (A handshake the device gave up on before the driver was up ends in a RST the
+        // driver ignores; anything else would be unexpected.)
+        assert_eq!(field(packets, "unexpected"), 0, "{out}");
+    }
+
+    let (line, eof) = host.join().unwrap().unwrap();
+    assert_eq!(line, "hello-from-probe\n");
+    assert!(eof, "the guest's SHUTDOWN closes the host stream");
+    assert!(!sock.exists(), "the VMM removes its socket on exit");
+}
+
+#[test]
+fn vsock_guest_connect_to_a_port_without_listener_is_refused() {
+    let dir = Scratch::new("vsock-refused");
+    let sock = dir.0.join("v.sock");
+    let o = Vm::vsock("vsock vport=0 hport=6001", &sock).wait();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stderr(&o), "", "a refused connection is not a guest error");
+    check_vsock_common(&out);
+    assert_eq!(probe_line(&out, "vsock connect refused"), "probe: vsock connect refused");
+    assert!(!out.contains("probe: vsock connected"), "{out}");
+    assert!(!out.contains("probe: vsock accepted"), "{out}");
+    let packets = probe_line(&out, "vsock packets");
+    assert_eq!((field(packets, "rx"), field(packets, "tx")), (1, 1), "REQUEST and its RST: {out}");
+    assert_eq!(field(packets, "unexpected"), 0, "{out}");
+    assert!(!sock.exists(), "the VMM removes its socket on exit");
+}
+
+#[test]
+fn vsock_device_sits_after_the_disks_and_shares() {
+    require_kvm();
+    let dir = Scratch::new("vsock-pci");
+    let disk = dir.file("a.img", &vec![0u8; 1 << 20]);
+    let share = dir.0.join("share");
+    std::fs::create_dir(&share).unwrap();
+    let sock = dir.0.join("v.sock");
+    let o = Command::new(env!("CARGO_BIN_EXE_shoji"))
+        .args(["boot", "--guest", "probe", "--cmdline", "pci vsock vport=0 hport=0", "--timeout", "60"])
+        .arg("--disk")
+        .arg(&disk)
+        .arg("--share")
+        .arg(&share)
+        .arg("--vsock")
+        .arg(&sock)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run shoji");
+    let out = stdout(&o);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stderr(&o), "", "{o:?}");
+    let pci: Vec<&str> = out.lines().filter(|l| l.starts_with("probe: pci 03")).collect();
+    // Three queues (rx, tx, event) + config: four MSI-X vectors, three notify offsets.
+    let want: Vec<String> = [
+        "1af4:1053 class=078000",
+        "bar0 mem=0xc0010000 size=0x8000",
+        "cap msix size=4 table=0:0x4000 pba=0:0x6000",
+        "cap virtio type=1 bar=0 off=0x0 len=0x38",
+        "cap virtio type=2 bar=0 off=0x3000 len=0xc mult=4",
+        "cap virtio type=3 bar=0 off=0x1000 len=0x1",
+        "cap virtio type=4 bar=0 off=0x2000 len=0x1000",
+    ]
+    .iter()
+    .map(|l| format!("probe: pci 03 {l}"))
+    .collect();
+    assert_eq!(pci, want, "{out}");
+    assert_eq!(probe_line(&out, "pci functions="), "probe: pci functions=4");
+    assert_eq!(probe_line(&out, "vsock slot="), "probe: vsock slot=03 features=0x100000000");
+    assert_eq!(probe_line(&out, "vsock cid="), "probe: vsock cid=3");
+    assert_eq!(probe_line(&out, "vsock packets"), "probe: vsock packets rx=0 tx=0 unexpected=0");
+    assert!(out.ends_with("PROBE-DONE\n"), "{out}");
+    assert!(!sock.exists(), "the VMM removes its socket on exit");
 }
