@@ -163,9 +163,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            // One line: the root cause names the field or stage.
-            let msg = e.chain().skip(1).map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
-            eprintln!("shoji: error: {}", if msg.is_empty() { e.to_string() } else { msg });
+            // One line: under the command's context, our errors' messages already include
+            // their causes (and name the field or stage), so print that one message.
+            let msg = e.chain().nth(1).map(|c| c.to_string()).unwrap_or_else(|| e.to_string());
+            eprintln!("shoji: error: {msg}");
             ExitCode::FAILURE
         }
     }

@@ -146,6 +146,7 @@ fn bad_input_gives_one_line_naming_the_field_and_leaves_nothing() {
     let serial = dir.join("console.log");
     let s = serial.to_str().unwrap();
     let long = "x".repeat(3000);
+    let text_share = format!("{},tag=t", text.display());
     let huge = format!("{}", 1u64 << 40);
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--kernel", "/nonexistent/vmlinux"], "kernel: /nonexistent/vmlinux: No such file"),
@@ -160,6 +161,12 @@ fn bad_input_gives_one_line_naming_the_field_and_leaves_nothing() {
         (vec!["--guest", "null", "--initrd", dir.to_str().unwrap()], "initrd: "),
         (vec!["--guest", "null", "--cmdline", &long], "cmdline: 3000 bytes is over the limit of 2047"),
         (vec!["--guest", "null", "--timeout=-1"], "timeout: "),
+        (vec!["--guest", "null", "--disk", "/nonexistent/disk.img"], "disk: /nonexistent/disk.img: No such file"),
+        (vec!["--guest", "null", "--disk", "x.img,rx"], "disk: unknown option \"rx\""),
+        (vec!["--guest", "null", "--share", "/nonexistent/dir"], "share: /nonexistent/dir: "),
+        (vec!["--guest", "null", "--share", &text_share], "share: "),
+        (vec!["--guest", "null", "--share", "/tmp,tag="], "share: tag \"\""),
+        (vec!["--guest", "null", "--vsock", "/nonexistent/dir/v.sock"], "vsock: /nonexistent/dir/v.sock: "),
     ];
     for (args, want) in cases {
         let mut all = vec!["boot", "--serial", s];
@@ -169,6 +176,7 @@ fn bad_input_gives_one_line_naming_the_field_and_leaves_nothing() {
         assert_eq!(o.status.code(), Some(1), "{args:?}: {o:?}");
         assert_eq!(err.lines().count(), 1, "{args:?}: one line expected, got: {err}");
         assert!(err.starts_with(&format!("shoji: error: {want}")), "{args:?}: {err}");
+        assert_eq!(err.matches(want).count(), 1, "{args:?}: the cause is said once: {err}");
         assert!(!serial.exists(), "{args:?} left {} behind", serial.display());
     }
     // Clap's own argument errors also exit non-zero.
