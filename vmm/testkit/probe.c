@@ -4,9 +4,11 @@
  *   pci    list PCI bus 0: every function, and each virtio device's BARs and capabilities
  *   blk    drive the first virtio-blk disk with MSI-X interrupts: write, flush, read, GET_ID
  *   fs     drive the first virtio-fs share with MSI-X interrupts: FUSE init, lookup, read, create
+ *   blkbench  timed sequential and random I/O on the first virtio-blk disk (`shoji bench
+ *          devices`; words mib=N, ios=N, qd=N)
  *   crash  triple-fault after reporting
  *   hang   halt forever with interrupts off (tests timeouts and vCPU teardown)
- * (pci.c, blk.c and fs.c describe their output lines; virtio.c and idt.c are the driver core.)
+ * (pci.c, blk.c, fs.c and blkbench.c describe their output lines; virtio.c and idt.c are the driver core.)
  * Output lines (all start with "probe: "), then "PROBE-DONE" and an i8042 reset. */
 #include "probe.h"
 
@@ -148,6 +150,8 @@ void probe_main(u64 info, int kind)
 		blk_mode();
 	if (has_word(cmdline, "fs"))
 		fs_mode();
+	if (has_word(cmdline, "blkbench"))
+		blkbench_mode(cmdline);
 	if (has_word(cmdline, "crash")) {
 		puts("probe: crashing\n");
 		triple_fault();

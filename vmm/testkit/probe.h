@@ -174,4 +174,7 @@ void blk_mode(void);
 /* ---- fs.c ---- */
 void fs_mode(void);
 
+/* ---- blkbench.c (needs RAM up to 9 MiB: its data buffers sit at 8 MiB) ---- */
+void blkbench_mode(const char *cmdline);
+
 #endif
