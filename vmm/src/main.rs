@@ -1,4 +1,6 @@
 //! `shoji`: the command-line front end.
+mod bench;
+
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use shoji_vmm::{
@@ -22,6 +24,38 @@ struct Cli {
 enum Cmd {
     /// Boot a VM with a kernel (default: the cached Shoji guest kernel and initramfs).
     Boot(BootArgs),
+    /// Measure Shoji (and optionally a peer VMM) with the built-in test guests.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// virtio-blk: sequential read/write MB/s, 4 KiB random-read IOPS and host CPU per request,
+    /// from the probe guest's `blkbench` mode; prints a Markdown report (BENCHMARKS.md).
+    Devices(BenchDevicesArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchDevicesArgs {
+    /// Sequential phases: 64 KiB requests over this many MiB (also the disk image's size).
+    #[arg(long, default_value_t = 256)]
+    mib: u64,
+    /// Random-read phase: this many 4 KiB reads anywhere on the disk.
+    #[arg(long, default_value_t = 20000)]
+    ios: u64,
+    /// Requests the guest keeps in flight (1..=16).
+    #[arg(long, default_value_t = 8)]
+    qd: u32,
+    /// Runs per VMM (interleaved with the peer's).
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// Also run the same guest under this VMM and report ratios.
+    #[arg(long, value_enum)]
+    peer: Option<bench::Peer>,
+    /// Print JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -159,6 +193,16 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.cmd {
         Cmd::Boot(a) => boot(a).context("boot"),
+        Cmd::Bench(BenchCmd::Devices(a)) => bench::devices(bench::DevicesOpts {
+            mib: a.mib,
+            ios: a.ios,
+            qd: a.qd,
+            runs: a.runs,
+            peer: a.peer,
+            json: a.json,
+        })
+        .map(|()| ExitCode::SUCCESS)
+        .context("bench devices"),
     };
     match result {
         Ok(code) => code,

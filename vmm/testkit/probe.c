@@ -7,9 +7,12 @@
  *   vsock  drive the first virtio-vsock device with MSI-X interrupts: accept a host connection
  *          on guest port vport=N (default 5000) and echo a line, then connect to host port
  *          hport=M (default 6000) and exchange a line (0 skips either part)
+ *   blkbench  timed sequential and random I/O on the first virtio-blk disk (`shoji bench
+ *          devices`; words mib=N, ios=N, qd=N)
  *   crash  triple-fault after reporting
  *   hang   halt forever with interrupts off (tests timeouts and vCPU teardown)
- * (pci.c, blk.c, fs.c and vsock.c describe their output lines; virtio.c and idt.c are the driver core.)
+ * (pci.c, blk.c, fs.c, vsock.c and blkbench.c describe their output lines; virtio.c and idt.c are the
+ * driver core.)
  * Output lines (all start with "probe: "), then "PROBE-DONE" and an i8042 reset. */
 #include "probe.h"
 
@@ -173,6 +176,8 @@ void probe_main(u64 info, int kind)
 		fs_mode();
 	if (has_word(cmdline, "vsock"))
 		vsock_mode(word_number(cmdline, "vport=", 5000), word_number(cmdline, "hport=", 6000));
+	if (has_word(cmdline, "blkbench"))
+		blkbench_mode(cmdline);
 	if (has_word(cmdline, "crash")) {
 		puts("probe: crashing\n");
 		triple_fault();

@@ -176,5 +176,7 @@ void fs_mode(void);
 
 /* ---- vsock.c: port 0 skips that part ---- */
 void vsock_mode(u32 vport, u32 hport);
+/* ---- blkbench.c (needs RAM up to 9 MiB: its data buffers sit at 8 MiB) ---- */
+void blkbench_mode(const char *cmdline);
 
 #endif

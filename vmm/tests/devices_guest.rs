@@ -626,3 +626,112 @@ fn vsock_device_sits_after_the_disks_and_shares() {
     assert!(out.ends_with("PROBE-DONE\n"), "{out}");
     assert!(!sock.exists(), "the VMM removes its socket on exit");
 }
+
+/// What the host writes into the first 8 bytes of every 4 KiB block for `blkbench` (blkbench.c:
+/// STAMP_TAG | the block's first sector).
+fn bench_stamp(offset: usize) -> [u8; 8] {
+    (0x5348_4f4a_0000_0000u64 | (offset / SECTOR) as u64).to_le_bytes()
+}
+
+/// A disk of `mib` MiB with every 4 KiB block stamped and the rest a non-zero pattern.
+fn bench_disk(mib: usize) -> Vec<u8> {
+    let mut d: Vec<u8> =
+        (0..mib << 20).map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_right(13) as u8).collect();
+    for off in (0..d.len()).step_by(4096) {
+        d[off..off + 8].copy_from_slice(&bench_stamp(off));
+    }
+    d
+}
+
+/// The phases' lines in the order the guest printed them.
+fn bench_lines(out: &str) -> Vec<&str> {
+    out.lines().filter(|l| l.starts_with("probe: bench ")).collect()
+}
+
+#[test]
+fn blkbench_mode_runs_its_phases_with_the_requested_sizes_and_checks_data() {
+    let dir = Scratch::new("blkbench");
+    let before = bench_disk(2);
+    let disk = dir.file("bench.img", &before);
+    let o = boot("probe", "blkbench mib=1 ios=64 qd=4", &[disk.display().to_string()]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stderr(&o), "", "the bench must not cause guest errors");
+    let stats = |phase: &str| probe_line(&out, &format!("bench {phase} stats"));
+    let no_errors = |phase: &str| {
+        let s = stats(phase);
+        assert!(s.starts_with(&format!("probe: bench {phase} stats errors=0 mismatches=0 kicks=")), "{s}");
+    };
+    // Reads first (64 KiB x 16 over the first MiB, then 64 random 4 KiB reads), the write last.
+    let phases: Vec<&str> = bench_lines(&out).into_iter().filter(|l| !l.contains(" stats ")).collect();
+    assert_eq!(
+        phases,
+        [
+            "probe: bench disk capacity=4096 qd=4 ro=0",
+            "probe: bench seqread start",
+            "probe: bench seqread end bytes=1048576 requests=16",
+            "probe: bench randread start",
+            "probe: bench randread end bytes=262144 requests=64",
+            "probe: bench seqwrite start",
+            "probe: bench seqwrite end bytes=1048576 requests=16",
+        ],
+        "{out}"
+    );
+    for p in ["seqread", "randread", "seqwrite"] {
+        no_errors(p);
+    }
+    assert!(out.ends_with("PROBE-DONE\n"), "{out}");
+
+    // The write phase rewrote the first MiB, 64 KiB at a time, each request stamped with its
+    // own sector; the second MiB is untouched.
+    let after = std::fs::read(&disk).unwrap();
+    assert_eq!(after.len(), before.len());
+    for off in (0..1 << 20).step_by(64 << 10) {
+        assert_eq!(after[off..off + 8], bench_stamp(off), "64 KiB request at {off:#x}");
+    }
+    assert!(after[1 << 20..] == before[1 << 20..], "only the first MiB was written");
+}
+
+#[test]
+fn blkbench_mode_skips_writes_on_a_read_only_disk_and_counts_wrong_data() {
+    // No stamps on this disk: every read is a mismatch, which the guest must notice.
+    let dir = Scratch::new("blkbench-ro");
+    let before = vec![0u8; 1 << 20];
+    let disk = dir.file("ro.img", &before);
+    let o = boot("probe", "blkbench mib=4 ios=20 qd=16", &[format!("{},ro", disk.display())]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stderr(&o), "", "reads only: no guest errors");
+    // mib=4 is clamped to the 1 MiB disk.
+    assert_eq!(probe_line(&out, "bench disk"), "probe: bench disk capacity=2048 qd=16 ro=1");
+    assert_eq!(probe_line(&out, "bench seqread end"), "probe: bench seqread end bytes=1048576 requests=16");
+    assert!(probe_line(&out, "bench seqread stats").starts_with("probe: bench seqread stats errors=0 mismatches=16 "));
+    assert_eq!(probe_line(&out, "bench randread end"), "probe: bench randread end bytes=81920 requests=20");
+    assert!(probe_line(&out, "bench randread stats").starts_with("probe: bench randread stats errors=0 mismatches=20 "));
+    assert_eq!(probe_line(&out, "bench seqwrite"), "probe: bench seqwrite skipped ro");
+    assert!(out.ends_with("PROBE-DONE\n"), "{out}");
+    assert!(std::fs::read(&disk).unwrap() == before, "a read-only disk must not change");
+}
+
+/// `shoji bench devices` end to end on a small workload: every phase is reported (nothing about
+/// the numbers is checked: this machine's timing is not a test).
+#[test]
+fn bench_devices_reports_every_phase_for_shoji() {
+    require_kvm();
+    let o = Command::new(env!("CARGO_BIN_EXE_shoji"))
+        .args(["bench", "devices", "--mib", "1", "--ios", "40", "--qd", "4", "--runs", "1", "--json"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run shoji");
+    let out = stdout(&o);
+    assert!(o.status.success(), "{o:?}");
+    assert!(out.contains("\"command\": \"shoji bench devices --mib 1 --ios 40 --qd 4 --runs 1 --json\""), "{out}");
+    assert!(out.contains("\"peer_error\": null"), "{out}");
+    let runs: Vec<&str> = out.lines().filter(|l| l.contains("\"vmm\": ")).collect();
+    assert_eq!(runs.len(), 1, "{out}");
+    assert!(runs[0].contains("\"vmm\": \"shoji\""), "{out}");
+    for (phase, bytes, requests) in [("seqread", 1 << 20, 16), ("randread", 40 * 4096, 40), ("seqwrite", 1 << 20, 16)] {
+        let want = format!("{{\"name\": \"{phase}\", \"bytes\": {bytes}, \"requests\": {requests}, ");
+        assert!(out.contains(&want), "{want} in\n{out}");
+    }
+}
