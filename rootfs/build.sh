@@ -5,12 +5,24 @@
 #   rootfs/build.sh        # prints the path of initramfs.cpio
 #
 # Contents: /dev/console (c 5 1, so PID 1 has a console before devtmpfs), /proc, /sys, /tmp,
-# and a static /init (musl when musl-gcc is present, else glibc -static).
+# /init = the static guest agent (shoji-agent), and /selftest = a tiny static C init that
+# reports what the guest sees (boot with `rdinit=/selftest`; the VMM's device tests use it).
+#
+# The agent comes from $SHOJI_AGENT, or is built here from the workspace (static, profile
+# `agent`, its own target dir). Without either, /init is the C init too.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${SHOJI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/shoji}
-key=$(cat "$here/init.c" "$here/mkcpio.c" "$here/build.sh" | sha256sum | cut -c1-16)
+agent=${SHOJI_AGENT:-}
+if [ -z "$agent" ] && [ -f "$here/../guest-agent/Cargo.toml" ]; then
+  ws=$(cd "$here/.." && pwd)
+  echo "rootfs: building the static guest agent" >&2
+  RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$ws/target/agent" \
+    cargo build -q --profile agent --target x86_64-unknown-linux-gnu -p shoji-agent --manifest-path "$ws/Cargo.toml" >&2
+  agent="$ws/target/agent/x86_64-unknown-linux-gnu/agent/shoji-agent"
+fi
+key=$(cat "$here/init.c" "$here/mkcpio.c" "$here/build.sh" ${agent:+"$agent"} | sha256sum | cut -c1-16)
 out="$cache/rootfs/$key"
 
 if [ -f "$out/initramfs.cpio" ]; then echo "$out/initramfs.cpio"; exit 0; fi
@@ -22,11 +34,12 @@ if [ -f "$out/initramfs.cpio" ]; then echo "$out/initramfs.cpio"; exit 0; fi
 tmp=$(mktemp -d "$cache/rootfs/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 if command -v musl-gcc >/dev/null; then
-  musl-gcc -static -Os -s -o "$tmp/init" "$here/init.c"
+  musl-gcc -static -Os -s -o "$tmp/selftest" "$here/init.c"
 else
   echo "rootfs: musl-gcc not found (apt-get install musl-tools); using glibc -static" >&2
-  gcc -static -Os -s -o "$tmp/init" "$here/init.c"
+  gcc -static -Os -s -o "$tmp/selftest" "$here/init.c"
 fi
+init=${agent:-$tmp/selftest}
 gcc -O2 -Wall -o "$tmp/mkcpio" "$here/mkcpio.c"
 "$tmp/mkcpio" >"$tmp/initramfs.cpio" <<LIST
 dir /dev 0755
@@ -34,7 +47,8 @@ nod /dev/console 0600 c 5 1
 dir /proc 0755
 dir /sys 0755
 dir /tmp 1777
-file /init $tmp/init 0755
+file /init $init 0755
+file /selftest $tmp/selftest 0755
 LIST
 mkdir -p "$out.tmp"
 mv "$tmp/initramfs.cpio" "$out.tmp/initramfs.cpio"

@@ -8,28 +8,61 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[test]
-fn default_kernel_and_initramfs_boot_to_init_and_reset() {
+fn default_guest_boots_our_agent_as_pid1_and_it_answers_over_vsock() {
     require_kvm();
     // Build (or find) the cached artifacts first, so the boot's time limit covers only the boot.
     let kernel = shoji_vmm::artifacts::ensure_kernel().expect("guest kernel");
     let rootfs = shoji_vmm::artifacts::ensure_rootfs().expect("guest initramfs");
     eprintln!("kernel {}\nrootfs {}", kernel.display(), rootfs.display());
+    let dir = std::env::temp_dir().join(format!("shoji-linux-agent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("vsock.sock");
 
-    let start = std::time::Instant::now();
-    let out =
-        Command::new(shoji_bin()).args(["boot", "--vcpus", "2", "--timeout", "600"]).output().expect("run shoji boot");
+    let start = Instant::now();
+    let child = Command::new(shoji_bin())
+        .args(["boot", "--vcpus", "2", "--timeout", "600", "--vsock"])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run shoji boot");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (version, details) = rt.block_on(async {
+        use shoji_protocol::agent::{CheckRequest, GuestDetailsRequest};
+        use shoji_protocol::agent_ttrpc::{AgentServiceClient, HealthClient};
+        let port = shoji_devices::model::AGENT_VSOCK_PORT;
+        let client = shoji_protocol::client::connect(&sock, port, Duration::from_secs(540)).await.expect("agent");
+        let ctx = || shoji_protocol::ttrpc::context::with_timeout(60_000_000_000);
+        let version = HealthClient::new(client.clone()).version(ctx(), &CheckRequest::new()).await.expect("Version");
+        let details = AgentServiceClient::new(client)
+            .get_guest_details(ctx(), &GuestDetailsRequest::new())
+            .await
+            .expect("details");
+        (version, details)
+    });
+    eprintln!("agent answered after {:?}: {version:?} {details:?}", start.elapsed());
+    // SIGTERM: the VMM stops the VM cleanly.
+    // SAFETY (test): signalling our own child by pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().expect("wait for shoji boot");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("boot took {:?}\n--- console ---\n{stdout}--- stderr ---\n{stderr}", start.elapsed());
-    assert!(out.status.success(), "shoji boot failed: {:?}", out.status);
-    let marker = stdout.lines().find(|l| l.starts_with("SHOJI-INIT-OK boottime=")).expect("init marker on the console");
-    let boottime: f64 = marker["SHOJI-INIT-OK boottime=".len()..].parse().expect("boottime");
-    assert!(boottime > 0.0);
-    assert!(stdout.contains("reboot: Restarting system"), "the guest's reboot ends the VM");
+    eprintln!("--- console ---\n{stdout}--- stderr ---\n{stderr}");
+    assert!(out.status.success(), "shoji boot after SIGTERM: {:?}", out.status);
+    assert_eq!(version.api_version, shoji_protocol::API_VERSION);
+    assert!(!version.agent_version.is_empty());
+    assert!(details.init_daemon, "the agent is PID 1");
+    assert!(details.kernel_release.ends_with("-shoji"), "our kernel: {}", details.kernel_release);
+    assert_eq!(details.online_cpus, 2);
+    for c in ["memory", "pids", "cpu"] {
+        assert!(details.cgroup_controllers.iter().any(|x| x == c), "cgroup2 controller {c} in the guest");
+    }
     assert!(!stdout.contains("Kernel panic"), "{stdout}");
     let pvm = shoji_vmm::host::is_pvm();
-    assert_eq!(stderr.contains("/dev/kvm is PVM"), pvm, "the PVM note appears exactly on PVM hosts");
-    assert_eq!(stderr.matches("/dev/kvm is PVM").count(), usize::from(pvm), "said once");
+    assert_eq!(stderr.matches("/dev/kvm is PVM").count(), usize::from(pvm), "the PVM note, once on PVM hosts");
+    assert!(!sock.exists(), "the VMM removes its vsock socket on SIGTERM");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn fnv1a(data: &[u8]) -> u32 {
@@ -57,7 +90,7 @@ fn linux_guest_sees_and_uses_the_devices() {
         std::fs::write(d.join("hello.txt"), "hello from the host\n").unwrap();
     }
     let cmdline = format!(
-        "{} shoji.selftest shoji.selftest.write=vda shoji.selftest.fs=hostdir shoji.selftest.fs=rodir \
+        "{} rdinit=/selftest shoji.selftest shoji.selftest.write=vda shoji.selftest.fs=hostdir shoji.selftest.fs=rodir \
          shoji.selftest.vsock=5000 shoji.selftest.vsock.host=6000",
         shoji_vmm::cmdline::DEFAULT
     );

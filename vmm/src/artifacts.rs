@@ -2,7 +2,9 @@
 //! content hash under `$SHOJI_CACHE` (default `~/.cache/shoji`), outside `target/`.
 //!
 //! The build scripts and their inputs are embedded in the binary, so `shoji boot` works from
-//! any directory; the cache key is computed exactly as the scripts compute it.
+//! any directory; the cache key is computed exactly as the scripts compute it. The initramfs
+//! also carries the static guest agent, which is built from this source tree (or taken from
+//! `$SHOJI_AGENT`) and is part of the initramfs's key.
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,6 +46,8 @@ pub enum ArtifactError {
     Build { what: &'static str, status: String },
     #[error("{what}: build finished but {0} is missing", path.display())]
     Missing { what: &'static str, path: PathBuf },
+    #[error("agent: {0}")]
+    Agent(String),
 }
 
 pub fn cache_dir() -> Option<PathBuf> {
@@ -56,31 +60,58 @@ pub fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/shoji"))
 }
 
-fn key(r: &Recipe) -> String {
+/// `extra` is hashed after the files, as the script appends the agent binary.
+fn key(r: &Recipe, extra: &[u8]) -> String {
     let mut h = Sha256::new();
     for (_, body) in r.files {
         h.update(body.as_bytes());
     }
+    h.update(extra);
     h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-fn path_in(cache: &Path, r: &Recipe) -> PathBuf {
-    cache.join(r.what).join(key(r)).join(r.output)
+fn path_in(cache: &Path, r: &Recipe, extra: &[u8]) -> PathBuf {
+    cache.join(r.what).join(key(r, extra)).join(r.output)
 }
 
-/// Where the default kernel is (or will be) cached.
-pub fn kernel_path() -> Option<PathBuf> {
-    cache_dir().map(|c| path_in(&c, &KERNEL))
-}
-
-/// Where the default initramfs is (or will be) cached.
-pub fn rootfs_path() -> Option<PathBuf> {
-    cache_dir().map(|c| path_in(&c, &ROOTFS))
+/// The static guest agent: `$SHOJI_AGENT`, or built from the source tree this `shoji` was built
+/// from (cargo is incremental: a no-op when nothing changed). Its own target dir keeps the
+/// nested cargo from waiting on the lock of a `cargo test` that runs us.
+pub fn agent_binary() -> Result<PathBuf, ArtifactError> {
+    if let Some(p) = std::env::var_os("SHOJI_AGENT").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default();
+    if !ws.join("guest-agent/Cargo.toml").is_file() {
+        return Err(ArtifactError::Agent(format!(
+            "the agent's source ({}) is not here; set SHOJI_AGENT to a static shoji-agent binary",
+            ws.display()
+        )));
+    }
+    let target = ws.join("target/agent");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-q", "--profile", "agent", "--target", "x86_64-unknown-linux-gnu", "-p", "shoji-agent"])
+        .arg("--manifest-path")
+        .arg(ws.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| ArtifactError::Agent(format!("cannot run cargo: {e}")))?;
+    if !status.success() {
+        return Err(ArtifactError::Agent(format!("cargo build of the static agent failed ({status})")));
+    }
+    Ok(target.join("x86_64-unknown-linux-gnu/agent/shoji-agent"))
 }
 
 fn ensure(r: &Recipe) -> Result<PathBuf, ArtifactError> {
+    ensure_with(r, None)
+}
+
+fn ensure_with(r: &Recipe, agent: Option<(&Path, &[u8])>) -> Result<PathBuf, ArtifactError> {
     let cache = cache_dir().ok_or(ArtifactError::NoCache { what: r.what })?;
-    let out = path_in(&cache, r);
+    let out = path_in(&cache, r, agent.map(|a| a.1).unwrap_or_default());
     if out.is_file() {
         return Ok(out);
     }
@@ -93,7 +124,11 @@ fn ensure(r: &Recipe) -> Result<PathBuf, ArtifactError> {
             std::fs::write(dir.join(name), body).map_err(|e| prep(e, &dir))?;
         }
         eprintln!("shoji: building the guest {} (first use; cached in {})", r.what, cache.display());
-        let status = Command::new("bash")
+        let mut cmd = Command::new("bash");
+        if let Some((path, _)) = agent {
+            cmd.env("SHOJI_AGENT", path);
+        }
+        let status = cmd
             .arg(dir.join("build.sh"))
             .env("SHOJI_CACHE", &cache)
             .stdout(std::process::Stdio::null())
@@ -118,9 +153,12 @@ pub fn ensure_kernel() -> Result<PathBuf, ArtifactError> {
     ensure(&KERNEL)
 }
 
-/// The default initramfs, built first if it is not cached (seconds).
+/// The default initramfs (the agent as /init), built first if it is not cached: seconds, plus
+/// the agent's first build.
 pub fn ensure_rootfs() -> Result<PathBuf, ArtifactError> {
-    ensure(&ROOTFS)
+    let agent = agent_binary()?;
+    let bytes = std::fs::read(&agent).map_err(|e| ArtifactError::Agent(format!("{}: {e}", agent.display())))?;
+    ensure_with(&ROOTFS, Some((&agent, &bytes)))
 }
 
 #[cfg(test)]
@@ -131,7 +169,7 @@ mod tests {
     fn keys_match_the_scripts() {
         // The scripts hash `cat file1 file2 build.sh | sha256sum | cut -c1-16`.
         for r in [&KERNEL, &ROOTFS] {
-            let k = key(r);
+            let k = key(r, b"");
             assert_eq!(k.len(), 16);
             let mut cat = Vec::new();
             for (_, b) in r.files {

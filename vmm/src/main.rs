@@ -168,6 +168,7 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
         disks,
         shares,
         vsock: a.vsock,
+        stop: Some(stop_on_signals()?),
         timeout,
     };
     shoji_vmm::vm::check(&cfg)?;
@@ -177,12 +178,38 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
     let outcome = shoji_vmm::run(cfg)?;
     tracing::info!(?outcome, "VM stopped");
     Ok(match outcome.reason {
-        StopReason::Reset | StopReason::PowerOff | StopReason::Halted => ExitCode::SUCCESS,
+        StopReason::Reset | StopReason::PowerOff | StopReason::Halted | StopReason::Stopped => ExitCode::SUCCESS,
         StopReason::Timeout => {
             eprintln!("shoji: timeout: the VM ran past --timeout and was stopped");
             ExitCode::from(124)
         }
     })
+}
+
+/// The eventfd SIGTERM/SIGINT write to (async-signal-safe), so the VM stops cleanly and leaves
+/// no socket behind.
+static STOP_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd = STOP_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a live u64 and the fd an eventfd
+        // that lives for the whole process.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// An eventfd that SIGTERM and SIGINT make readable.
+fn stop_on_signals() -> Result<std::sync::Arc<vmm_sys_util::eventfd::EventFd>> {
+    use std::os::fd::AsRawFd;
+    let evt = std::sync::Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
+    STOP_FD.store(evt.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal)
+            .map_err(|e| anyhow!("cannot handle signal {sig}: {e}"))?;
+    }
+    Ok(evt)
 }
 
 fn main() -> ExitCode {

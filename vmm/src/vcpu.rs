@@ -20,6 +20,8 @@ pub enum StopReason {
     Halted,
     /// `VmConfig::timeout` ran out.
     Timeout,
+    /// The host asked (`VmConfig::stop`).
+    Stopped,
 }
 
 /// Where the first stop reason is recorded; `evt` wakes the VM's owner.

@@ -57,6 +57,9 @@ pub struct VmConfig {
     /// The hybrid vsock device: host side is a unix socket at this path (Firecracker's
     /// protocol: `CONNECT <port>` in, `OK <port>` back; guest connections go to `PATH_<port>`).
     pub vsock: Option<PathBuf>,
+    /// When this eventfd becomes readable the VM is stopped ([`StopReason::Stopped`]): how a
+    /// front end turns SIGTERM/SIGINT, or its own decision, into a clean teardown.
+    pub stop: Option<Arc<EventFd>>,
     /// Stop the VM with [`StopReason::Timeout`] after this long.
     pub timeout: Option<Duration>,
 }
@@ -73,6 +76,7 @@ impl VmConfig {
             disks: Vec::new(),
             shares: Vec::new(),
             vsock: None,
+            stop: None,
             timeout: None,
         }
     }
@@ -319,7 +323,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
     }
     let reason = match spawn_error {
         Some(e) => Err(e),
-        None => wait_for_exit(&exit, cfg.timeout),
+        None => wait_for_exit(&exit, cfg.stop.as_deref(), cfg.timeout),
     };
 
     // Teardown: stop every vCPU, kicking it out of KVM_RUN until its thread is gone.
@@ -356,7 +360,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
     })
 }
 
-fn wait_for_exit(exit: &ExitSignal, timeout: Option<Duration>) -> Result<StopReason, VmError> {
+fn wait_for_exit(exit: &ExitSignal, stop: Option<&EventFd>, timeout: Option<Duration>) -> Result<StopReason, VmError> {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let wait_ms: i32 = match deadline {
@@ -369,9 +373,12 @@ fn wait_for_exit(exit: &ExitSignal, timeout: Option<Duration>) -> Result<StopRea
             }
             None => -1,
         };
-        let mut pfd = libc::pollfd { fd: exit.evt.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+        let mut pfds = [
+            libc::pollfd { fd: exit.evt.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop.map(|s| s.as_raw_fd()).unwrap_or(-1), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: a valid array of pollfds for the duration of the call (fd -1 is ignored).
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wait_ms) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -381,6 +388,9 @@ fn wait_for_exit(exit: &ExitSignal, timeout: Option<Duration>) -> Result<StopRea
         }
         if n == 0 {
             continue;
+        }
+        if pfds[1].revents & libc::POLLIN != 0 && pfds[0].revents & libc::POLLIN == 0 {
+            return Ok(StopReason::Stopped);
         }
         let _ = exit.evt.read();
         // An eventfd write with no recorded reason comes from the i8042 reset line.

@@ -18,6 +18,8 @@ pub mod agent_ttrpc {
 
 pub use ttrpc;
 
+pub mod client;
+
 #[cfg(test)]
 mod tests {
     use super::agent::*;
