@@ -1,5 +1,6 @@
 //! Shoji's guest agent, PID 1 in the sandbox VM. So far: the pure core of device handling
-//! (requests → updates → one batched rewrite of the container's OCI spec).
+//! (requests → updates → one batched rewrite of the container's OCI spec) and the container
+//! runtime (`runtime::LinuxRuntime`).
 
 pub mod device;
 pub mod runtime;
