@@ -618,3 +618,41 @@ async fn cgroup_v2_join_mount_and_remove() {
         );
     }
 }
+
+/// MS_MOVE + chroot instead of pivot_root: the path the guest takes, its agent's root being the
+/// initramfs. Also: the container's own cgroup mounted inside it (read-only).
+#[tokio::test]
+async fn chroot_root_and_cgroup_mount() {
+    let b = bundle();
+    b.rt.set_no_pivot_root(true);
+    let before = mountinfo();
+    let id = unique("chroot");
+    let mut v = spec_json(&b.rootfs, &id, &["sh", "-c", "ls /; echo ready; exec sleep 100"]);
+    v["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "ro"]
+    }));
+    b.rt.create(cfg(&id, v)).await.unwrap();
+    b.rt.start(&id).await.unwrap();
+    let mut out = String::new();
+    while !out.contains("ready\n") {
+        let chunk = tokio::time::timeout(LIMIT, b.rt.read_stdout(&id, "", 1000)).await.unwrap().unwrap();
+        assert!(!chunk.is_empty(), "{out}");
+        out.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert_eq!(out, "bin\ndev\netc\nproc\nroot\nsys\ntmp\nready\n");
+    // An exec lands in the same root; the cgroup mount shows the container's own cgroup (its
+    // pids as seen from inside) and is read-only.
+    let script =
+        "ls /; head -n1 /sys/fs/cgroup/pids/cgroup.procs 2>/dev/null || head -n1 /sys/fs/cgroup/cgroup.procs; \
+                  mkdir /sys/fs/cgroup/x 2>/dev/null || echo ro";
+    let p: Process = serde_json::from_value(json!({
+        "user": { "uid": 0, "gid": 0 }, "args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/"
+    }))
+    .unwrap();
+    b.rt.exec(&id, "x", p).await.unwrap();
+    let (out, err) = tokio::join!(read_all(&b.rt, &id, "x", false), read_all(&b.rt, &id, "x", true));
+    assert_eq!(out, "bin\ndev\netc\nproc\nroot\nsys\ntmp\n1\nro\n", "stderr: {err}");
+    assert_eq!(wait(&b.rt, &id, "x").await, exited(0));
+    b.rt.remove(&id, 0).await.unwrap();
+    assert_eq!(mountinfo(), before);
+}

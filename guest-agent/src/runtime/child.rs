@@ -175,6 +175,8 @@ pub(crate) struct RootSetup {
     pub masked: Vec<CString>,
     pub readonly: Vec<CString>,
     pub readonly_root: bool,
+    /// Skip pivot_root and go straight to MS_MOVE + chroot.
+    pub no_pivot: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -883,7 +885,8 @@ unsafe fn setup_root(root: &RootSetup, r: RawFd) {
         let oldroot = libc::open(c"/".as_ptr(), libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC);
         check(oldroot, r, Step::PivotRoot, 0);
         check(libc::chdir(root.rootfs.as_ptr()), r, Step::PivotRoot, 1);
-        if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0 {
+        let pivoted = !root.no_pivot && libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0;
+        if pivoted {
             check(libc::fchdir(oldroot), r, Step::PivotRoot, 2);
             check(
                 libc::mount(null, c".".as_ptr(), null, libc::MS_SLAVE | libc::MS_REC, std::ptr::null()),
@@ -893,7 +896,7 @@ unsafe fn setup_root(root: &RootSetup, r: RawFd) {
             );
             check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH), r, Step::PivotRoot, 4);
             check(libc::chdir(c"/".as_ptr()), r, Step::PivotRoot, 5);
-        } else if errno() == libc::EINVAL {
+        } else if root.no_pivot || errno() == libc::EINVAL {
             check(
                 libc::mount(root.rootfs.as_ptr(), c"/".as_ptr(), null, libc::MS_MOVE, std::ptr::null()),
                 r,

@@ -36,6 +36,7 @@ pub struct LinuxRuntime {
 
 struct Inner {
     state_dir: PathBuf,
+    no_pivot: AtomicBool,
     host: HostInfo,
     hierarchy: Hierarchy,
     containers: Mutex<HashMap<String, Arc<Container>>>,
@@ -298,6 +299,10 @@ impl FailureContext {
             Step::Uid => field("process.user.uid".into(), "setuid"),
             Step::Bounding | Step::Caps | Step::Ambient => field("process.capabilities".into(), "setting capabilities"),
             Step::NoNewPrivs => field("process.noNewPrivileges".into(), "prctl"),
+            Step::Console => field(
+                "process.terminal".into(),
+                "setting up a pty from the container's /dev/ptmx (a devpts mount at /dev/pts is needed)",
+            ),
             Step::Exec => {
                 let msg = if errno == libc::ENOENT {
                     format!("{:?}: executable not found (in $PATH or the rootfs)", self.arg0)
@@ -441,6 +446,7 @@ impl Inner {
                 cgroup_dirs: cgroup.dirs(),
                 cgroup_v2: cgroup.is_v2(),
                 terminal: pplan.terminal,
+                no_pivot: self.no_pivot.load(Ordering::Relaxed),
             },
         )?;
         let mut setns = Vec::new();
@@ -624,6 +630,7 @@ impl LinuxRuntime {
         Ok(LinuxRuntime {
             inner: Arc::new(Inner {
                 state_dir,
+                no_pivot: AtomicBool::new(false),
                 host,
                 hierarchy,
                 containers: Mutex::new(HashMap::new()),
@@ -632,6 +639,15 @@ impl LinuxRuntime {
                 oom_rx: tokio::sync::Mutex::new(oom_rx),
             }),
         })
+    }
+
+    /// Enters new containers' root with `MS_MOVE` + `chroot` instead of `pivot_root`. That is
+    /// what happens anyway when pivot_root is impossible (the agent's root is the initramfs);
+    /// this forces it (tests, or hosts that forbid pivot_root). With chroot the old root's
+    /// mounts stay in the container's mount namespace, out of reach only without
+    /// CAP_SYS_CHROOT.
+    pub fn set_no_pivot_root(&self, yes: bool) {
+        self.inner.no_pivot.store(yes, Ordering::Relaxed);
     }
 
     /// Whether containers get cgroup v2 (else v1).

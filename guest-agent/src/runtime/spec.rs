@@ -500,6 +500,7 @@ pub(crate) struct RootInputs<'a> {
     pub cgroup_v2: bool,
     /// The init has a terminal (bind-mounted on /dev/console).
     pub terminal: bool,
+    pub no_pivot: bool,
 }
 
 const DEFAULT_DEVICES: &[(&str, u32, u32)] = &[
@@ -687,6 +688,7 @@ pub(crate) fn root_plan(spec: &Spec, inp: &RootInputs) -> Result<RootSetup> {
         masked,
         readonly,
         readonly_root: root.readonly().unwrap_or(false),
+        no_pivot: inp.no_pivot,
     })
 }
 
