@@ -11,7 +11,7 @@ use std::time::Duration;
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "mkdir", "touch", "id", "grep", "head", "yes", "tr", "wc", "stty", "tty", "hostname",
-    "ls", "ps", "true", "false", "env", "pwd", "kill", "seq",
+    "ls", "ps", "true", "false", "env", "pwd", "kill", "seq", "linux32", "linux64",
 ];
 /// A wait longer than this is a hang.
 const LIMIT: Duration = Duration::from_secs(20);
@@ -401,6 +401,25 @@ async fn seccomp_profile_is_enforced() {
     let (_, out, err) = run(&b, v, &id).await;
     assert_eq!(out, "rc=1\ntouch=0\n");
     assert!(err.contains("Permission denied"), "{err}");
+
+    // Argument conditions (every operator, so the kernel checks all the code we emit):
+    // personality(PER_LINUX32 = 8) is refused, personality(PER_LINUX = 0) is not.
+    let id = unique("seccomp-args");
+    let script = "linux32 true; echo l32=$?; linux64 true; echo l64=$?";
+    let mut v = spec_json(&b.rootfs, &id, &["sh", "-c", script]);
+    v["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [
+            { "names": ["personality"], "action": "SCMP_ACT_ERRNO", "args": [ { "index": 0, "value": 8, "op": "SCMP_CMP_EQ" } ] },
+            { "names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "args": [
+                { "index": 1, "value": 0, "op": "SCMP_CMP_NE" }, { "index": 0, "value": 5, "op": "SCMP_CMP_LT" },
+                { "index": 2, "value": 5, "op": "SCMP_CMP_LE" }, { "index": 3, "value": 5, "op": "SCMP_CMP_GT" },
+                { "index": 4, "value": 5, "op": "SCMP_CMP_GE" },
+                { "index": 5, "value": 255, "valueTwo": 1, "op": "SCMP_CMP_MASKED_EQ" } ] }
+        ]
+    });
+    let (_, out, err) = run(&b, v, &id).await;
+    assert_eq!(out, "l32=1\nl64=0\n", "stderr: {err}");
 }
 
 fn mountinfo() -> Vec<String> {
@@ -655,4 +674,41 @@ async fn chroot_root_and_cgroup_mount() {
     assert_eq!(wait(&b.rt, &id, "x").await, exited(0));
     b.rt.remove(&id, 0).await.unwrap();
     assert_eq!(mountinfo(), before);
+}
+
+#[tokio::test]
+async fn cpu_limits_and_stats() {
+    let b = bundle();
+    let id = unique("cpu");
+    let script = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo busy-done; exec sleep 100";
+    let mut v = spec_json(&b.rootfs, &id, &["sh", "-c", script]);
+    v["linux"]["resources"] = json!({ "cpu": { "shares": 512, "quota": 50000, "period": 100000 } });
+    b.rt.create(cfg(&id, v)).await.unwrap();
+    let dirs = b.rt.cgroup_dirs(&id).unwrap();
+    let read = |name: &str| -> String {
+        let d = dirs.iter().find(|d| d.join(name).exists()).unwrap_or_else(|| panic!("no {name} in {dirs:?}"));
+        std::fs::read_to_string(d.join(name)).unwrap().trim().to_string()
+    };
+    if b.rt.cgroup_v2() {
+        assert_eq!(read("cpu.max"), "50000 100000");
+        assert_eq!(read("cpu.weight"), "20");
+    } else {
+        assert_eq!(read("cpu.cfs_quota_us"), "50000");
+        assert_eq!(read("cpu.cfs_period_us"), "100000");
+        assert_eq!(read("cpu.shares"), "512");
+    }
+    b.rt.start(&id).await.unwrap();
+    assert_eq!(b.rt.read_stdout(&id, "", 100).await.unwrap(), b"busy-done\n");
+    let st = b.rt.stats(&id).await.unwrap();
+    assert!(st.cpu_usage_usec > 0, "{st:?}");
+    assert!(st.memory_usage_bytes > 0, "{st:?}");
+    assert_eq!(st.pids_current, 1, "{st:?}");
+    let update: LinuxResources = serde_json::from_value(json!({ "cpu": { "quota": -1 } })).unwrap();
+    b.rt.update(&id, update).await.unwrap();
+    if b.rt.cgroup_v2() {
+        assert_eq!(read("cpu.max"), "max 100000");
+    } else {
+        assert_eq!(read("cpu.cfs_quota_us"), "-1");
+    }
+    b.rt.remove(&id, 0).await.unwrap();
 }

@@ -543,6 +543,37 @@ mod tests {
         assert!(compile(&bad_index).unwrap_err().to_string().contains("args[0].index"));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn random_comparisons_match(op in 0usize..7, value: u64, two: u64, a: u64, index in 0usize..6) {
+            use LinuxSeccompOperator::*;
+            let op = [ScmpCmpEq, ScmpCmpNe, ScmpCmpLt, ScmpCmpLe, ScmpCmpGt, ScmpCmpGe, ScmpCmpMaskedEq][op];
+            let p = compile(&profile(
+                LinuxSeccompAction::ScmpActAllow,
+                vec![LinuxSyscallBuilder::default()
+                    .names(vec!["ioctl".into()])
+                    .action(LinuxSeccompAction::ScmpActErrno)
+                    .args(vec![arg(index, op, value, Some(two))])
+                    .build()
+                    .unwrap()],
+            ))
+            .unwrap();
+            let want = match op {
+                ScmpCmpEq => a == value,
+                ScmpCmpNe => a != value,
+                ScmpCmpLt => a < value,
+                ScmpCmpLe => a <= value,
+                ScmpCmpGt => a > value,
+                ScmpCmpGe => a >= value,
+                ScmpCmpMaskedEq => a & value == two,
+            };
+            let mut args = [0u64; 6];
+            args[index] = a;
+            let got = run(&p, ARCH, nr("ioctl"), args) == RET_ERRNO | 1;
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
+
     #[test]
     fn docker_sized_profile_fits() {
         let names: Vec<String> = native::SYSCALLS.iter().map(|(n, _)| n.to_string()).collect();

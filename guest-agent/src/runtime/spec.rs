@@ -805,6 +805,25 @@ mod tests {
         assert!(secure_join(root, Path::new("/loop")).is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn secure_join_never_leaves_the_root(parts in proptest::collection::vec("(\\.\\.|\\.|a|b|up|abs|/)", 0..12)) {
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path();
+            std::fs::create_dir_all(root.join("a/b")).unwrap();
+            std::os::unix::fs::symlink("/etc", root.join("abs")).unwrap();
+            std::os::unix::fs::symlink("../../../..", root.join("a/up")).unwrap();
+            let p = format!("/{}", parts.join("/"));
+            let j = secure_join(root, Path::new(&p)).unwrap();
+            proptest::prop_assert!(j.starts_with(root), "{} -> {}", p, j.display());
+        }
+
+        #[test]
+        fn mount_options_never_panic(opts in proptest::collection::vec(".{0,12}", 0..8)) {
+            let _ = parse_mount_options("m", &opts);
+        }
+    }
+
     #[test]
     fn mount_options() {
         let o = |v: &[&str]| parse_mount_options("m", &v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
