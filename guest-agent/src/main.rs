@@ -7,11 +7,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use async_trait::async_trait;
 use clap::Parser;
-use oci_spec::runtime::{LinuxResources, Process};
 use shoji_agent::listen::{self, ListenAddr};
-use shoji_agent::runtime::{ContainerConfig, ContainerRuntime, ExitStatus, Result, RuntimeError, Stats};
+use shoji_agent::runtime::{ContainerRuntime, LinuxRuntime};
 use shoji_agent::service::{Agent, ServiceConfig};
 use shoji_agent::{init, logging, sys};
 use tokio::signal::unix::{signal, SignalKind};
@@ -34,67 +32,11 @@ struct Args {
     log_vsock: Option<u32>,
 }
 
-/// The container runtime this build uses. Until the Linux runtime lands, every call fails.
-fn default_runtime(state_dir: &Path) -> Arc<dyn ContainerRuntime> {
-    Arc::new(NoRuntime { _state_dir: state_dir.to_owned() })
-}
-
-/// Placeholder: "no container runtime in this build" for every call.
-struct NoRuntime {
-    _state_dir: PathBuf,
-}
-
-fn none<T>() -> Result<T> {
-    Err(RuntimeError::Other("no container runtime in this build".into()))
-}
-
-#[async_trait]
-impl ContainerRuntime for NoRuntime {
-    async fn create(&self, _: ContainerConfig) -> Result<()> {
-        none()
-    }
-    async fn start(&self, _: &str) -> Result<()> {
-        none()
-    }
-    async fn exec(&self, _: &str, _: &str, _: Process) -> Result<()> {
-        none()
-    }
-    async fn signal(&self, _: &str, _: &str, _: i32, _: bool) -> Result<()> {
-        none()
-    }
-    async fn wait(&self, _: &str, _: &str) -> Result<ExitStatus> {
-        none()
-    }
-    async fn read_stdout(&self, _: &str, _: &str, _: usize) -> Result<Vec<u8>> {
-        none()
-    }
-    async fn read_stderr(&self, _: &str, _: &str, _: usize) -> Result<Vec<u8>> {
-        none()
-    }
-    async fn write_stdin(&self, _: &str, _: &str, _: &[u8]) -> Result<usize> {
-        none()
-    }
-    async fn close_stdin(&self, _: &str, _: &str) -> Result<()> {
-        none()
-    }
-    async fn resize_tty(&self, _: &str, _: &str, _: u16, _: u16) -> Result<()> {
-        none()
-    }
-    async fn stats(&self, _: &str) -> Result<Stats> {
-        none()
-    }
-    async fn update(&self, _: &str, _: LinuxResources) -> Result<()> {
-        none()
-    }
-    async fn pids(&self, _: &str) -> Result<Vec<i32>> {
-        none()
-    }
-    async fn remove(&self, id: &str, _: u32) -> Result<()> {
-        Err(RuntimeError::NoContainer(id.to_owned()))
-    }
-    async fn next_oom_event(&self) -> String {
-        std::future::pending().await
-    }
+/// The container runtime: real containers (namespaces, cgroups, pivot_root, seccomp).
+fn default_runtime(state_dir: &Path) -> anyhow::Result<Arc<dyn ContainerRuntime>> {
+    let rt = LinuxRuntime::new(state_dir.to_owned())
+        .map_err(|e| anyhow::anyhow!("container runtime in {}: {e}", state_dir.display()))?;
+    Ok(Arc::new(rt))
 }
 
 fn main() -> ExitCode {
@@ -175,7 +117,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
-    let agent = Arc::new(Agent::new(default_runtime(&args.state_dir), ServiceConfig::guest()));
+    let agent = Arc::new(Agent::new(default_runtime(&args.state_dir)?, ServiceConfig::guest()));
     let mut servers = Vec::with_capacity(addrs.len());
     for addr in &addrs {
         servers.push(listen::serve(addr, agent.clone()).await?);
