@@ -17,7 +17,7 @@ const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "mkdir", "yes", "head",
 /// A running agent with its own socket, state dir and busybox rootfs; killed and cleaned on drop.
 struct Agent {
     child: Child,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     rootfs: PathBuf,
     client: AgentServiceClient,
     health: HealthClient,
@@ -69,7 +69,7 @@ async fn agent() -> Agent {
             Err(e) => panic!("agent socket: {e}"),
         }
     };
-    Agent { child, dir, rootfs, client: AgentServiceClient::new(c.clone()), health: HealthClient::new(c) }
+    Agent { child, _dir: dir, rootfs, client: AgentServiceClient::new(c.clone()), health: HealthClient::new(c) }
 }
 
 fn unique(name: &str) -> String {
@@ -309,5 +309,4 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving() {
     let e =
         a.client.wait_process(ctx(), &WaitProcessRequest { container_id: id, ..Default::default() }).await.unwrap_err();
     assert_eq!(status_code(&e), NOT_FOUND);
-    drop(a.dir.path());
 }
