@@ -26,7 +26,7 @@ const FLAGS: &[&str] = &[
 
 /// The probe guest: entry and interrupt stubs, boot hand-off checks, and the device modes.
 const SOURCES: &[&str] =
-    &["entry.S", "probe.c", "pci.c", "idt.c", "virtio.c", "blk.c", "fs.c", "vsock.c", "blkbench.c"];
+    &["entry.S", "probe.c", "pci.c", "idt.c", "virtio.c", "blk.c", "fs.c", "vsock.c", "blkbench.c", "vsockbench.c"];
 
 fn run(cmd: &mut Command) {
     let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));

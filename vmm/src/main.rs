@@ -34,6 +34,35 @@ enum BenchCmd {
     /// virtio-blk: sequential read/write MB/s, 4 KiB random-read IOPS and host CPU per request,
     /// from the probe guest's `blkbench` mode; prints a Markdown report (BENCHMARKS.md).
     Devices(BenchDevicesArgs),
+    /// vsock: round-trip latency, MB/s both ways and host CPU per round trip and per MiB, from
+    /// the probe guest's `vsockbench` mode, next to a host unix-socket baseline (BENCHMARKS.md).
+    Vsock(BenchVsockArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchVsockArgs {
+    /// Echo phase: this many timed round trips.
+    #[arg(long, default_value_t = 2000)]
+    rounds: u32,
+    /// Untimed round trips before them.
+    #[arg(long, default_value_t = 50)]
+    warmup: u32,
+    /// Echo message size in bytes (1..=65536).
+    #[arg(long, default_value_t = 64)]
+    msg: u32,
+    /// Stream phases: this many MiB each way.
+    #[arg(long, default_value_t = 64)]
+    mib: u32,
+    /// Whenever it waits, the guest first checks this many times for a received packet before
+    /// it halts (0: it halts at once and waits for the interrupt).
+    #[arg(long, default_value_t = 0)]
+    poll: u32,
+    /// Runs of Shoji and of the baseline (interleaved).
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// Print JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -230,6 +259,17 @@ fn main() -> ExitCode {
         })
         .map(|()| ExitCode::SUCCESS)
         .context("bench devices"),
+        Cmd::Bench(BenchCmd::Vsock(a)) => bench::vsock::vsock(bench::vsock::VsockOpts {
+            rounds: a.rounds,
+            warmup: a.warmup,
+            msg: a.msg,
+            mib: a.mib,
+            poll: a.poll,
+            runs: a.runs,
+            json: a.json,
+        })
+        .map(|()| ExitCode::SUCCESS)
+        .context("bench vsock"),
     };
     match result {
         Ok(code) => code,

@@ -9,10 +9,12 @@
  *          hport=M (default 6000) and exchange a line (0 skips either part)
  *   blkbench  timed sequential and random I/O on the first virtio-blk disk (`shoji bench
  *          devices`; words mib=N, ios=N, qd=N)
+ *   vsockbench  vsock echo and streams both ways for `shoji bench vsock` (words port=N,
+ *          rounds=N, msg=N, bytes=N, poll=N)
  *   crash  triple-fault after reporting
  *   hang   halt forever with interrupts off (tests timeouts and vCPU teardown)
- * (pci.c, blk.c, fs.c, vsock.c and blkbench.c describe their output lines; virtio.c and idt.c are the
- * driver core.)
+ * (pci.c, blk.c, fs.c, vsock.c, blkbench.c and vsockbench.c describe their output lines;
+ * virtio.c and idt.c are the driver core.)
  * Output lines (all start with "probe: "), then "PROBE-DONE" and an i8042 reset. */
 #include "probe.h"
 
@@ -48,9 +50,7 @@ static int has_word(const char *s, const char *w)
 	return 0;
 }
 
-/* The number in word `key`N (key includes the '='), or `dflt` when there is no such word or
- * it is not a decimal number that fits in 32 bits. */
-static u32 word_number(const char *s, const char *key, u32 dflt)
+u32 word_number(const char *s, const char *key, u32 dflt)
 {
 	if (!s) return dflt;
 	while (*s) {
@@ -178,6 +178,8 @@ void probe_main(u64 info, int kind)
 		vsock_mode(word_number(cmdline, "vport=", 5000), word_number(cmdline, "hport=", 6000));
 	if (has_word(cmdline, "blkbench"))
 		blkbench_mode(cmdline);
+	if (has_word(cmdline, "vsockbench"))
+		vsockbench_mode(cmdline);
 	if (has_word(cmdline, "crash")) {
 		puts("probe: crashing\n");
 		triple_fault();

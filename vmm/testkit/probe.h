@@ -174,8 +174,56 @@ void blk_mode(void);
 /* ---- fs.c ---- */
 void fs_mode(void);
 
-/* ---- vsock.c: port 0 skips that part ---- */
+/* ---- vsock.c: the `vsock` mode (port 0 skips that part), and the device bring-up and packet
+ * header that vsockbench.c shares ---- */
+#define VIRTIO_VSOCK_DEVICE 0x1053
+#define VSOCK_RX_Q 0
+#define VSOCK_TX_Q 1
+#define VSOCK_EVENT_Q 2
+#define VSOCK_HOST_CID 2
+#define VSOCK_TYPE_STREAM 1
+#define VSOCK_OP_REQUEST 1
+#define VSOCK_OP_RESPONSE 2
+#define VSOCK_OP_RST 3
+#define VSOCK_OP_SHUTDOWN 4
+#define VSOCK_OP_RW 5
+#define VSOCK_OP_CREDIT_UPDATE 6
+#define VSOCK_OP_CREDIT_REQUEST 7
+#define VSOCK_SHUTDOWN_RCV 1
+#define VSOCK_SHUTDOWN_SEND 2
+/* Two 8-byte event buffers live here, posted by vsock_start. */
+#define VSOCK_EVENT_BUF_AREA (DMA_AREA + 0x3000)
+
+struct vsock_hdr {
+	u64 src_cid, dst_cid;
+	u32 src_port, dst_port, len;
+	u16 type, op;
+	u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+_Static_assert(sizeof(struct vsock_hdr) == 44, "virtio_vsock_hdr");
+
+struct vsock_dev {
+	struct virtio_dev d;
+	struct virtq rx, tx, ev;	/* rings in slots 0, 1, 2 */
+	u64 cid;
+};
+/* Finds the first virtio-vsock function and negotiates VERSION_1. NULL on success, else what
+ * failed. */
+const char *vsock_find(struct vsock_dev *v);
+/* Then: MSI-X entry q -> vectors[q] for each queue q (vector 0: that queue gets no vector and
+ * never interrupts), queue q of up to sizes[q] entries, DRIVER_OK, the guest CID, two event
+ * buffers posted and kicked. Receive buffers are the caller's. NULL on success, else what
+ * failed. */
+const char *vsock_start(struct vsock_dev *v, const u16 sizes[3], const u8 vectors[3]);
 void vsock_mode(u32 vport, u32 hport);
+
+/* ---- vsockbench.c (needs RAM up to 0x920000: its buffers sit at 8 MiB) ---- */
+void vsockbench_mode(const char *cmdline);
+
+/* ---- probe.c ---- */
+/* The number in word `key`N (key includes the '='), or `dflt` when there is no such word or it
+ * is not a decimal number that fits in 32 bits. */
+u32 word_number(const char *s, const char *key, u32 dflt);
 /* ---- blkbench.c (needs RAM up to 9 MiB: its data buffers sit at 8 MiB) ---- */
 void blkbench_mode(const char *cmdline);
 

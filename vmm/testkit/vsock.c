@@ -21,36 +21,25 @@
  *   probe: vsock connect closed=rst|timeout
  *   probe: vsock irqs=N                         MSIs taken on the three queues' vectors
  *   probe: vsock packets rx=N tx=M unexpected=U U: packets for no connection or malformed
- * Failures print "probe: vsock error: ..." and stop the mode. */
+ * Failures print "probe: vsock error: ..." and stop the mode.
+ * The device bring-up (vsock_find, vsock_start) is shared with vsockbench.c through probe.h. */
 #include "probe.h"
 
-#define VIRTIO_VSOCK_DEVICE 0x1053
-#define RX_Q 0
-#define TX_Q 1
-#define EVENT_Q 2
 #define RX_VECTOR (VEC_MSI_BASE + 2)
 #define TX_VECTOR (VEC_MSI_BASE + 3)
 #define EVENT_VECTOR (VEC_MSI_BASE + 4)
 
-#define HOST_CID 2
-#define TYPE_STREAM 1
-#define OP_REQUEST 1
-#define OP_RESPONSE 2
-#define OP_RST 3
-#define OP_SHUTDOWN 4
-#define OP_RW 5
-#define OP_CREDIT_UPDATE 6
-#define OP_CREDIT_REQUEST 7
-#define SHUTDOWN_RCV 1
-#define SHUTDOWN_SEND 2
-
-struct vsock_hdr {
-	u64 src_cid, dst_cid;
-	u32 src_port, dst_port, len;
-	u16 type, op;
-	u32 flags, buf_alloc, fwd_cnt;
-} __attribute__((packed));
-_Static_assert(sizeof(struct vsock_hdr) == 44, "virtio_vsock_hdr");
+#define HOST_CID VSOCK_HOST_CID
+#define TYPE_STREAM VSOCK_TYPE_STREAM
+#define OP_REQUEST VSOCK_OP_REQUEST
+#define OP_RESPONSE VSOCK_OP_RESPONSE
+#define OP_RST VSOCK_OP_RST
+#define OP_SHUTDOWN VSOCK_OP_SHUTDOWN
+#define OP_RW VSOCK_OP_RW
+#define OP_CREDIT_UPDATE VSOCK_OP_CREDIT_UPDATE
+#define OP_CREDIT_REQUEST VSOCK_OP_CREDIT_REQUEST
+#define SHUTDOWN_RCV VSOCK_SHUTDOWN_RCV
+#define SHUTDOWN_SEND VSOCK_SHUTDOWN_SEND
 
 /* Buffers in the DMA area: rx buffers (header and data in one descriptor), one tx packet
  * (sent synchronously: header and data descriptors), event buffers. */
@@ -61,9 +50,6 @@ _Static_assert(sizeof(struct vsock_hdr) == 44, "virtio_vsock_hdr");
 #define TX_HDR (DMA_AREA + 0x2000)
 #define TX_DATA (DMA_AREA + 0x2100)
 #define TX_DATA_MAX 0x100
-#define EVENT_BUFS 2
-#define EVENT_BUF_AREA (DMA_AREA + 0x3000)
-#define EVENT_BUF_SIZE 8
 #define QUEUE_SIZE 16
 
 /* What we advertise: we consume everything at once, so all of it is always free. */
@@ -92,8 +78,7 @@ struct conn {
 	int line_done;
 };
 
-static struct virtq rxq, txq, evq;
-static u64 guest_cid;
+static struct vsock_dev vdev;
 static u64 rx_addr[QUEUE_SIZE];		/* rx buffer of each descriptor head */
 static u32 rx_packets, tx_packets, unexpected;
 static int stuck;			/* tx timed out: the shared buffers may still be the device's */
@@ -119,7 +104,7 @@ static int expired(u32 start, u32 ticks) { return now() - start >= ticks; }
 static int post_rx(u64 addr)
 {
 	struct vq_buf b = { addr, RX_BUF_SIZE, 1 };
-	int head = virtq_add(&rxq, &b, 1);
+	int head = virtq_add(&vdev.rx, &b, 1);
 	if (head < 0)
 		return -1;
 	rx_addr[head] = addr;
@@ -133,7 +118,7 @@ static int send_raw(u32 src_port, u64 dst_cid, u32 dst_port, u16 op, u32 flags, 
 	if (stuck || len > TX_DATA_MAX)
 		return -1;
 	volatile struct vsock_hdr *h = (volatile struct vsock_hdr *)TX_HDR;
-	h->src_cid = guest_cid;
+	h->src_cid = vdev.cid;
 	h->dst_cid = dst_cid;
 	h->src_port = src_port;
 	h->dst_port = dst_port;
@@ -147,12 +132,12 @@ static int send_raw(u32 src_port, u64 dst_cid, u32 dst_port, u16 op, u32 flags, 
 		memcpy((void *)TX_DATA, data, len);
 	struct vq_buf bufs[2] = { { TX_HDR, sizeof(struct vsock_hdr), 0 }, { TX_DATA, len, 0 } };
 	barrier();
-	int head = virtq_add(&txq, bufs, len ? 2 : 1);
+	int head = virtq_add(&vdev.tx, bufs, len ? 2 : 1);
 	if (head < 0)
 		return fail("no free tx descriptors");
 	tx_packets++;
-	virtq_kick(&txq);
-	int id = virtq_wait(&txq, 0, TX_WAIT_TICKS);
+	virtq_kick(&vdev.tx);
+	int id = virtq_wait(&vdev.tx, 0, TX_WAIT_TICKS);
 	if (id < 0) {
 		stuck = 1;
 		return fail("tx packet not used in time");
@@ -185,7 +170,7 @@ static int rx_next(u32 start, u32 ticks)
 	for (;;) {
 		__asm__ volatile("cli" : : : "memory");
 		u32 len = 0;
-		int id = virtq_poll(&rxq, &len);
+		int id = virtq_poll(&vdev.rx, &len);
 		if (id >= 0) {
 			u64 addr = rx_addr[id];
 			barrier();
@@ -198,7 +183,7 @@ static int rx_next(u32 start, u32 ticks)
 				memcpy(pkt_data, (const void *)(addr + sizeof(pkt)), pkt_data_len);
 			int bad = len < sizeof(pkt) || pkt.len != pkt_data_len;
 			if (post_rx(addr) == 0)
-				virtq_kick(&rxq);
+				virtq_kick(&vdev.rx);
 			rx_packets++;
 			if (bad) {
 				unexpected++;
@@ -270,7 +255,7 @@ static void conn_packet(struct conn *c)
 /* Handles the packet in `pkt`. */
 static void dispatch(void)
 {
-	if (pkt.dst_cid != guest_cid || pkt.src_cid != HOST_CID || pkt.type != TYPE_STREAM) {
+	if (pkt.dst_cid != vdev.cid || pkt.src_cid != HOST_CID || pkt.type != TYPE_STREAM) {
 		unexpected++;
 		return;
 	}
@@ -422,51 +407,73 @@ static void connect_part(u32 port)
 	close_conn(c, "connect");
 }
 
-static int run(u32 vport, u32 hport)
+/* The device bring-up shared with vsockbench.c (probe.h). */
+const char *vsock_find(struct vsock_dev *v)
 {
-	struct virtio_dev d;
-	if (virtio_find(VIRTIO_VSOCK_DEVICE, 0, &d))
-		return fail("no virtio-vsock device");
-	if (virtio_negotiate(&d, VIRTIO_F_VERSION_1))
-		return fail("feature negotiation (FEATURES_OK not accepted)");
-	puts("probe: vsock slot="); puthexw(d.slot, 2);
-	puts(" features="); puthex(d.features); putc('\n');
-	if (!d.devcfg)
-		return fail("no device configuration capability");
-	if (virtio_num_queues(&d) < 3)
-		return fail("fewer than 3 queues (rx, tx, event)");
-	if (!d.msix_table || d.msix_size < 3)
-		return fail("MSI-X table too small");
-	virtio_msix_enable(&d);
-	if (virtio_msix_entry(&d, RX_Q, RX_VECTOR) || virtio_msix_entry(&d, TX_Q, TX_VECTOR) ||
-	    virtio_msix_entry(&d, EVENT_Q, EVENT_VECTOR))
-		return fail("MSI-X table entries did not take");
-	if (virtq_setup(&d, &rxq, RX_Q, QUEUE_SIZE, 0, RX_Q, RX_VECTOR) ||
-	    virtq_setup(&d, &txq, TX_Q, QUEUE_SIZE, 1, TX_Q, TX_VECTOR) ||
-	    virtq_setup(&d, &evq, EVENT_Q, QUEUE_SIZE, 2, EVENT_Q, EVENT_VECTOR))
-		return fail("queue setup (size, rings or MSI-X vector rejected)");
-	if (virtio_driver_ok(&d, VIRTIO_NO_VECTOR))
-		return fail("DRIVER_OK: the device needs a reset");
+	memset(v, 0, sizeof(*v));
+	if (virtio_find(VIRTIO_VSOCK_DEVICE, 0, &v->d))
+		return "no virtio-vsock device";
+	if (virtio_negotiate(&v->d, VIRTIO_F_VERSION_1))
+		return "feature negotiation (FEATURES_OK not accepted)";
+	return 0;
+}
 
-	/* guest_cid: le64 at 0, in two halves, retried while the config generation moves. */
+#define EVENT_BUFS 2
+#define EVENT_BUF_SIZE 8
+
+const char *vsock_start(struct vsock_dev *v, const u16 sizes[3], const u8 vectors[3])
+{
+	struct virtio_dev *d = &v->d;
+	struct virtq *qs[3] = { &v->rx, &v->tx, &v->ev };
+	if (!d->devcfg)
+		return "no device configuration capability";
+	if (virtio_num_queues(d) < 3)
+		return "fewer than 3 queues (rx, tx, event)";
+	if (!d->msix_table || d->msix_size < 3)
+		return "MSI-X table too small";
+	virtio_msix_enable(d);
+	for (u16 q = 0; q < 3; q++)
+		if (vectors[q] && virtio_msix_entry(d, q, vectors[q]))
+			return "MSI-X table entries did not take";
+	for (u16 q = 0; q < 3; q++)
+		if (virtq_setup(d, qs[q], q, sizes[q], q, vectors[q] ? q : VIRTIO_NO_VECTOR, vectors[q]))
+			return "queue setup (size, rings or MSI-X vector rejected)";
+	if (virtio_driver_ok(d, VIRTIO_NO_VECTOR))
+		return "DRIVER_OK: the device needs a reset";
+
+	/* The guest CID: le64 at 0, in two halves, retried while the config generation moves. */
 	for (int tries = 0; tries < 10; tries++) {
-		u8 gen = virtio_config_generation(&d);
-		guest_cid = mmio_r32(d.devcfg) | (u64)mmio_r32(d.devcfg + 4) << 32;
-		if (gen == virtio_config_generation(&d))
+		u8 gen = virtio_config_generation(d);
+		v->cid = mmio_r32(d->devcfg) | (u64)mmio_r32(d->devcfg + 4) << 32;
+		if (gen == virtio_config_generation(d))
 			break;
 	}
-	puts("probe: vsock cid="); putdec(guest_cid); putc('\n');
+	for (int i = 0; i < EVENT_BUFS; i++) {
+		struct vq_buf b = { VSOCK_EVENT_BUF_AREA + (u64)i * EVENT_BUF_SIZE, EVENT_BUF_SIZE, 1 };
+		if (virtq_add(&v->ev, &b, 1) < 0)
+			return "no free event descriptors";
+	}
+	virtq_kick(&v->ev);
+	return 0;
+}
+
+static int run(u32 vport, u32 hport)
+{
+	static const u8 vectors[3] = { RX_VECTOR, TX_VECTOR, EVENT_VECTOR };
+	static const u16 sizes[3] = { QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE };
+	const char *err = vsock_find(&vdev);
+	if (err)
+		return fail(err);
+	puts("probe: vsock slot="); puthexw(vdev.d.slot, 2);
+	puts(" features="); puthex(vdev.d.features); putc('\n');
+	if ((err = vsock_start(&vdev, sizes, vectors)))
+		return fail(err);
+	puts("probe: vsock cid="); putdec(vdev.cid); putc('\n');
 
 	for (int i = 0; i < RX_BUFS; i++)
 		if (post_rx(RX_BUF_AREA + (u64)i * RX_BUF_SIZE))
 			return fail("no free rx descriptors");
-	for (int i = 0; i < EVENT_BUFS; i++) {
-		struct vq_buf b = { EVENT_BUF_AREA + (u64)i * EVENT_BUF_SIZE, EVENT_BUF_SIZE, 1 };
-		if (virtq_add(&evq, &b, 1) < 0)
-			return fail("no free event descriptors");
-	}
-	virtq_kick(&rxq);
-	virtq_kick(&evq);
+	virtq_kick(&vdev.rx);
 
 	if (vport) {
 		listen_port = vport;
@@ -481,7 +488,7 @@ static int run(u32 vport, u32 hport)
 	puts("probe: vsock packets rx="); putdec(rx_packets);
 	puts(" tx="); putdec(tx_packets);
 	puts(" unexpected="); putdec(unexpected); putc('\n');
-	virtio_reset(&d);	/* the device lets go of the rings and drops its connections */
+	virtio_reset(&vdev.d);	/* the device lets go of the rings and drops its connections */
 	return 0;
 }
 

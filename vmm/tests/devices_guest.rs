@@ -735,3 +735,141 @@ fn bench_devices_reports_every_phase_for_shoji() {
         assert!(out.contains(&want), "{want} in\n{out}");
     }
 }
+
+/// vsockbench.c's sink stream: the le64 word at every 8-byte-aligned offset W is SINK_TAG | W.
+fn vsockbench_sink_stream(len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> =
+        (0..len.div_ceil(8) as u64).flat_map(|w| (0x5653_494e_0000_0000 | (w * 8)).to_le_bytes()).collect();
+    v.truncate(len);
+    v
+}
+
+/// vsockbench.c's source packets: all the same 64 KiB block of le64 SOURCE_TAG | W words.
+fn vsockbench_source_block() -> Vec<u8> {
+    (0..8192u64).flat_map(|w| (0x5653_4f55_0000_0000 | (w * 8)).to_le_bytes()).collect()
+}
+
+#[test]
+fn vsockbench_mode_echoes_sinks_and_sources_the_exact_bytes() {
+    const ROUNDS: usize = 20;
+    const MSG: usize = 100;
+    // Not a multiple of 8 or of the 64 KiB packets: unaligned packet starts, a short last packet.
+    const BYTES: usize = 300_005;
+    let dir = Scratch::new("vsockbench");
+    let sock = dir.0.join("v.sock");
+    let vm = Vm::vsock(&format!("vsockbench port=5001 rounds={ROUNDS} msg={MSG} bytes={BYTES}"), &sock);
+    let (mut r, host_port, tries) = host_connect(&sock, 5001);
+    let s = r.get_ref().try_clone().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+
+    // Echo: every message comes back unchanged.
+    for i in 0..ROUNDS {
+        let msg: Vec<u8> = (0..MSG).map(|j| (i * 31 + j * 7) as u8).collect();
+        (&s).write_all(&msg).unwrap();
+        let mut back = vec![0u8; MSG];
+        r.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg, "echo {i}");
+    }
+    // Sink: the guest acknowledges the byte count and found every stamp it checked right.
+    (&s).write_all(&vsockbench_sink_stream(BYTES)).unwrap();
+    let mut ack = [0u8; 16];
+    r.read_exact(&mut ack).unwrap();
+    let (got, mismatches) =
+        (u64::from_le_bytes(ack[..8].try_into().unwrap()), u64::from_le_bytes(ack[8..].try_into().unwrap()));
+    assert_eq!((got, mismatches), (BYTES as u64, 0));
+    // Source: after the go byte, BYTES bytes of the repeated block, then end of file.
+    (&s).write_all(b"G").unwrap();
+    let mut source = Vec::new();
+    r.read_to_end(&mut source).unwrap();
+    assert_eq!(source.len(), BYTES);
+    let block = vsockbench_source_block();
+    for (i, chunk) in source.chunks(block.len()).enumerate() {
+        assert!(chunk == &block[..chunk.len()], "source packet {i} differs");
+    }
+
+    let o = vm.wait();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stderr(&o), "", "the bench must not cause guest errors");
+    assert!(!out.contains("vsockbench error"), "{out}");
+    assert_eq!(
+        probe_line(&out, "vsockbench accepted"),
+        format!("probe: vsockbench accepted port=5001 from=2:{host_port}")
+    );
+    let echo = probe_line(&out, "vsockbench echo ");
+    assert_eq!(field(echo, "bytes"), (ROUNDS * MSG) as u64, "{out}");
+    assert!(field(echo, "packets") >= ROUNDS as u64, "{out}");
+    let sink = probe_line(&out, "vsockbench sink ");
+    assert_eq!((field(sink, "bytes"), field(sink, "mismatches")), (BYTES as u64, 0), "{out}");
+    assert_eq!(probe_line(&out, "vsockbench source "), format!("probe: vsockbench source bytes={BYTES} packets=5"));
+    assert_eq!(probe_line(&out, "vsockbench closed"), "probe: vsockbench closed=rst");
+    if tries == 1 {
+        assert_eq!(field(probe_line(&out, "vsockbench stats"), "unexpected"), 0, "{out}");
+    }
+    assert!(out.ends_with("PROBE-DONE\n"), "{out}");
+}
+
+/// A wrong stamp in the sink stream is counted and reported back, not ignored.
+#[test]
+fn vsockbench_mode_counts_wrong_sink_data() {
+    let dir = Scratch::new("vsockbench-bad");
+    let sock = dir.0.join("v.sock");
+    let vm = Vm::vsock("vsockbench port=5002 rounds=1 msg=8 bytes=200000", &sock);
+    let (mut r, _, _) = host_connect(&sock, 5002);
+    let s = r.get_ref().try_clone().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(b"12345678").unwrap();
+    let mut back = [0u8; 8];
+    r.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"12345678");
+    // All zeros: whatever the packet boundaries, every checked word is wrong.
+    (&s).write_all(&vec![0u8; 200_000]).unwrap();
+    let mut ack = [0u8; 16];
+    r.read_exact(&mut ack).unwrap();
+    let mismatches = u64::from_le_bytes(ack[8..].try_into().unwrap());
+    assert_eq!(u64::from_le_bytes(ack[..8].try_into().unwrap()), 200_000);
+    (&s).write_all(b"G").unwrap();
+    let mut source = Vec::new();
+    r.read_to_end(&mut source).unwrap();
+    assert_eq!(source.len(), 200_000);
+    let o = vm.wait();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{o:?}");
+    let sink = probe_line(&out, "vsockbench sink ");
+    assert!(mismatches >= 1 && field(sink, "mismatches") == mismatches, "{mismatches} {out}");
+    assert!(field(sink, "packets") >= 4, "200000 bytes need 4 packets of 64 KiB at least: {out}");
+}
+
+/// `shoji bench vsock` end to end on a small workload: Shoji and the baseline are both reported
+/// and the QEMU note is there (nothing about the numbers is checked: timing is not a test).
+#[test]
+fn bench_vsock_reports_shoji_and_the_baseline() {
+    require_kvm();
+    let o = Command::new(env!("CARGO_BIN_EXE_shoji"))
+        .args(["bench", "vsock", "--rounds", "20", "--warmup", "2", "--msg", "100", "--mib", "1", "--runs", "1"])
+        .arg("--json")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run shoji");
+    let out = stdout(&o);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        out.contains("\"guest_cmdline\": \"vsockbench port=5001 rounds=22 msg=100 bytes=1048576 poll=0\""),
+        "{out}"
+    );
+    assert!(out.contains("\"qemu\": \"not measured: "), "{out}");
+    let runs: Vec<&str> = out.lines().filter(|l| l.contains("\"kind\": ")).collect();
+    assert_eq!(runs.len(), 2, "{out}");
+    for (run, kind) in runs.iter().zip(["shoji", "baseline"]) {
+        assert!(
+            run.contains(&format!("\"kind\": \"{kind}\", \"run\": 1, \"rounds\": 20, \"bytes\": 1048576, ")),
+            "{out}"
+        );
+    }
+    // The guest's counts: 22 echoes, 1 MiB each way in 64 KiB packets (16 to send; the device
+    // may split what it receives).
+    assert!(runs[0].contains("\"echo_packets\": 22, "), "{out}");
+    assert!(runs[0].contains("\"source_packets\": 16, "), "{out}");
+    assert!(runs[1].contains("\"guest\": null"), "{out}");
+}
