@@ -123,8 +123,10 @@ async fn as_pid1_it_serves_and_reboots_on_sigterm() {
         eprintln!("skipping: {why}");
         return;
     }
-    // Not below /tmp: PID 1 mounts a tmpfs there (in its own mount namespace).
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // Not below /tmp or /run (where the checkout itself may be, as in CI's clone): PID 1 mounts
+    // tmpfs over those in its mount namespace, which would hide the socket.
+    std::fs::create_dir_all("/var/tmp").unwrap();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let sock = dir.path().join("pid1.sock");
     let mut unshare = Running(
         Command::new("unshare")
