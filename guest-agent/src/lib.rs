@@ -1,5 +1,5 @@
-//! Shoji's guest agent, PID 1 in the sandbox VM: the RPC service ([`service`]) over a container
-//! runtime ([`runtime`]), storages ([`storage`]), devices and the batched OCI spec rewrite
+//! Shoji's guest agent, PID 1 in the sandbox VM: the RPC service ([`service`]) over the container
+//! runtime ([`runtime`], `runtime::LinuxRuntime`), storages ([`storage`]), devices and the batched OCI spec rewrite
 //! ([`device`]), init duties ([`init`]), listen addresses ([`listen`]) and logging ([`logging`]).
 
 pub mod device;

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use clap::Parser;
 use oci_spec::runtime::{LinuxResources, Process};
 use shoji_agent::listen::{self, ListenAddr};
-use shoji_agent::runtime::{ContainerConfig, ContainerRuntime, ExitStatus, Result, RuntimeError, Stats};
+use shoji_agent::runtime::{ContainerConfig, ContainerRuntime, ExitStatus, LinuxRuntime, Result, RuntimeError, Stats};
 use shoji_agent::service::{Agent, ServiceConfig};
 use shoji_agent::{init, logging, sys};
 use tokio::signal::unix::{signal, SignalKind};
@@ -34,60 +34,69 @@ struct Args {
     log_vsock: Option<u32>,
 }
 
-/// The container runtime this build uses. Until the Linux runtime lands, every call fails.
+/// The container runtime: [`LinuxRuntime`]. If it cannot start (no cgroup hierarchy, say), the
+/// agent still serves, and every container call answers why.
 fn default_runtime(state_dir: &Path) -> Arc<dyn ContainerRuntime> {
-    Arc::new(NoRuntime { _state_dir: state_dir.to_owned() })
+    match LinuxRuntime::new(state_dir.to_owned()) {
+        Ok(rt) => Arc::new(rt),
+        Err(e) => {
+            tracing::error!("container runtime: {e}");
+            Arc::new(NoRuntime { reason: format!("no container runtime: {e}") })
+        }
+    }
 }
 
-/// Placeholder: "no container runtime in this build" for every call.
+/// What answers every container call when the runtime could not start.
 struct NoRuntime {
-    _state_dir: PathBuf,
+    reason: String,
 }
 
-fn none<T>() -> Result<T> {
-    Err(RuntimeError::Other("no container runtime in this build".into()))
+impl NoRuntime {
+    fn none<T>(&self) -> Result<T> {
+        Err(RuntimeError::Other(self.reason.clone()))
+    }
 }
 
 #[async_trait]
 impl ContainerRuntime for NoRuntime {
     async fn create(&self, _: ContainerConfig) -> Result<()> {
-        none()
+        self.none()
     }
     async fn start(&self, _: &str) -> Result<()> {
-        none()
+        self.none()
     }
     async fn exec(&self, _: &str, _: &str, _: Process) -> Result<()> {
-        none()
+        self.none()
     }
     async fn signal(&self, _: &str, _: &str, _: i32, _: bool) -> Result<()> {
-        none()
+        self.none()
     }
     async fn wait(&self, _: &str, _: &str) -> Result<ExitStatus> {
-        none()
+        self.none()
     }
     async fn read_stdout(&self, _: &str, _: &str, _: usize) -> Result<Vec<u8>> {
-        none()
+        self.none()
     }
     async fn read_stderr(&self, _: &str, _: &str, _: usize) -> Result<Vec<u8>> {
-        none()
+        self.none()
     }
     async fn write_stdin(&self, _: &str, _: &str, _: &[u8]) -> Result<usize> {
-        none()
+        self.none()
     }
     async fn close_stdin(&self, _: &str, _: &str) -> Result<()> {
-        none()
+        self.none()
     }
     async fn resize_tty(&self, _: &str, _: &str, _: u16, _: u16) -> Result<()> {
-        none()
+        self.none()
     }
     async fn stats(&self, _: &str) -> Result<Stats> {
-        none()
+        self.none()
     }
     async fn update(&self, _: &str, _: LinuxResources) -> Result<()> {
-        none()
+        self.none()
     }
     async fn pids(&self, _: &str) -> Result<Vec<i32>> {
-        none()
+        self.none()
     }
     async fn remove(&self, id: &str, _: u32) -> Result<()> {
         Err(RuntimeError::NoContainer(id.to_owned()))

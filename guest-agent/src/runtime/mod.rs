@@ -3,6 +3,17 @@
 //!
 //! Conventions: `exec_id` empty (or equal to the container id) means the container's init
 //! process. Every method is safe to call concurrently from different tasks.
+//!
+//! The implementation is [`LinuxRuntime`] (no runc, no libcontainer, no C library):
+//! * `child`: a process starts as a fork of the agent (stage 1: joins the cgroup and the
+//!   namespaces given by path) that clones stage 2 into new namespaces; stage 2 sets up the root
+//!   (mounts, devices, pivot_root), credentials, capabilities and seccomp, then execs. The
+//!   children only make system calls on data the agent prepared (`spec`).
+//! * `reaper`: the agent's one `waitpid(-1)` loop; exit statuses go to callbacks by pid.
+//! * `cgroups`: cgroup v2 (the guest) and v1 (hybrid hosts, CI), limits, stats, OOM counts.
+//! * `seccomp`: OCI profiles compiled to BPF in pure Rust; always enforced or an error.
+//! * `stdio`: pipes or a pty from the container's own devpts, as async streams whose end is
+//!   the kernel's end of file (no output is lost at exit).
 use async_trait::async_trait;
 use oci_spec::runtime::{LinuxResources, Process, Spec};
 
@@ -88,3 +99,16 @@ pub trait ContainerRuntime: Send + Sync {
     /// The id of the next container that had a process OOM-killed (blocks until one does).
     async fn next_oom_event(&self) -> String;
 }
+
+mod cgroups;
+mod child;
+mod linux;
+pub mod reaper;
+mod seccomp;
+mod spec;
+mod stdio;
+mod sys;
+#[cfg(target_arch = "x86_64")]
+mod syscalls_x86_64;
+
+pub use linux::LinuxRuntime;
