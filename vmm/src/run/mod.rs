@@ -317,13 +317,21 @@ fn run(a: RunArgs) -> Result<u8> {
             EXIT_TIMEOUT
         }
         Err(Failure::Signal(sig)) => 128 + sig as u8,
+        Err(Failure::Command(e, code)) => {
+            eprintln!("shoji: error: {}", one_line(&e));
+            code
+        }
         Err(Failure::Error(e)) => {
-            let tail = console_tail(&console, 20);
+            eprintln!("shoji: error: {}", one_line(&e));
+            EXIT_SHOJI_ERROR
+        }
+        Err(Failure::Sandbox(e)) => {
             let mut msg = one_line(&e);
             if let Err(why) = &stopped {
                 msg.push_str(&format!(" (VM: {why})"));
             }
             eprintln!("shoji: error: {msg}");
+            let tail = console_tail(&console, 20);
             if !tail.is_empty() {
                 eprintln!("shoji: the guest console's last lines:\n{tail}");
             }
@@ -400,7 +408,27 @@ enum Failure {
     Timeout,
     /// Interrupted (by SIGINT, SIGTERM, SIGHUP) before the command started.
     Signal(i32),
+    /// The command could not be started: 127 when it was not found, 126 when it could not be
+    /// executed (Docker's statuses), else 125.
+    Command(anyhow::Error, u8),
+    /// The guest or its agent failed: the console's last lines tell more.
+    Sandbox(anyhow::Error),
     Error(anyhow::Error),
+}
+
+/// Failure::Command for an agent error of CreateContainer or StartContainer.
+fn command_failure(e: &ttrpc::Error) -> Failure {
+    let msg = rpc_msg(e);
+    let code = if msg.contains("process.args[0]") {
+        if msg.contains("not found") {
+            127
+        } else {
+            126
+        }
+    } else {
+        EXIT_SHOJI_ERROR
+    };
+    Failure::Command(anyhow!("container: {msg}"), code)
 }
 
 impl From<anyhow::Error> for Failure {
@@ -529,23 +557,28 @@ async fn session(p: &Plan, builtin: bool, sock: &Path, vm: &Vm, mut sig: Signals
     // Up to a started command: any of these ends it.
     let setup = async {
         let port = shoji_devices::model::AGENT_VSOCK_PORT;
-        let client = shoji_protocol::client::connect(sock, port, AGENT_TIMEOUT).await.map_err(|e| anyhow!(e))?;
+        let client = shoji_protocol::client::connect(sock, port, AGENT_TIMEOUT)
+            .await
+            .map_err(|e| Failure::Sandbox(anyhow!(e)))?;
         let client = AgentServiceClient::new(client);
         let sandbox = agent::CreateSandboxRequest {
             hostname: spec::HOSTNAME.into(),
             sandbox_id: format!("shoji-run-{}", std::process::id()),
             ..Default::default()
         };
-        client.create_sandbox(ctx(RPC_TIMEOUT), &sandbox).await.map_err(|e| anyhow!("agent: CreateSandbox: {e}"))?;
-        client.create_container(ctx(RPC_TIMEOUT), &req).await.map_err(|e| anyhow!("container: {}", rpc_msg(&e)))?;
+        client
+            .create_sandbox(ctx(RPC_TIMEOUT), &sandbox)
+            .await
+            .map_err(|e| Failure::Sandbox(anyhow!("agent: CreateSandbox: {}", rpc_msg(&e))))?;
+        client.create_container(ctx(RPC_TIMEOUT), &req).await.map_err(|e| command_failure(&e))?;
         let start = agent::StartContainerRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
-        client.start_container(ctx(RPC_TIMEOUT), &start).await.map_err(|e| anyhow!("container: {}", rpc_msg(&e)))?;
-        Ok::<_, anyhow::Error>(client)
+        client.start_container(ctx(RPC_TIMEOUT), &start).await.map_err(|e| command_failure(&e))?;
+        Ok::<_, Failure>(client)
     };
     let client = tokio::select! {
         r = setup => r?,
         s = sig.stop.stop() => return Err(Failure::Signal(s)),
-        why = vm.stopped() => return Err(anyhow!("sandbox: {why} before the command started").into()),
+        why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} before the command started"))),
         _ = deadline(until) => return Err(Failure::Timeout),
     };
 
@@ -629,7 +662,7 @@ async fn running(
                     }
                 }
             }
-            why = vm.stopped() => return Err(anyhow!("sandbox: {why} while the command ran").into()),
+            why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} while the command ran"))),
             _ = deadline(until) => return Err(Failure::Timeout),
         }
     };
@@ -643,7 +676,7 @@ async fn running(
     };
     tokio::select! {
         r = drained => r?,
-        why = vm.stopped() => return Err(anyhow!("sandbox: {why} while the output was read").into()),
+        why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} while the output was read"))),
         _ = deadline(until) => return Err(Failure::Timeout),
     }
     drop(raw);
