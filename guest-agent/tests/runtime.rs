@@ -297,7 +297,8 @@ async fn user_capabilities_rlimits_env() {
     let b = bundle();
     let id = unique("user");
     let script = "id -u; id -g; id -G; grep -E '^Cap(Eff|Bnd)' /proc/self/status; ulimit -n; echo $FOO $HOME; pwd; \
-                  grep NoNewPrivs /proc/self/status; touch /x 2>/dev/null || echo ro-root";
+                  grep NoNewPrivs /proc/self/status; touch /x 2>/dev/null || echo ro-root; \
+                  cat /proc/sys/kernel/domainname /proc/sys/kernel/msgmax";
     let mut v = spec_json(&b.rootfs, &id, &["sh", "-c", script]);
     let caps = json!(["CAP_KILL", "CAP_NET_BIND_SERVICE"]);
     v["process"]["user"] = json!({ "uid": 1000, "gid": 1000, "additionalGids": [10, 20] });
@@ -307,11 +308,14 @@ async fn user_capabilities_rlimits_env() {
     v["process"]["env"] = json!(["PATH=/bin", "FOO=bar"]);
     v["process"]["cwd"] = json!("/tmp");
     v["root"]["readonly"] = json!(true);
+    // Sysctls of the container's own uts and ipc namespaces.
+    v["linux"]["sysctl"] = json!({ "kernel.domainname": "sysctl-dom", "kernel.msgmax": "4321" });
     let (st, out, err) = run(&b, v, &id).await;
     assert_eq!(st, exited(0), "stderr: {err}");
     assert_eq!(
         out,
-        "1000\n1000\n1000 10 20\nCapEff:\t0000000000000420\nCapBnd:\t0000000000000420\n123\nbar /tmp\n/tmp\nNoNewPrivs:\t1\nro-root\n"
+        "1000\n1000\n1000 10 20\nCapEff:\t0000000000000420\nCapBnd:\t0000000000000420\n123\nbar /tmp\n/tmp\n\
+         NoNewPrivs:\t1\nro-root\nsysctl-dom\n4321\n"
     );
 }
 
@@ -477,12 +481,17 @@ async fn remove_leaves_nothing_behind() {
     assert!(t.elapsed() < Duration::from_secs(4), "took {:?}", t.elapsed());
     assert!(!alive(pid));
 
-    // Created but never started.
+    // Created but never started: a wait from before sees it killed.
     let id = unique("rm-created");
     b.rt.create(cfg(&id, spec_json(&b.rootfs, &id, &["sleep", "100"]))).await.unwrap();
     let pid = b.rt.pid(&id, "").unwrap();
     let cgroups = b.rt.cgroup_dirs(&id).unwrap();
-    b.rt.remove(&id, 10).await.unwrap();
+    let (st, removed) = tokio::join!(wait(&b.rt, &id, ""), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b.rt.remove(&id, 10).await
+    });
+    removed.unwrap();
+    assert_eq!(st, ExitStatus { status: 137, signal: Some(9), oom_killed: false });
     assert!(!alive(pid));
     assert!(cgroups.iter().all(|d| !d.exists()));
 

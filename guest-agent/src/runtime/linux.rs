@@ -250,6 +250,8 @@ struct FailureContext {
     id: String,
     exec_id: Option<String>,
     mounts: Vec<String>,
+    /// linux.sysctl keys, sorted (the order they are written in).
+    sysctls: Vec<String>,
     arg0: String,
     namespaces: Vec<usize>,
 }
@@ -267,7 +269,7 @@ impl FailureContext {
         let Failure { step, index, errno } = f;
         let err = sys::errno_text(errno);
         let i = index as usize;
-        let field = |name: String, what: &str| spec::invalid(name, format!("{what}: {err}"));
+        let field = |name: String, what: &str| spec::invalid(name, format!("{what}: {err} ({who})"));
         match step {
             Step::MountTarget | Step::Mount | Step::Remount | Step::MountPropagation => {
                 let dest = self.mounts.get(i).map(String::as_str).unwrap_or("?");
@@ -287,7 +289,10 @@ impl FailureContext {
             Step::MaskPath => field(format!("linux.maskedPaths[{i}]"), "masking"),
             Step::ReadonlyPath => field(format!("linux.readonlyPaths[{i}]"), "making read-only"),
             Step::ReadonlyRoot => field("root.readonly".into(), "remounting the root read-only"),
-            Step::Sysctl => field("linux.sysctl".into(), &format!("writing sysctl #{i}")),
+            Step::Sysctl => {
+                let key = self.sysctls.get(i).map(String::as_str).unwrap_or("?");
+                field(format!("linux.sysctl.{key}"), "writing the sysctl")
+            }
             Step::OomScoreAdj => field("process.oomScoreAdj".into(), "writing oom_score_adj"),
             Step::Hostname => field("hostname".into(), "sethostname"),
             Step::Domainname => field("domainname".into(), "setdomainname"),
@@ -309,7 +314,7 @@ impl FailureContext {
                 } else {
                     format!("exec {:?}: {err}", self.arg0)
                 };
-                spec::invalid("process.args[0]", msg)
+                spec::invalid("process.args[0]", format!("{msg} ({who})"))
             }
             s => RuntimeError::Other(format!("{who}: setting up the process failed at {s:?} (#{i}): {err}")),
         }
@@ -467,6 +472,12 @@ impl Inner {
             id: id.clone(),
             exec_id: None,
             mounts: spec.mounts().iter().flatten().map(|m| m.destination().display().to_string()).collect(),
+            sysctls: {
+                let mut k: Vec<String> =
+                    linux.and_then(|l| l.sysctl().as_ref()).into_iter().flatten().map(|(k, _)| k.clone()).collect();
+                k.sort();
+                k
+            },
             arg0: process.args().as_ref().and_then(|a| a.first()).cloned().unwrap_or_default(),
             namespaces: ns.join.iter().map(|(_, _, i)| *i).collect(),
         };
@@ -592,6 +603,7 @@ impl Inner {
             id: c.id.clone(),
             exec_id: Some(exec_id.into()),
             mounts: Vec::new(),
+            sysctls: Vec::new(),
             arg0: process.args().as_ref().and_then(|a| a.first()).cloned().unwrap_or_default(),
             namespaces: Vec::new(),
         };
@@ -783,6 +795,7 @@ impl ContainerRuntime for LinuxRuntime {
                 id: id.into(),
                 exec_id: None,
                 mounts: Vec::new(),
+                sysctls: Vec::new(),
                 arg0: c.arg0.clone(),
                 namespaces: Vec::new(),
             };
@@ -905,8 +918,8 @@ impl ContainerRuntime for LinuxRuntime {
                 action: "remove".into(),
             });
         }
-        // An init still waiting for start has nothing to shut down gracefully.
-        lock(&c.start).take();
+        // An init still waiting for start has nothing to shut down gracefully: it gets SIGKILL
+        // below (its start pipe is closed only after that, so its status is 137, not 1).
         let procs = c.all_procs();
         let alive =
             |c: &Container| !c.cgroup.pids().unwrap_or_default().is_empty() || procs.iter().any(|p| !p.exited());
@@ -937,6 +950,7 @@ impl ContainerRuntime for LinuxRuntime {
                 return Err(RuntimeError::Other(format!("container {id:?}: processes {left:?} survive SIGKILL")));
             }
         }
+        lock(&c.start).take();
         if let Some(w) = lock(&c.watcher).take() {
             w.abort();
         }
