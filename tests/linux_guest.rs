@@ -169,3 +169,44 @@ fn linux_guest_sees_and_uses_the_devices() {
     assert!(!sock.exists(), "the VMM removes its vsock socket");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `shoji run` end to end, in one boot: the built-in rootfs, a read-only share at
+/// /mnt/<name>, a read-only disk at /dev/vda, both output streams copied exactly, the command's
+/// exit status, and nothing left in TMPDIR (vsock socket, console log, temp dir).
+#[test]
+fn shoji_run_prints_both_streams_and_exits_with_the_commands_status() {
+    require_kvm();
+    shoji_vmm::artifacts::ensure_kernel().expect("guest kernel");
+    shoji_vmm::artifacts::ensure_rootfs().expect("guest initramfs");
+    let dir = std::env::temp_dir().join(format!("shoji-linux-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = dir.join("tmp");
+    let share = dir.join("host-data");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("hello.txt"), "hello from the host\n").unwrap();
+    let disk = dir.join("disk.img");
+    let mut image = vec![0u8; 1 << 20];
+    image[..8].copy_from_slice(b"DISKDATA");
+    std::fs::write(&disk, &image).unwrap();
+
+    let script = "cat /mnt/host-data/hello.txt; head -c 8 /dev/vda; echo; echo out; echo err >&2; exit 5";
+    let start = Instant::now();
+    let out = Command::new(shoji_bin())
+        .args(["run", "--timeout", "900", "--share", &format!("{},ro", share.display())])
+        .args(["--disk", &format!("{},ro", disk.display()), "--", "sh", "-c", script])
+        .env("TMPDIR", &tmp)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shoji run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("shoji run took {:?}\n--- stdout ---\n{stdout}--- stderr ---\n{stderr}", start.elapsed());
+    assert_eq!(out.status.code(), Some(5), "the command's exit status");
+    assert_eq!(stdout, "hello from the host\nDISKDATA\nout\n");
+    assert_eq!(stderr, "err\n", "the command's stderr, and nothing from shoji");
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(left.is_empty(), "shoji run leaves nothing behind: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,5 +1,6 @@
 //! `shoji`: the command-line front end.
 mod bench;
+mod run;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ struct Cli {
 enum Cmd {
     /// Boot a VM with a kernel (default: the cached Shoji guest kernel and initramfs).
     Boot(BootArgs),
+    /// Run a command in a new sandbox, as `docker run` does in a container.
+    Run(run::RunArgs),
     /// Measure Shoji (and optionally a peer VMM) with the built-in test guests.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -241,13 +244,38 @@ fn stop_on_signals() -> Result<std::sync::Arc<vmm_sys_util::eventfd::EventFd>> {
     Ok(evt)
 }
 
+/// Whether the command line is `shoji [--log L] run ...` (its errors are `shoji run`'s).
+fn is_run(args: &[String]) -> bool {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--log" => {
+                it.next();
+            }
+            a if a.starts_with('-') => {}
+            a => return a == "run",
+        }
+    }
+    false
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        // `shoji run` errors like docker run: one line and status 125.
+        Err(e) if is_run(&args) && e.use_stderr() => {
+            eprintln!("shoji: error: {}", run::clap_error_line(&e));
+            return ExitCode::from(run::EXIT_SHOJI_ERROR);
+        }
+        Err(e) => e.exit(),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.cmd {
+        Cmd::Run(a) => return run::main(a),
         Cmd::Boot(a) => boot(a).context("boot"),
         Cmd::Bench(BenchCmd::Devices(a)) => bench::devices(bench::DevicesOpts {
             mib: a.mib,

@@ -1,0 +1,844 @@
+//! `shoji run`: one command in a fresh sandbox, as `docker run` runs it in a container.
+//!
+//! 1. Every flag is checked (the devices with the VMM's own checks) before anything is built,
+//!    booted or written: a bad flag is one line on stderr and exit status 125.
+//! 2. The container rootfs (`--rootfs DIR`, or the built-in busybox one, built and cached on
+//!    first use), the guest kernel and the initramfs are found or built.
+//! 3. The VM boots on a thread of this process with a private temp dir holding its vsock socket
+//!    and its serial console log; the rootfs and `--share` dirs are virtio-fs shares, `--disk`s
+//!    virtio-blk disks.
+//! 4. Over the agent API: CreateSandbox, CreateContainer (the storages to mount, the devices,
+//!    the OCI spec), StartContainer; stdout and stderr are copied to ours until end of stream,
+//!    stdin forwarded with `-i`; signals are forwarded; WaitProcess gives the exit status.
+//! 5. DestroySandbox, the VM is stopped and joined, the temp dir removed.
+mod rootfs;
+mod spec;
+mod tty;
+
+use anyhow::{anyhow, Context, Result};
+use shoji_protocol::agent;
+use shoji_protocol::agent_ttrpc::AgentServiceClient;
+use shoji_protocol::ttrpc;
+use shoji_vmm::{
+    artifacts, cmdline, host, testkit, DiskConfig, KernelImage, SerialOut, ShareConfig, VmConfig, VmError,
+};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Docker's exit status for errors of the tool itself (not of the command).
+pub const EXIT_SHOJI_ERROR: u8 = 125;
+/// Like `timeout(1)`.
+const EXIT_TIMEOUT: u8 = 124;
+const USAGE: &str = "shoji run [OPTIONS] -- CMD [ARGS...]";
+
+/// The container's id in the sandbox (one container per `shoji run`).
+const CONTAINER_ID: &str = "run";
+/// Where the agent mounts the container's rootfs and the shares in the guest.
+const GUEST_ROOTFS: &str = "/run/shoji/rootfs";
+const GUEST_SHARES: &str = "/run/shoji";
+const ROOTFS_TAG: &str = "rootfs";
+/// How long the agent may take to answer after the VM starts (a PVM host boots in ~20 s).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Limit of the set-up and tear-down RPCs; 0 (no limit) for the ones that wait on the command.
+const RPC_TIMEOUT: Duration = Duration::from_secs(120);
+const READ_CHUNK: u32 = 64 * 1024;
+
+#[derive(clap::Args, Debug)]
+#[command(
+    about = "Run a command in a new sandbox (built-in busybox rootfs unless --rootfs)",
+    override_usage = USAGE
+)]
+pub struct RunArgs {
+    /// The container's root filesystem, a host directory shared read-write (default: a
+    /// built-in busybox rootfs, shared read-only, with tmpfs on /tmp).
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: Option<PathBuf>,
+    /// Set an environment variable (K alone: take its value from here, if set). Repeatable.
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// The command's working directory in the container (absolute).
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// vCPUs of the sandbox.
+    #[arg(long, default_value_t = 1, value_name = "N", allow_negative_numbers = true)]
+    pub cpus: u8,
+    /// Memory of the sandbox in MiB.
+    #[arg(long, default_value_t = 256, value_name = "MiB", allow_negative_numbers = true)]
+    pub memory: u64,
+    /// A virtio-blk disk (raw image or block device), /dev/vda, /dev/vdb, ... in the container.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<String>,
+    /// Share a host directory (virtio-fs) at /mnt/<its name> in the container.
+    #[arg(long = "share", value_name = "DIR[,ro]")]
+    pub shares: Vec<String>,
+    /// Keep stdin open and forward it to the command.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Give the command a terminal (with -i: the host terminal in raw mode is its keyboard).
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Stop the sandbox after this many seconds, boot included, and exit with status 124.
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+    pub timeout: Option<f64>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// Where the container's root comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rootfs {
+    BuiltIn,
+    Dir(PathBuf),
+}
+
+/// `RunArgs`, checked.
+#[derive(Debug)]
+struct Plan {
+    rootfs: Rootfs,
+    env: Vec<String>,
+    workdir: String,
+    cpus: u8,
+    memory_mib: u64,
+    disks: Vec<DiskConfig>,
+    /// Each share and the name it gets under /mnt.
+    shares: Vec<(ShareConfig, String)>,
+    interactive: bool,
+    tty: bool,
+    timeout: Option<Duration>,
+    command: Vec<String>,
+}
+
+/// `shoji run`: the command's exit status, or 125 with one line on stderr.
+pub fn main(args: RunArgs) -> ExitCode {
+    match run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("shoji: error: {}", one_line(&e));
+            ExitCode::from(EXIT_SHOJI_ERROR)
+        }
+    }
+}
+
+/// An error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+/// One line for a command-line error of `shoji run` (clap's own message is several, with the
+/// usage): "FIELD: what is wrong".
+pub fn clap_error_line(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ErrorKind};
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("").trim_start_matches("error: ").trim();
+    let arg = e.get(ContextKind::InvalidArg).map(|a| a.to_string());
+    // "--cpus <N>" -> "--cpus"
+    let field = arg.as_deref().map(|a| a.split([' ', '=']).next().unwrap_or(a).to_string());
+    match (e.kind(), field) {
+        (ErrorKind::MissingRequiredArgument, _) => format!("command: missing; usage: {USAGE}"),
+        (ErrorKind::UnknownArgument, Some(f)) if !f.starts_with('-') => {
+            format!("command: {f:?} must come after `--`; usage: {USAGE}")
+        }
+        (ErrorKind::UnknownArgument, Some(f)) => format!("{f}: unknown option (see `shoji run --help`)"),
+        (_, Some(f)) => format!("{f}: {first}"),
+        (_, None) => format!("run: {first}"),
+    }
+}
+
+/// "PATH[,ro]" for `--share`: the share and its name under /mnt.
+fn parse_share(spec: &str, index: usize) -> Result<(ShareConfig, String)> {
+    let mut parts = spec.split(',');
+    let dir = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| anyhow!("share: empty directory in {spec:?}"))?;
+    let mut read_only = false;
+    for opt in parts {
+        match opt {
+            "ro" => read_only = true,
+            "rw" => read_only = false,
+            o => return Err(anyhow!("share: unknown option {o:?} in {spec:?} (expected ro or rw)")),
+        }
+    }
+    let full = std::fs::canonicalize(dir).map_err(|e| anyhow!("share: {dir}: {e}"))?;
+    if !full.is_dir() {
+        return Err(anyhow!("share: {dir}: not a directory"));
+    }
+    let name = full
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| anyhow!("share: {dir}: has no name to put under /mnt (the root, or not UTF-8)"))?
+        .to_string();
+    Ok((ShareConfig { dir: full, tag: format!("share{index}"), read_only }, name))
+}
+
+/// `-e K=V` or `-e K` (K's value here; left out when unset).
+fn parse_env(e: &str) -> Result<Option<String>> {
+    if e.contains('\0') {
+        return Err(anyhow!("env: {e:?} contains a NUL byte"));
+    }
+    let name = e.split_once('=').map_or(e, |(n, _)| n);
+    if name.is_empty() {
+        return Err(anyhow!("env: {e:?} has no variable name (expected K=V or K)"));
+    }
+    if e.contains('=') {
+        Ok(Some(e.to_string()))
+    } else {
+        Ok(std::env::var(name).ok().map(|v| format!("{name}={v}")))
+    }
+}
+
+/// Checks every flag and every file they name; builds, boots and writes nothing.
+fn plan(a: RunArgs) -> Result<Plan> {
+    let command = a.command;
+    match command.first() {
+        None => return Err(anyhow!("command: missing; usage: {USAGE}")),
+        Some(c) if c.is_empty() || c.contains('\0') => return Err(anyhow!("command: {c:?} is not a program name")),
+        Some(_) => {}
+    }
+    if let Some(arg) = command.iter().find(|c| c.contains('\0')) {
+        return Err(anyhow!("command: argument {arg:?} contains a NUL byte"));
+    }
+    let env = a.env.iter().map(|e| parse_env(e)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
+    let workdir = a.workdir.unwrap_or_else(|| "/".to_string());
+    if !workdir.starts_with('/') || workdir.contains('\0') {
+        return Err(anyhow!("workdir: {workdir:?} is not an absolute path"));
+    }
+    let rootfs = match a.rootfs {
+        None => Rootfs::BuiltIn,
+        Some(d) => {
+            let full = std::fs::canonicalize(&d).map_err(|e| anyhow!("rootfs: {}: {e}", d.display()))?;
+            if !full.is_dir() {
+                return Err(anyhow!("rootfs: {}: not a directory", d.display()));
+            }
+            Rootfs::Dir(full)
+        }
+    };
+    let timeout = match a.timeout {
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
+        Some(t) => return Err(anyhow!("timeout: {t} is not a positive number of seconds")),
+        None => None,
+    };
+    let disks = a.disks.iter().map(|d| crate::parse_disk(d)).collect::<Result<Vec<_>>>()?;
+    if disks.len() > 26 {
+        return Err(anyhow!("disk: {} disks; at most 26 (/dev/vda to /dev/vdz)", disks.len()));
+    }
+    let shares = a.shares.iter().enumerate().map(|(i, s)| parse_share(s, i)).collect::<Result<Vec<_>>>()?;
+    for (i, (s, name)) in shares.iter().enumerate() {
+        if let Some((other, _)) = shares[..i].iter().find(|(_, n)| n == name) {
+            return Err(anyhow!("share: {} and {} would both be /mnt/{name}", other.dir.display(), s.dir.display()));
+        }
+    }
+    if a.tty && a.interactive && !tty::is_tty(std::io::stdin().as_raw_fd()) {
+        return Err(anyhow!("tty: -i -t needs a terminal on stdin (drop -t to pipe input)"));
+    }
+    let p = Plan {
+        rootfs,
+        env,
+        workdir,
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        disks,
+        shares,
+        interactive: a.interactive,
+        tty: a.tty,
+        timeout,
+        command,
+    };
+    // The VMM's own checks (vCPUs and memory within this host's limits, disks and shares
+    // openable), with a built-in test guest standing in for the kernel: no VM is created.
+    let mut cfg = VmConfig::new(testkit::guest("null").ok_or_else(|| anyhow!("the built-in null guest is missing"))?);
+    (cfg.vcpus, cfg.memory_mib, cfg.disks) = (p.cpus, p.memory_mib, p.disks.clone());
+    cfg.shares = p.shares.iter().map(|(s, _)| s.clone()).collect();
+    shoji_vmm::vm::check(&cfg).map_err(vm_error)?;
+    Ok(p)
+}
+
+/// VMM errors with `shoji run`'s flag names.
+fn vm_error(e: VmError) -> anyhow::Error {
+    match e {
+        VmError::Vcpus(n, max) => anyhow!("cpus: {n} is out of range (1..={max} on this host)"),
+        // The message already holds its causes.
+        e => anyhow!(e.to_string()),
+    }
+}
+
+fn run(a: RunArgs) -> Result<u8> {
+    let p = plan(a)?;
+    let (root_dir, builtin) = match &p.rootfs {
+        Rootfs::BuiltIn => (rootfs::ensure()?, true),
+        Rootfs::Dir(d) => (d.clone(), false),
+    };
+    let kernel = artifacts::ensure_kernel()?;
+    let initrd = artifacts::ensure_rootfs()?;
+
+    // A private directory for the sandbox's sockets and console log, removed at the end.
+    let dir = tempfile::Builder::new().prefix("shoji-run-").tempdir().context("temp dir")?;
+    let sock = dir.path().join("vsock.sock");
+    let console = dir.path().join("console.log");
+    let mut shares = vec![ShareConfig { dir: root_dir, tag: ROOTFS_TAG.into(), read_only: builtin }];
+    shares.extend(p.shares.iter().map(|(s, _)| s.clone()));
+    let pvm = host::is_pvm();
+    if pvm {
+        tracing::info!("/dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");
+    }
+    let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?);
+    let cfg = VmConfig {
+        kernel: KernelImage::Path(kernel),
+        initrd: Some(initrd),
+        cmdline: cmdline::linux(None, pvm),
+        vcpus: p.cpus,
+        memory_mib: p.memory_mib,
+        serial: SerialOut::File(console.clone()),
+        disks: p.disks.clone(),
+        shares,
+        vsock: Some(sock.clone()),
+        stop: Some(stop.clone()),
+        timeout: None,
+    };
+    shoji_vmm::vm::check(&cfg).map_err(vm_error)?;
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    // Signals are ours from here on (before the VM exists, so none is missed).
+    let signals = rt.block_on(async { Signals::new() })?;
+    let vm = Vm::start(cfg, stop)?;
+    let result = rt.block_on(session(&p, builtin, &sock, &vm, signals));
+    drop(rt);
+    let stopped = vm.stop();
+    let code = match result {
+        Ok(code) => code,
+        Err(Failure::Timeout) => {
+            eprintln!("shoji: timeout: the sandbox ran past --timeout and was stopped");
+            EXIT_TIMEOUT
+        }
+        Err(Failure::Signal(sig)) => 128 + sig as u8,
+        Err(Failure::Command(e, code)) => {
+            eprintln!("shoji: error: {}", one_line(&e));
+            code
+        }
+        Err(Failure::Error(e)) => {
+            eprintln!("shoji: error: {}", one_line(&e));
+            EXIT_SHOJI_ERROR
+        }
+        Err(Failure::Sandbox(e)) => {
+            let mut msg = one_line(&e);
+            if let Err(why) = &stopped {
+                msg.push_str(&format!(" (VM: {why})"));
+            }
+            eprintln!("shoji: error: {msg}");
+            let tail = console_tail(&console, 20);
+            if !tail.is_empty() {
+                eprintln!("shoji: the guest console's last lines:\n{tail}");
+            }
+            EXIT_SHOJI_ERROR
+        }
+    };
+    drop(dir);
+    Ok(code)
+}
+
+/// The last `n` lines of the console log (for errors; the log goes with the temp dir).
+fn console_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// The VM on its thread; `stopped` says why once it has.
+struct Vm {
+    stop: Arc<EventFd>,
+    thread: Option<std::thread::JoinHandle<std::result::Result<shoji_vmm::VmOutcome, VmError>>>,
+    stopped: watch::Receiver<Option<String>>,
+}
+
+impl Vm {
+    fn start(cfg: VmConfig, stop: Arc<EventFd>) -> Result<Vm> {
+        let (tx, stopped) = watch::channel(None);
+        let thread = std::thread::Builder::new()
+            .name("shoji-vm".into())
+            .spawn(move || {
+                let r = shoji_vmm::run(cfg);
+                let why = match &r {
+                    Ok(o) => format!("the VM stopped ({:?})", o.reason),
+                    Err(e) => format!("the VM failed: {e}"),
+                };
+                let _ = tx.send(Some(why));
+                r
+            })
+            .context("starting the VM thread")?;
+        Ok(Vm { stop, thread: Some(thread), stopped })
+    }
+
+    /// Resolves when the VM has stopped, with the reason.
+    async fn stopped(&self) -> String {
+        let mut rx = self.stopped.clone();
+        let why = rx.wait_for(Option::is_some).await.map(|v| v.clone().unwrap_or_default());
+        why.unwrap_or_else(|_| "the VM thread is gone".into())
+    }
+
+    /// Stops the VM (if it still runs) and joins its thread.
+    fn stop(mut self) -> std::result::Result<(), String> {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> std::result::Result<(), String> {
+        let Some(t) = self.thread.take() else { return Ok(()) };
+        let _ = self.stop.write(1);
+        match t.join() {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the VM thread panicked".into()),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.halt();
+    }
+}
+
+/// Why a session ended without the command's status.
+enum Failure {
+    Timeout,
+    /// Interrupted (by SIGINT, SIGTERM, SIGHUP) before the command started.
+    Signal(i32),
+    /// The command could not be started: 127 when it was not found, 126 when it could not be
+    /// executed (Docker's statuses), else 125.
+    Command(anyhow::Error, u8),
+    /// The guest or its agent failed: the console's last lines tell more.
+    Sandbox(anyhow::Error),
+    Error(anyhow::Error),
+}
+
+/// Failure::Command for an agent error of CreateContainer or StartContainer.
+fn command_failure(e: &ttrpc::Error) -> Failure {
+    let msg = rpc_msg(e);
+    let code = if msg.contains("process.args[0]") {
+        if msg.contains("not found") {
+            127
+        } else {
+            126
+        }
+    } else {
+        EXIT_SHOJI_ERROR
+    };
+    Failure::Command(anyhow!("container: {msg}"), code)
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Error(e)
+    }
+}
+
+struct Signals {
+    stop: StopSignals,
+    winch: tokio::signal::unix::Signal,
+}
+
+/// SIGINT, SIGTERM, SIGHUP: forwarded to the command once it runs, the end before.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        let s = |k: SignalKind| signal(k).context("installing signal handlers");
+        Ok(Signals {
+            stop: StopSignals {
+                int: s(SignalKind::interrupt())?,
+                term: s(SignalKind::terminate())?,
+                hup: s(SignalKind::hangup())?,
+            },
+            winch: s(SignalKind::window_change())?,
+        })
+    }
+}
+
+impl StopSignals {
+    /// The next SIGINT, SIGTERM or SIGHUP.
+    async fn stop(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.int.recv() => libc::SIGINT,
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.hup.recv() => libc::SIGHUP,
+        }
+    }
+}
+
+fn ctx(limit: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(limit.as_nanos().min(i64::MAX as u128) as i64)
+}
+
+/// A deadline that never comes when there is none.
+async fn deadline(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The agent's storages, devices and spec for the plan.
+fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16, u16)>) -> Result<agent::CreateContainerRequest> {
+    let mut storages = vec![virtiofs(ROOTFS_TAG, GUEST_ROOTFS, builtin)];
+    let mut binds = Vec::new();
+    for (s, name) in &p.shares {
+        let at = format!("{GUEST_SHARES}/{}", s.tag);
+        storages.push(virtiofs(&s.tag, &at, s.read_only));
+        binds.push(spec::Bind { source: at, destination: format!("/mnt/{name}"), read_only: s.read_only });
+    }
+    let mut devices = Vec::new();
+    let mut spec_devices = Vec::new();
+    for (i, _) in p.disks.iter().enumerate() {
+        let path = format!("/dev/vd{}", char::from(b'a' + i as u8));
+        // Disks are on PCI slots 01, 02, ... in order (docs/design.md).
+        let slot = shoji_devices::model::PciPath::new(vec![i as u8 + 1]).map_err(|e| anyhow!("disk: {e}"))?;
+        devices.push(agent::Device {
+            id: slot.to_string(),
+            type_: "blk".into(),
+            container_path: path.clone(),
+            ..Default::default()
+        });
+        spec_devices.push(spec::Device { path, major: 0, minor: i as i64 });
+    }
+    let env = spec::environment(&p.env, p.tty);
+    let spec = spec::build(&spec::Input {
+        args: &p.command,
+        env: &env,
+        cwd: &p.workdir,
+        terminal: p.tty,
+        console_size,
+        root: GUEST_ROOTFS,
+        readonly_root: builtin,
+        scratch_tmpfs: builtin,
+        binds: &binds,
+        devices: &spec_devices,
+    })?;
+    Ok(agent::CreateContainerRequest {
+        container_id: CONTAINER_ID.into(),
+        storages,
+        devices,
+        oci_spec_json: serde_json::to_vec(&spec).context("spec")?,
+        rootfs: GUEST_ROOTFS.into(),
+        terminal: p.tty,
+        ..Default::default()
+    })
+}
+
+fn virtiofs(tag: &str, mount_point: &str, read_only: bool) -> agent::Storage {
+    agent::Storage {
+        driver: "virtio-fs".into(),
+        source: tag.into(),
+        fstype: "virtiofs".into(),
+        options: vec![if read_only { "ro" } else { "rw" }.into()],
+        mount_point: mount_point.into(),
+        ..Default::default()
+    }
+}
+
+/// Boots to a running command, forwards its stdio and signals, returns its exit status.
+async fn session(p: &Plan, builtin: bool, sock: &Path, vm: &Vm, mut sig: Signals) -> Result<u8, Failure> {
+    let until = p.timeout.map(|t| tokio::time::Instant::now() + t);
+    // Raw mode only when the host's stdin is the container's keyboard.
+    let stdin_fd = std::io::stdin().as_raw_fd();
+    let stdout_fd = std::io::stdout().as_raw_fd();
+    let size_fd = if tty::is_tty(stdout_fd) { stdout_fd } else { stdin_fd };
+    let console_size = if p.tty { tty::window_size(size_fd) } else { None };
+    let req = create_request(p, builtin, console_size)?;
+
+    // Up to a started command: any of these ends it.
+    let setup = async {
+        let port = shoji_devices::model::AGENT_VSOCK_PORT;
+        let client = shoji_protocol::client::connect(sock, port, AGENT_TIMEOUT)
+            .await
+            .map_err(|e| Failure::Sandbox(anyhow!(e)))?;
+        let client = AgentServiceClient::new(client);
+        let sandbox = agent::CreateSandboxRequest {
+            hostname: spec::HOSTNAME.into(),
+            sandbox_id: format!("shoji-run-{}", std::process::id()),
+            ..Default::default()
+        };
+        client
+            .create_sandbox(ctx(RPC_TIMEOUT), &sandbox)
+            .await
+            .map_err(|e| Failure::Sandbox(anyhow!("agent: CreateSandbox: {}", rpc_msg(&e))))?;
+        client.create_container(ctx(RPC_TIMEOUT), &req).await.map_err(|e| command_failure(&e))?;
+        let start = agent::StartContainerRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
+        client.start_container(ctx(RPC_TIMEOUT), &start).await.map_err(|e| command_failure(&e))?;
+        Ok::<_, Failure>(client)
+    };
+    let client = tokio::select! {
+        r = setup => r?,
+        s = sig.stop.stop() => return Err(Failure::Signal(s)),
+        why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} before the command started"))),
+        _ = deadline(until) => return Err(Failure::Timeout),
+    };
+
+    let result = running(p, &client, vm, &mut sig, until).await;
+    // Whatever happened, the agent cleans up the guest (unless the VM is gone).
+    let destroy_req = agent::DestroySandboxRequest::new();
+    let destroy = client.destroy_sandbox(ctx(Duration::from_secs(30)), &destroy_req);
+    tokio::select! {
+        r = destroy => if let Err(e) = r { tracing::warn!("DestroySandbox: {e}") },
+        _ = vm.stopped() => {}
+    }
+    result
+}
+
+/// The message of an agent error (its status message, not the whole RPC status).
+fn rpc_msg(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
+        e => e.to_string(),
+    }
+}
+
+/// Forwards stdio and signals until the command has exited and its output has ended.
+async fn running(
+    p: &Plan,
+    client: &AgentServiceClient,
+    vm: &Vm,
+    sig: &mut Signals,
+    until: Option<tokio::time::Instant>,
+) -> Result<u8, Failure> {
+    let raw = if p.tty && p.interactive {
+        Some(tty::RawMode::enter(std::io::stdin().as_raw_fd()).map_err(|e| anyhow!("tty: raw mode: {e}"))?)
+    } else {
+        None
+    };
+    let out = tokio::spawn(pump(client.clone(), false));
+    let err = tokio::spawn(pump(client.clone(), true));
+    if p.interactive {
+        tokio::spawn(forward_stdin(client.clone()));
+    } else if !p.tty {
+        // No -i: the command reads end of file at once. (A terminal with no -i stays open:
+        // closing it would send ^D, as docker run -t keeps it.)
+        let close = agent::CloseStdinRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
+        if let Err(e) = client.close_stdin(ctx(RPC_TIMEOUT), &close).await {
+            tracing::debug!("CloseStdin: {e}");
+        }
+    }
+    let waiter = client.clone();
+    let mut wait = tokio::spawn(async move {
+        let req = agent::WaitProcessRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
+        waiter.wait_process(ctx(Duration::ZERO), &req).await
+    });
+    let mut interrupts = 0;
+    let status = loop {
+        tokio::select! {
+            r = &mut wait => {
+                let r = r.map_err(|e| anyhow!("waiting: {e}"))?;
+                break r.map_err(|e| anyhow!("container: waiting: {}", rpc_msg(&e)))?;
+            }
+            s = sig.stop.stop() => {
+                // Forwarded; the third ^C kills.
+                interrupts += usize::from(s == libc::SIGINT);
+                let signal = if interrupts >= 3 { libc::SIGKILL } else { s } as u32;
+                let req = agent::SignalProcessRequest { container_id: CONTAINER_ID.into(), signal, ..Default::default() };
+                if let Err(e) = client.signal_process(ctx(RPC_TIMEOUT), &req).await {
+                    tracing::debug!("SignalProcess({signal}): {e}");
+                }
+            }
+            _ = sig.winch.recv(), if p.tty => {
+                if let Some((row, column)) = tty::window_size(std::io::stdout().as_raw_fd())
+                    .or_else(|| tty::window_size(std::io::stdin().as_raw_fd()))
+                {
+                    let req = agent::TtyWinResizeRequest {
+                        container_id: CONTAINER_ID.into(),
+                        row: row.into(),
+                        column: column.into(),
+                        ..Default::default()
+                    };
+                    if let Err(e) = client.tty_win_resize(ctx(RPC_TIMEOUT), &req).await {
+                        tracing::debug!("TtyWinResize: {e}");
+                    }
+                }
+            }
+            why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} while the command ran"))),
+            _ = deadline(until) => return Err(Failure::Timeout),
+        }
+    };
+    // The command has exited; its output ends when the last writer is gone (the whole PID
+    // namespace ends with it): copy everything up to there.
+    let drained = async {
+        for (name, task) in [("stdout", out), ("stderr", err)] {
+            task.await.map_err(|e| anyhow!("{name}: {e}"))??;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    tokio::select! {
+        r = drained => r?,
+        why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} while the output was read"))),
+        _ = deadline(until) => return Err(Failure::Timeout),
+    }
+    drop(raw);
+    Ok(u8::try_from(status.status).unwrap_or(u8::MAX))
+}
+
+/// Copies the command's stdout (or stderr) to ours until its end. Output we cannot write (our
+/// stdout closed) is read and dropped, so the command never blocks on it.
+async fn pump(client: AgentServiceClient, stderr: bool) -> Result<()> {
+    let req = agent::ReadStreamRequest { container_id: CONTAINER_ID.into(), len: READ_CHUNK, ..Default::default() };
+    let mut broken = false;
+    loop {
+        let r = if stderr {
+            client.read_stderr(ctx(Duration::ZERO), &req).await
+        } else {
+            client.read_stdout(ctx(Duration::ZERO), &req).await
+        };
+        let data = r.map_err(|e| anyhow!("{}: {}", if stderr { "stderr" } else { "stdout" }, rpc_msg(&e)))?.data;
+        if data.is_empty() {
+            return Ok(());
+        }
+        if broken {
+            continue;
+        }
+        let w = if stderr {
+            let mut e = std::io::stderr().lock();
+            e.write_all(&data).and_then(|()| e.flush())
+        } else {
+            let mut o = std::io::stdout().lock();
+            o.write_all(&data).and_then(|()| o.flush())
+        };
+        if let Err(e) = w {
+            tracing::debug!("writing the command's output here: {e}");
+            broken = true;
+        }
+    }
+}
+
+/// Forwards our stdin to the command's; CloseStdin at our end of file. A thread reads (stdin
+/// cannot be polled in general); it is left blocked in read(2) when the command ends first.
+async fn forward_stdin(client: AgentServiceClient) {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let reader = std::thread::Builder::new().name("shoji-stdin".into()).spawn(move || {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match std::io::Read::read(&mut std::io::stdin().lock(), &mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    });
+    if let Err(e) = reader {
+        tracing::warn!("stdin: cannot start its reader: {e}");
+        return;
+    }
+    while let Some(data) = rx.recv().await {
+        let req = agent::WriteStreamRequest { container_id: CONTAINER_ID.into(), data, ..Default::default() };
+        if let Err(e) = client.write_stdin(ctx(Duration::ZERO), &req).await {
+            // The command closed its stdin or ended: nothing more to forward.
+            tracing::debug!("WriteStdin: {e}");
+            return;
+        }
+    }
+    let close = agent::CloseStdinRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
+    if let Err(e) = client.close_stdin(ctx(RPC_TIMEOUT), &close).await {
+        tracing::debug!("CloseStdin: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> std::result::Result<RunArgs, clap::Error> {
+        let mut v = vec!["shoji", "run"];
+        v.extend_from_slice(args);
+        match crate::Cli::try_parse_from(v)?.cmd {
+            crate::Cmd::Run(r) => Ok(r),
+            _ => unreachable!("not run"),
+        }
+    }
+
+    #[test]
+    fn flags_parse_and_the_command_comes_after_the_dashes() {
+        let r = parse(&["-e", "A=1", "-w", "/tmp", "--cpus", "2", "-it", "--", "sh", "-c", "exit 3"]).unwrap();
+        assert_eq!(r.command, ["sh", "-c", "exit 3"]);
+        assert_eq!((r.cpus, r.memory, r.interactive, r.tty), (2, 256, true, true));
+        assert_eq!(r.env, ["A=1"]);
+        assert_eq!(r.workdir.as_deref(), Some("/tmp"));
+    }
+
+    fn line(args: &[&str]) -> String {
+        clap_error_line(&parse(args).map(drop).unwrap_err())
+    }
+
+    #[test]
+    fn command_line_errors_are_one_line_naming_the_field() {
+        assert!(line(&[]).starts_with("command: missing; usage: shoji run"), "{}", line(&[]));
+        assert!(line(&["echo", "hi"]).starts_with("command: \"echo\" must come after `--`"), "{}", line(&["echo"]));
+        assert_eq!(line(&["--bogus", "--", "true"]), "--bogus: unknown option (see `shoji run --help`)");
+        let l = line(&["--cpus", "x", "--", "true"]);
+        assert!(l.starts_with("--cpus: invalid value 'x'"), "{l}");
+        let l = line(&["--memory", "-5", "--", "true"]);
+        assert!(!l.contains('\n') && l.starts_with("--memory"), "{l}");
+    }
+
+    #[test]
+    fn env_entries() {
+        assert_eq!(parse_env("A=b=c").unwrap().as_deref(), Some("A=b=c"));
+        assert_eq!(parse_env("A=").unwrap().as_deref(), Some("A="));
+        assert!(parse_env("=x").unwrap_err().to_string().starts_with("env: "));
+        std::env::set_var("SHOJI_RUN_TEST_ENV", "v");
+        assert_eq!(parse_env("SHOJI_RUN_TEST_ENV").unwrap().as_deref(), Some("SHOJI_RUN_TEST_ENV=v"));
+        assert_eq!(parse_env("SHOJI_RUN_TEST_UNSET_ENV").unwrap(), None);
+    }
+
+    #[test]
+    fn shares_are_named_by_their_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let (s, name) = parse_share(&format!("{},ro", data.display()), 3).unwrap();
+        assert_eq!((s.tag.as_str(), s.read_only, name.as_str()), ("share3", true, "data"));
+        assert!(parse_share(&format!("{},x", data.display()), 0).unwrap_err().to_string().starts_with("share: "));
+        assert!(parse_share("/", 0).unwrap_err().to_string().starts_with("share: /: has no name"));
+        assert!(parse_share(",ro", 0).unwrap_err().to_string().starts_with("share: empty"));
+    }
+
+    #[test]
+    fn create_request_mounts_rootfs_shares_and_disks() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Plan {
+            rootfs: Rootfs::BuiltIn,
+            env: vec![],
+            workdir: "/".into(),
+            cpus: 1,
+            memory_mib: 256,
+            disks: vec![
+                DiskConfig { path: "/x.img".into(), read_only: true },
+                DiskConfig { path: "/y.img".into(), read_only: false },
+            ],
+            shares: vec![(ShareConfig { dir: d.path().into(), tag: "share0".into(), read_only: false }, "d".into())],
+            interactive: false,
+            tty: false,
+            timeout: None,
+            command: vec!["true".into()],
+        };
+        let r = create_request(&p, true, None).unwrap();
+        let st: Vec<_> =
+            r.storages.iter().map(|s| (s.source.as_str(), s.mount_point.as_str(), s.options[0].as_str())).collect();
+        assert_eq!(st, [("rootfs", GUEST_ROOTFS, "ro"), ("share0", "/run/shoji/share0", "rw")]);
+        let dev: Vec<_> = r.devices.iter().map(|d| (d.id.as_str(), d.container_path.as_str())).collect();
+        assert_eq!(dev, [("01", "/dev/vda"), ("02", "/dev/vdb")]);
+        assert_eq!(r.rootfs, GUEST_ROOTFS);
+        let spec: oci_spec::runtime::Spec = serde_json::from_slice(&r.oci_spec_json).unwrap();
+        assert!(spec.mounts().as_ref().unwrap().iter().any(|m| m.destination() == Path::new("/mnt/d")));
+    }
+}
