@@ -74,6 +74,11 @@ fn path_in(cache: &Path, r: &Recipe, extra: &[u8]) -> PathBuf {
     cache.join(r.what).join(key(r, extra)).join(r.output)
 }
 
+/// The cached default kernel, if it has been built.
+pub fn kernel_cached() -> Option<PathBuf> {
+    cache_dir().map(|c| path_in(&c, &KERNEL, b"")).filter(|p| p.is_file())
+}
+
 /// The static guest agent: `$SHOJI_AGENT`, or built from the source tree this `shoji` was built
 /// from (cargo is incremental: a no-op when nothing changed). Its own target dir keeps the
 /// nested cargo from waiting on the lock of a `cargo test` that runs us.

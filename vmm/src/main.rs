@@ -1,5 +1,6 @@
 //! `shoji`: the command-line front end.
 mod bench;
+mod check;
 mod run;
 
 use anyhow::{anyhow, Context, Result};
@@ -30,6 +31,8 @@ enum Cmd {
     /// Measure Shoji (and optionally a peer VMM) with the built-in test guests.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// What this host offers and lacks for Shoji (KVM and its kind, cached guest, tools), with fixes.
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -276,6 +279,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.cmd {
         Cmd::Run(a) => return run::main(a),
+        Cmd::Check => return check::main(),
         Cmd::Boot(a) => boot(a).context("boot"),
         Cmd::Bench(BenchCmd::Devices(a)) => bench::devices(bench::DevicesOpts {
             mib: a.mib,

@@ -11,7 +11,7 @@
 //!    the OCI spec), StartContainer; stdout and stderr are copied to ours until end of stream,
 //!    stdin forwarded with `-i`; signals are forwarded; WaitProcess gives the exit status.
 //! 5. DestroySandbox, the VM is stopped and joined, the temp dir removed.
-mod rootfs;
+pub(crate) mod rootfs;
 mod spec;
 mod tty;
 
