@@ -7,6 +7,8 @@
 //! broken (DEVICE_NEEDS_RESET) without affecting the VM or other devices.
 pub mod block;
 pub mod fs;
+#[cfg(test)]
+pub(crate) mod test_utils;
 pub mod transport;
 pub mod vsock;
 

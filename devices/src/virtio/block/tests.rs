@@ -1,6 +1,5 @@
 //! virtio-blk driven through virtio-queue's mock split queue on real guest memory.
 use super::*;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
@@ -8,17 +7,8 @@ use vm_memory::{Bytes, GuestAddress};
 const HDR: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x30_0000;
-const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 
-#[derive(Default)]
-struct Irqs(Vec<u16>);
-impl Interrupt for Irqs {
-    fn queue(&mut self, q: u16) {
-        self.0.push(q)
-    }
-    fn config(&mut self) {}
-}
+use crate::virtio::test_utils::{Irqs, NEXT, WRITE};
 
 struct Rig {
     mem: &'static GuestMemoryMmap,

@@ -22,14 +22,7 @@ const ROOT: u64 = 1;
 const HELLO: &[u8] = b"hello from the host\n";
 const SECRET: &[u8] = b"outside the share\n";
 
-#[derive(Default)]
-struct Irqs(Vec<u16>);
-impl Interrupt for Irqs {
-    fn queue(&mut self, q: u16) {
-        self.0.push(q)
-    }
-    fn config(&mut self) {}
-}
+use crate::virtio::test_utils::Irqs;
 
 struct Rig {
     mem: &'static GuestMemoryMmap,

@@ -11,7 +11,6 @@ use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
@@ -24,18 +23,9 @@ const RX_STRIDE: u64 = 0x2000;
 const RX_BUF_LEN: u32 = PKT_HEADER_SIZE as u32 + 4096;
 const TX_BUF: u64 = 0x40_0000;
 const TX_STRIDE: u64 = 0x1_1000;
-const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const GUEST_BUF_ALLOC: u32 = 64 * 1024;
 
-#[derive(Default)]
-struct Irqs(Vec<u16>);
-impl Interrupt for Irqs {
-    fn queue(&mut self, q: u16) {
-        self.0.push(q)
-    }
-    fn config(&mut self) {}
-}
+use crate::virtio::test_utils::{Irqs, NEXT, WRITE};
 
 struct Dev {
     vsock: Vsock,
