@@ -441,6 +441,23 @@ pub struct Machine {
     pub qemu: Option<String>,
 }
 
+impl Machine {
+    /// The report's opening lines, shared by every bench: the exact command, the machine, the
+    /// load, and the peer when there is one.
+    pub fn header(&self, command: &str) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "Command: `{command}`");
+        let _ = writeln!(s);
+        let _ =
+            writeln!(s, "- Machine: {} CPUs ({}), Linux {}, /dev/kvm: {}", self.nproc, self.cpu, self.kernel, self.kvm);
+        let _ = writeln!(s, "- Load average at start: {}", self.loadavg);
+        if let Some(q) = &self.qemu {
+            let _ = writeln!(s, "- Peer: {q}");
+        }
+        s
+    }
+}
+
 fn machine(peer: Option<Peer>) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
@@ -570,15 +587,7 @@ struct Report<'a> {
 impl Report<'_> {
     fn markdown(&self) -> String {
         let o = self.opts;
-        let m = &self.machine;
-        let mut s = String::new();
-        let _ = writeln!(s, "Command: `{}`", self.command);
-        let _ = writeln!(s);
-        let _ = writeln!(s, "- Machine: {} CPUs ({}), Linux {}, /dev/kvm: {}", m.nproc, m.cpu, m.kernel, m.kvm);
-        let _ = writeln!(s, "- Load average at start: {}", m.loadavg);
-        if let Some(q) = &m.qemu {
-            let _ = writeln!(s, "- Peer: {q}");
-        }
+        let mut s = self.machine.header(&self.command);
         let _ = writeln!(
             s,
             "- Guest: the probe test guest's `blkbench` mode (`{}`), 1 vCPU, {GUEST_MIB} MiB, one raw \

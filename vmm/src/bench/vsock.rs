@@ -516,12 +516,7 @@ impl Report<'_> {
 
     fn markdown(&self) -> String {
         let o = self.opts;
-        let m = &self.machine;
-        let mut s = String::new();
-        let _ = writeln!(s, "Command: `{}`", self.command);
-        let _ = writeln!(s);
-        let _ = writeln!(s, "- Machine: {} CPUs ({}), Linux {}, /dev/kvm: {}", m.nproc, m.cpu, m.kernel, m.kvm);
-        let _ = writeln!(s, "- Load average at start: {}", m.loadavg);
+        let mut s = self.machine.header(&self.command);
         let _ = writeln!(
             s,
             "- Guest: the probe test guest's `vsockbench` mode (`{}`), 1 vCPU, {GUEST_MIB} MiB, Shoji's hybrid \
