@@ -11,6 +11,7 @@ pub mod layout;
 pub mod mptable;
 pub mod pci;
 pub mod regs;
+pub mod sandbox;
 pub mod testkit;
 pub mod vcpu;
 pub mod vm;

@@ -19,18 +19,17 @@ use anyhow::{anyhow, Context, Result};
 use shoji_protocol::agent;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
 use shoji_protocol::ttrpc;
-use shoji_vmm::{
-    artifacts, cmdline, host, testkit, DiskConfig, KernelImage, SerialOut, ShareConfig, VmConfig, VmError,
+use shoji_vmm::sandbox::{
+    self, console_tail, ctx, rpc_msg, virtiofs_storage, Sandbox, SandboxConfig, SandboxError, AGENT_TIMEOUT,
 };
+use shoji_vmm::{host, testkit, DiskConfig, ShareConfig, VmConfig, VmError};
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch};
-use vmm_sys_util::eventfd::EventFd;
+use tokio::sync::mpsc;
 
 /// Docker's exit status for errors of the tool itself (not of the command).
 pub const EXIT_SHOJI_ERROR: u8 = 125;
@@ -44,8 +43,6 @@ const CONTAINER_ID: &str = "run";
 const GUEST_ROOTFS: &str = "/run/shoji/rootfs";
 const GUEST_SHARES: &str = "/run/shoji";
 const ROOTFS_TAG: &str = "rootfs";
-/// How long the agent may take to answer after the VM starts (a PVM host boots in ~20 s).
-const AGENT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Limit of the set-up and tear-down RPCs; 0 (no limit) for the ones that wait on the command.
 const RPC_TIMEOUT: Duration = Duration::from_secs(120);
 const READ_CHUNK: u32 = 64 * 1024;
@@ -255,14 +252,14 @@ fn plan(a: RunArgs) -> Result<Plan> {
     let mut cfg = VmConfig::new(testkit::guest("null").ok_or_else(|| anyhow!("the built-in null guest is missing"))?);
     (cfg.vcpus, cfg.memory_mib, cfg.disks) = (p.cpus, p.memory_mib, p.disks.clone());
     cfg.shares = p.shares.iter().map(|(s, _)| s.clone()).collect();
-    shoji_vmm::vm::check(&cfg).map_err(vm_error)?;
+    shoji_vmm::vm::check(&cfg).map_err(|e| sandbox_error(e.into()))?;
     Ok(p)
 }
 
-/// VMM errors with `shoji run`'s flag names.
-fn vm_error(e: VmError) -> anyhow::Error {
+/// Sandbox errors with `shoji run`'s flag names.
+fn sandbox_error(e: SandboxError) -> anyhow::Error {
     match e {
-        VmError::Vcpus(n, max) => anyhow!("cpus: {n} is out of range (1..={max} on this host)"),
+        SandboxError::Vm(VmError::Vcpus(n, max)) => anyhow!("cpus: {n} is out of range (1..={max} on this host)"),
         // The message already holds its causes.
         e => anyhow!(e.to_string()),
     }
@@ -274,40 +271,24 @@ fn run(a: RunArgs) -> Result<u8> {
         Rootfs::BuiltIn => (rootfs::ensure()?, true),
         Rootfs::Dir(d) => (d.clone(), false),
     };
-    let kernel = artifacts::ensure_kernel()?;
-    let initrd = artifacts::ensure_rootfs()?;
-
     // A private directory for the sandbox's sockets and console log, removed at the end.
     let dir = tempfile::Builder::new().prefix("shoji-run-").tempdir().context("temp dir")?;
-    let sock = dir.path().join("vsock.sock");
-    let console = dir.path().join("console.log");
-    let mut shares = vec![ShareConfig { dir: root_dir, tag: ROOTFS_TAG.into(), read_only: builtin }];
-    shares.extend(p.shares.iter().map(|(s, _)| s.clone()));
-    let pvm = host::is_pvm();
-    if pvm {
+    let mut cfg = SandboxConfig::new(dir.path().to_path_buf());
+    cfg.vcpus = p.cpus;
+    cfg.memory_mib = p.memory_mib;
+    cfg.disks = p.disks.clone();
+    cfg.shares = vec![ShareConfig { dir: root_dir, tag: ROOTFS_TAG.into(), read_only: builtin }];
+    cfg.shares.extend(p.shares.iter().map(|(s, _)| s.clone()));
+    if host::is_pvm() {
         tracing::info!("/dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");
     }
-    let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?);
-    let cfg = VmConfig {
-        kernel: KernelImage::Path(kernel),
-        initrd: Some(initrd),
-        cmdline: cmdline::linux(None, pvm),
-        vcpus: p.cpus,
-        memory_mib: p.memory_mib,
-        serial: SerialOut::File(console.clone()),
-        disks: p.disks.clone(),
-        shares,
-        vsock: Some(sock.clone()),
-        stop: Some(stop.clone()),
-        timeout: None,
-    };
-    shoji_vmm::vm::check(&cfg).map_err(vm_error)?;
+    let (vm_cfg, stop) = cfg.vm_config().map_err(sandbox_error)?;
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     // Signals are ours from here on (before the VM exists, so none is missed).
     let signals = rt.block_on(async { Signals::new() })?;
-    let vm = Vm::start(cfg, stop)?;
-    let result = rt.block_on(session(&p, builtin, &sock, &vm, signals));
+    let vm = Sandbox::start_vm(cfg.dir.clone(), vm_cfg, stop)?;
+    let result = rt.block_on(session(&p, builtin, &vm, signals));
     drop(rt);
     let stopped = vm.stop();
     let code = match result {
@@ -331,7 +312,7 @@ fn run(a: RunArgs) -> Result<u8> {
                 msg.push_str(&format!(" (VM: {why})"));
             }
             eprintln!("shoji: error: {msg}");
-            let tail = console_tail(&console, 20);
+            let tail = console_tail(&dir.path().join(sandbox::CONSOLE_LOG), 20);
             if !tail.is_empty() {
                 eprintln!("shoji: the guest console's last lines:\n{tail}");
             }
@@ -340,67 +321,6 @@ fn run(a: RunArgs) -> Result<u8> {
     };
     drop(dir);
     Ok(code)
-}
-
-/// The last `n` lines of the console log (for errors; the log goes with the temp dir).
-fn console_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
-}
-
-/// The VM on its thread; `stopped` says why once it has.
-struct Vm {
-    stop: Arc<EventFd>,
-    thread: Option<std::thread::JoinHandle<std::result::Result<shoji_vmm::VmOutcome, VmError>>>,
-    stopped: watch::Receiver<Option<String>>,
-}
-
-impl Vm {
-    fn start(cfg: VmConfig, stop: Arc<EventFd>) -> Result<Vm> {
-        let (tx, stopped) = watch::channel(None);
-        let thread = std::thread::Builder::new()
-            .name("shoji-vm".into())
-            .spawn(move || {
-                let r = shoji_vmm::run(cfg);
-                let why = match &r {
-                    Ok(o) => format!("the VM stopped ({:?})", o.reason),
-                    Err(e) => format!("the VM failed: {e}"),
-                };
-                let _ = tx.send(Some(why));
-                r
-            })
-            .context("starting the VM thread")?;
-        Ok(Vm { stop, thread: Some(thread), stopped })
-    }
-
-    /// Resolves when the VM has stopped, with the reason.
-    async fn stopped(&self) -> String {
-        let mut rx = self.stopped.clone();
-        let why = rx.wait_for(Option::is_some).await.map(|v| v.clone().unwrap_or_default());
-        why.unwrap_or_else(|_| "the VM thread is gone".into())
-    }
-
-    /// Stops the VM (if it still runs) and joins its thread.
-    fn stop(mut self) -> std::result::Result<(), String> {
-        self.halt()
-    }
-
-    fn halt(&mut self) -> std::result::Result<(), String> {
-        let Some(t) = self.thread.take() else { return Ok(()) };
-        let _ = self.stop.write(1);
-        match t.join() {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the VM thread panicked".into()),
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.halt();
-    }
 }
 
 /// Why a session ended without the command's status.
@@ -474,10 +394,6 @@ impl StopSignals {
     }
 }
 
-fn ctx(limit: Duration) -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(limit.as_nanos().min(i64::MAX as u128) as i64)
-}
-
 /// A deadline that never comes when there is none.
 async fn deadline(at: Option<tokio::time::Instant>) {
     match at {
@@ -488,11 +404,11 @@ async fn deadline(at: Option<tokio::time::Instant>) {
 
 /// The agent's storages, devices and spec for the plan.
 fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16, u16)>) -> Result<agent::CreateContainerRequest> {
-    let mut storages = vec![virtiofs(ROOTFS_TAG, GUEST_ROOTFS, builtin)];
+    let mut storages = vec![virtiofs_storage(ROOTFS_TAG, GUEST_ROOTFS, builtin)];
     let mut binds = Vec::new();
     for (s, name) in &p.shares {
         let at = format!("{GUEST_SHARES}/{}", s.tag);
-        storages.push(virtiofs(&s.tag, &at, s.read_only));
+        storages.push(virtiofs_storage(&s.tag, &at, s.read_only));
         binds.push(spec::Bind { source: at, destination: format!("/mnt/{name}"), read_only: s.read_only });
     }
     let mut devices = Vec::new();
@@ -533,19 +449,8 @@ fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16, u16)>) -> 
     })
 }
 
-fn virtiofs(tag: &str, mount_point: &str, read_only: bool) -> agent::Storage {
-    agent::Storage {
-        driver: "virtio-fs".into(),
-        source: tag.into(),
-        fstype: "virtiofs".into(),
-        options: vec![if read_only { "ro" } else { "rw" }.into()],
-        mount_point: mount_point.into(),
-        ..Default::default()
-    }
-}
-
 /// Boots to a running command, forwards its stdio and signals, returns its exit status.
-async fn session(p: &Plan, builtin: bool, sock: &Path, vm: &Vm, mut sig: Signals) -> Result<u8, Failure> {
+async fn session(p: &Plan, builtin: bool, vm: &Sandbox, mut sig: Signals) -> Result<u8, Failure> {
     let until = p.timeout.map(|t| tokio::time::Instant::now() + t);
     // Raw mode only when the host's stdin is the container's keyboard.
     let stdin_fd = std::io::stdin().as_raw_fd();
@@ -556,11 +461,7 @@ async fn session(p: &Plan, builtin: bool, sock: &Path, vm: &Vm, mut sig: Signals
 
     // Up to a started command: any of these ends it.
     let setup = async {
-        let port = shoji_devices::model::AGENT_VSOCK_PORT;
-        let client = shoji_protocol::client::connect(sock, port, AGENT_TIMEOUT)
-            .await
-            .map_err(|e| Failure::Sandbox(anyhow!(e)))?;
-        let client = AgentServiceClient::new(client);
+        let client = vm.agent(AGENT_TIMEOUT).await.map_err(|e| Failure::Sandbox(anyhow!(e)))?;
         let sandbox = agent::CreateSandboxRequest {
             hostname: spec::HOSTNAME.into(),
             sandbox_id: format!("shoji-run-{}", std::process::id()),
@@ -593,19 +494,11 @@ async fn session(p: &Plan, builtin: bool, sock: &Path, vm: &Vm, mut sig: Signals
     result
 }
 
-/// The message of an agent error (its status message, not the whole RPC status).
-fn rpc_msg(e: &ttrpc::Error) -> String {
-    match e {
-        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
-        e => e.to_string(),
-    }
-}
-
 /// Forwards stdio and signals until the command has exited and its output has ended.
 async fn running(
     p: &Plan,
     client: &AgentServiceClient,
-    vm: &Vm,
+    vm: &Sandbox,
     sig: &mut Signals,
     until: Option<tokio::time::Instant>,
 ) -> Result<u8, Failure> {
@@ -839,6 +732,6 @@ mod tests {
         assert_eq!(dev, [("01", "/dev/vda"), ("02", "/dev/vdb")]);
         assert_eq!(r.rootfs, GUEST_ROOTFS);
         let spec: oci_spec::runtime::Spec = serde_json::from_slice(&r.oci_spec_json).unwrap();
-        assert!(spec.mounts().as_ref().unwrap().iter().any(|m| m.destination() == Path::new("/mnt/d")));
+        assert!(spec.mounts().as_ref().unwrap().iter().any(|m| m.destination() == std::path::Path::new("/mnt/d")));
     }
 }
