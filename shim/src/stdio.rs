@@ -1,0 +1,145 @@
+//! A process's stdio: containerd's FIFOs on this side, the agent's streams on the other.
+//!
+//! Output is copied until the agent's stream ends (the process and every other writer are gone),
+//! so the tail of the output is never lost; the exit is reported only after that. Stdin is copied
+//! until containerd closes its end or sends CloseIO.
+use shoji_protocol::agent;
+use shoji_protocol::agent_ttrpc::AgentServiceClient;
+use shoji_vmm::sandbox::{ctx, rpc_msg};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::runtime::Handle;
+
+const CHUNK: u32 = 64 * 1024;
+const RPC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Which process of which container.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub container_id: String,
+    pub exec_id: String,
+}
+
+/// Copies the process's stdout (or stderr) into the FIFO at `path` until the stream ends.
+/// An empty path: the output is still read (so the process never blocks on it) and dropped.
+pub fn spawn_output(
+    rt: Handle,
+    client: AgentServiceClient,
+    t: Target,
+    path: String,
+    stderr: bool,
+) -> Option<JoinHandle<()>> {
+    let name = if stderr { "stderr" } else { "stdout" };
+    let spawned = std::thread::Builder::new().name(format!("shim-{name}")).spawn(move || {
+        // O_RDWR: opening never blocks and a reader that goes away never gives us SIGPIPE.
+        let mut fifo = if path.is_empty() {
+            None
+        } else {
+            match std::fs::OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!("{}: opening {name} {path}: {e}", t.container_id);
+                    None
+                }
+            }
+        };
+        let req = agent::ReadStreamRequest {
+            container_id: t.container_id.clone(),
+            exec_id: t.exec_id.clone(),
+            len: CHUNK,
+            ..Default::default()
+        };
+        loop {
+            let r = rt.block_on(async {
+                if stderr {
+                    client.read_stderr(ctx(Duration::ZERO), &req).await
+                } else {
+                    client.read_stdout(ctx(Duration::ZERO), &req).await
+                }
+            });
+            let data = match r {
+                Ok(r) => r.data,
+                Err(e) => {
+                    tracing::debug!("{}/{}: {name}: {}", t.container_id, t.exec_id, rpc_msg(&e));
+                    break;
+                }
+            };
+            if data.is_empty() {
+                break;
+            }
+            if let Some(f) = &mut fifo {
+                if let Err(e) = f.write_all(&data) {
+                    tracing::warn!("{}: writing {name}: {e}; dropping the rest", t.container_id);
+                    fifo = None;
+                }
+            }
+        }
+        // Dropping our end: containerd's reader sees end of file.
+    });
+    spawned.map_err(|e| tracing::error!("cannot start the {name} copier: {e}")).ok()
+}
+
+/// Copies the FIFO at `path` into the process's stdin; CloseStdin at its end of file.
+pub fn spawn_input(rt: Handle, client: AgentServiceClient, t: Target, path: String) {
+    let spawned = std::thread::Builder::new().name("shim-stdin".into()).spawn(move || {
+        // Blocking open: returns once containerd's side has the FIFO open for writing, so an
+        // early read cannot mistake "no writer yet" for end of file.
+        let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("{}: opening stdin {path}: {e}", t.container_id);
+                return;
+            }
+        };
+        let mut buf = vec![0u8; CHUNK as usize];
+        loop {
+            let n = match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("{}: reading stdin: {e}", t.container_id);
+                    break;
+                }
+            };
+            let req = agent::WriteStreamRequest {
+                container_id: t.container_id.clone(),
+                exec_id: t.exec_id.clone(),
+                data: buf[..n].to_vec(),
+                ..Default::default()
+            };
+            if let Err(e) = rt.block_on(client.write_stdin(ctx(Duration::ZERO), &req)) {
+                tracing::debug!("{}: WriteStdin: {}", t.container_id, rpc_msg(&e));
+                return;
+            }
+        }
+        close_stdin(&rt, &client, &t);
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the stdin copier: {e}");
+    }
+}
+
+/// Ends the process's stdin in the guest.
+pub fn close_stdin(rt: &Handle, client: &AgentServiceClient, t: &Target) {
+    let req = agent::CloseStdinRequest {
+        container_id: t.container_id.clone(),
+        exec_id: t.exec_id.clone(),
+        ..Default::default()
+    };
+    if let Err(e) = rt.block_on(client.close_stdin(ctx(RPC_TIMEOUT), &req)) {
+        tracing::debug!("{}: CloseStdin: {}", t.container_id, rpc_msg(&e));
+    }
+}
+
+/// Unblocks a stdin copier still waiting in open(2) or read(2) on `path` (containerd never opened
+/// or already closed its end): open and close a writer, so the copier reads end of file.
+pub fn release_input(path: &str) {
+    if path.is_empty() {
+        return;
+    }
+    let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(PathBuf::from(path));
+}

@@ -1,0 +1,768 @@
+//! The task service: containerd's task API v2 mapped onto the sandbox's agent.
+//!
+//! One sandbox VM per shim, booted by the first Create; every container of the shim shares it.
+//! Each container's rootfs (the snapshot mounted at `<bundle>/rootfs`) and the host files its
+//! spec binds are bind-mounted into the sandbox's shared directory, which the guest sees through
+//! one virtio-fs share. The VM stops when the last container is deleted.
+use crate::config::{options_config_path, ShimConfig};
+use crate::events::Events;
+use crate::mount::{self, MountSpec};
+use crate::stdio::{self, Target};
+use containerd_shim::api;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::{self, Code, TtrpcContext};
+use containerd_shim::ExitSignal;
+use shoji_protocol::agent;
+use shoji_protocol::agent_ttrpc::AgentServiceClient;
+use shoji_vmm::sandbox::{ctx, rpc_msg, virtiofs_storage, Sandbox, SandboxConfig, AGENT_TIMEOUT};
+use shoji_vmm::ShareConfig;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The virtio-fs tag of the sandbox's shared directory and where the guest mounts it.
+const SHARED_TAG: &str = "shared";
+const GUEST_SHARED: &str = "/run/shoji/shared";
+const RPC_TIMEOUT: Duration = Duration::from_secs(60);
+/// The exit status of a process whose sandbox VM stopped under it.
+pub const EXIT_SANDBOX_GONE: u32 = 255;
+
+type RpcResult<T> = ttrpc::Result<T>;
+
+fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+/// Locks, tolerating poison: a panicked handler must not wedge every later RPC.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Created,
+    Running,
+    Stopped,
+}
+
+struct Process {
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+    /// Exec processes: the OCI Process JSON from containerd.
+    spec: Vec<u8>,
+    state: State,
+    exit: Option<(u32, Timestamp)>,
+}
+
+impl Process {
+    fn exit_status(&self) -> (u32, MessageField<Timestamp>) {
+        match &self.exit {
+            Some((s, t)) => (*s, MessageField::some(t.clone())),
+            None => (0, MessageField::none()),
+        }
+    }
+}
+
+struct Container {
+    bundle: String,
+    /// This container's directory in the shared directory (rootfs and bound host files).
+    shared: PathBuf,
+    /// `<bundle>/rootfs` is ours to unmount.
+    rootfs_mounted: bool,
+    procs: HashMap<String, Process>,
+}
+
+/// The shim's one sandbox.
+struct Vm {
+    sandbox: Sandbox,
+    client: AgentServiceClient,
+}
+
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    rt: tokio::runtime::Runtime,
+    /// Read when the sandbox boots (runtime options of the first Create may name another file).
+    config: Mutex<ShimConfig>,
+    /// `/run/shoji/s/<hash>`: vsock socket, console log, shared/.
+    dir: PathBuf,
+    events: Events,
+    exit: Arc<ExitSignal>,
+    containers: Mutex<HashMap<String, Container>>,
+    exited: Condvar,
+    /// Held while the VM boots (Create), so the state lock is not.
+    vm: Mutex<Option<Arc<Vm>>>,
+}
+
+impl Service {
+    pub fn new(config: ShimConfig, dir: PathBuf, events: Events, exit: Arc<ExitSignal>) -> Service {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("shim-rt")
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| {
+                tracing::error!("tokio runtime: {e}");
+                std::process::exit(1)
+            });
+        Service {
+            inner: Arc::new(Inner {
+                rt,
+                config: Mutex::new(config),
+                dir,
+                events,
+                exit,
+                containers: Mutex::new(HashMap::new()),
+                exited: Condvar::new(),
+                vm: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+fn pid() -> u32 {
+    std::process::id()
+}
+
+impl Inner {
+    fn shared_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
+    /// The sandbox, booted on first use.
+    fn vm(&self) -> RpcResult<Arc<Vm>> {
+        let mut slot = lock(&self.vm);
+        if let Some(vm) = &*slot {
+            if let Some(why) = vm.sandbox.has_stopped() {
+                return Err(status(Code::UNAVAILABLE, format!("sandbox: {why}")));
+            }
+            return Ok(vm.clone());
+        }
+        let shared = self.shared_dir();
+        std::fs::create_dir_all(&shared)
+            .map_err(|e| status(Code::INTERNAL, format!("sandbox: creating {}: {e}", shared.display())))?;
+        let config = lock(&self.config).clone();
+        let mut cfg = SandboxConfig::new(self.dir.clone());
+        cfg.vcpus = config.vcpus;
+        cfg.memory_mib = config.memory_mib;
+        cfg.kernel = config.kernel.clone();
+        cfg.initrd = config.initrd.clone();
+        cfg.shares = vec![ShareConfig { dir: shared, tag: SHARED_TAG.into(), read_only: false }];
+        tracing::info!("sandbox: booting ({} vCPU, {} MiB) in {}", cfg.vcpus, cfg.memory_mib, self.dir.display());
+        let started = std::time::Instant::now();
+        let sandbox = Sandbox::start(&cfg).map_err(|e| status(Code::INTERNAL, format!("sandbox: {e}")))?;
+        let client = match self.rt.block_on(sandbox.agent(AGENT_TIMEOUT)) {
+            Ok(c) => c,
+            Err(e) => {
+                let tail = sandbox.console_tail(20);
+                let _ = sandbox.stop();
+                return Err(status(Code::UNAVAILABLE, format!("sandbox: {e}; guest console:\n{tail}")));
+            }
+        };
+        let req = agent::CreateSandboxRequest {
+            hostname: "shoji".into(),
+            sandbox_id: self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            storages: vec![virtiofs_storage(SHARED_TAG, GUEST_SHARED, false)],
+            ..Default::default()
+        };
+        if let Err(e) = self.rt.block_on(client.create_sandbox(ctx(RPC_TIMEOUT), &req)) {
+            let _ = sandbox.stop();
+            return Err(status(Code::INTERNAL, format!("agent: CreateSandbox: {}", rpc_msg(&e))));
+        }
+        tracing::info!("sandbox: agent ready after {:.1} s", started.elapsed().as_secs_f64());
+        let vm = Arc::new(Vm { sandbox, client });
+        *slot = Some(vm.clone());
+        Ok(vm)
+    }
+
+    /// Stops the sandbox VM (when no container is left).
+    fn stop_vm(&self) {
+        let Some(vm) = lock(&self.vm).take() else { return };
+        let req = agent::DestroySandboxRequest::new();
+        let destroy = self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), vm.client.destroy_sandbox(ctx(Duration::from_secs(10)), &req))
+                .await
+        });
+        if let Ok(Err(e)) = destroy {
+            tracing::debug!("DestroySandbox: {}", rpc_msg(&e));
+        }
+        if lock(&self.config).debug_console {
+            tracing::info!("sandbox: guest console:\n{}", vm.sandbox.console_tail(200));
+        }
+        match Arc::try_unwrap(vm) {
+            Ok(vm) => {
+                if let Err(e) = vm.sandbox.stop() {
+                    tracing::warn!("sandbox: {e}");
+                }
+            }
+            // A copier thread still holds it: dropping the last reference stops the VM.
+            Err(_) => tracing::debug!("sandbox: stopping when the last stream copier ends"),
+        }
+        tracing::info!("sandbox: stopped");
+    }
+
+    fn client(&self) -> RpcResult<AgentServiceClient> {
+        lock(&self.vm)
+            .as_ref()
+            .map(|v| v.client.clone())
+            .ok_or_else(|| status(Code::UNAVAILABLE, "sandbox: not running"))
+    }
+
+    /// Marks a process exited, wakes waiters and publishes TaskExit.
+    fn set_exited(&self, t: &Target, code: u32) {
+        let at = now();
+        {
+            let mut cs = lock(&self.containers);
+            let Some(p) = cs.get_mut(&t.container_id).and_then(|c| c.procs.get_mut(&t.exec_id)) else { return };
+            if p.exit.is_some() {
+                return;
+            }
+            p.state = State::Stopped;
+            p.exit = Some((code, at.clone()));
+        }
+        self.exited.notify_all();
+        let id = if t.exec_id.is_empty() { t.container_id.clone() } else { t.exec_id.clone() };
+        self.events.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            Box::new(TaskExit {
+                container_id: t.container_id.clone(),
+                id,
+                pid: pid(),
+                exit_status: code,
+                exited_at: MessageField::some(at),
+                ..Default::default()
+            }),
+        );
+    }
+
+    /// After Start: waits for the process in the guest, drains its output, then reports the exit.
+    fn watch(self: &Arc<Self>, vm: Arc<Vm>, t: Target, outputs: Vec<JoinHandle<()>>) {
+        let inner = self.clone();
+        let spawned = std::thread::Builder::new().name("shim-wait".into()).spawn(move || {
+            let req = agent::WaitProcessRequest {
+                container_id: t.container_id.clone(),
+                exec_id: t.exec_id.clone(),
+                ..Default::default()
+            };
+            let r = inner.rt.block_on(async {
+                tokio::select! {
+                    r = vm.client.wait_process(ctx(Duration::ZERO), &req) => r.map_err(|e| rpc_msg(&e)),
+                    why = vm.sandbox.stopped() => Err(format!("sandbox: {why}")),
+                }
+            });
+            let code = match r {
+                Ok(r) => u32::try_from(r.status).unwrap_or(EXIT_SANDBOX_GONE),
+                Err(e) => {
+                    tracing::error!(
+                        "{}/{}: the process is lost ({e}); reporting exit status {EXIT_SANDBOX_GONE}",
+                        t.container_id,
+                        t.exec_id
+                    );
+                    EXIT_SANDBOX_GONE
+                }
+            };
+            drop(vm);
+            for o in outputs {
+                let _ = o.join();
+            }
+            inner.set_exited(&t, code);
+        });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the exit watcher: {e}");
+        }
+    }
+
+    /// Host paths the spec bind-mounts become files in the shared directory; the spec (JSON)
+    /// gets their guest paths. Mounts of kernel filesystems are left to the guest.
+    fn share_binds(&self, spec: &mut serde_json::Value, id: &str, shared: &Path) -> RpcResult<()> {
+        let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else { return Ok(()) };
+        for (i, m) in mounts.iter_mut().enumerate() {
+            let is_bind = m.get("type").and_then(|t| t.as_str()) == Some("bind")
+                || m.get("options")
+                    .and_then(|o| o.as_array())
+                    .is_some_and(|o| o.iter().any(|x| matches!(x.as_str(), Some("bind" | "rbind"))));
+            let Some(source) = m.get("source").and_then(|s| s.as_str()).map(PathBuf::from) else { continue };
+            if !is_bind || !source.is_absolute() {
+                continue;
+            }
+            let ro =
+                m.get("options").and_then(|o| o.as_array()).is_some_and(|o| o.iter().any(|x| x.as_str() == Some("ro")));
+            let host = shared.join("mounts").join(i.to_string());
+            mount::bind(&source, &host, ro).map_err(|e| {
+                status(Code::INVALID_ARGUMENT, format!("mounts[{i}].source: {}: {e}", source.display()))
+            })?;
+            m["source"] = serde_json::Value::String(format!("{GUEST_SHARED}/{id}/mounts/{i}"));
+        }
+        Ok(())
+    }
+
+    fn create(self: &Arc<Self>, req: api::CreateTaskRequest) -> RpcResult<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return Err(status(Code::INVALID_ARGUMENT, format!("id: {id:?} is not a container id")));
+        }
+        if lock(&self.containers).contains_key(&id) {
+            return Err(status(Code::ALREADY_EXISTS, format!("container {id}: already exists")));
+        }
+        if let Some(path) = req.options.as_ref().and_then(|o| options_config_path(&o.type_url, &o.value)) {
+            if lock(&self.vm).is_none() {
+                let c = ShimConfig::load(Some(&path)).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+                tracing::info!("config: {} (runtime options)", path.display());
+                *lock(&self.config) = c;
+            }
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let spec_path = bundle.join("config.json");
+        let mut spec: serde_json::Value = std::fs::read(&spec_path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("bundle: {}: {e}", spec_path.display())))?;
+
+        let rootfs = bundle.join("rootfs");
+        let mounts: Vec<MountSpec> = req
+            .rootfs
+            .iter()
+            .map(|m| MountSpec { fstype: m.type_.clone(), source: m.source.clone(), options: m.options.to_vec() })
+            .collect();
+        let shared = self.shared_dir().join(&id);
+        let cleanup = |mounted: bool| {
+            mount::remove_tree(&shared);
+            if mounted {
+                mount::unmount_all(&rootfs);
+            }
+        };
+        if !mounts.is_empty() {
+            std::fs::create_dir_all(&rootfs).map_err(|e| status(Code::INTERNAL, format!("rootfs: {e}")))?;
+            if let Err(e) = mount::mount_all(&mounts, &rootfs) {
+                mount::unmount_all(&rootfs);
+                return Err(status(Code::INTERNAL, format!("rootfs: {e}")));
+            }
+        }
+        let mounted = !mounts.is_empty();
+        let prepared = (|| {
+            let vm = self.vm()?;
+            mount::bind(&rootfs, &shared.join("rootfs"), false)
+                .map_err(|e| status(Code::INTERNAL, format!("rootfs: sharing {}: {e}", rootfs.display())))?;
+            self.share_binds(&mut spec, &id, &shared)?;
+            let create = agent::CreateContainerRequest {
+                container_id: id.clone(),
+                oci_spec_json: serde_json::to_vec(&spec).map_err(|e| status(Code::INTERNAL, e.to_string()))?,
+                rootfs: format!("{GUEST_SHARED}/{id}/rootfs"),
+                terminal: req.terminal,
+                ..Default::default()
+            };
+            self.rt
+                .block_on(vm.client.create_container(ctx(RPC_TIMEOUT), &create))
+                .map_err(|e| status(Code::INVALID_ARGUMENT, format!("container {id}: {}", rpc_msg(&e))))?;
+            Ok::<_, ttrpc::Error>(())
+        })();
+        if let Err(e) = prepared {
+            cleanup(mounted);
+            if lock(&self.containers).is_empty() {
+                self.stop_vm();
+            }
+            return Err(e);
+        }
+        let init = Process {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            spec: vec![],
+            state: State::Created,
+            exit: None,
+        };
+        lock(&self.containers).insert(
+            id.clone(),
+            Container {
+                bundle: req.bundle.clone(),
+                shared,
+                rootfs_mounted: mounted,
+                procs: HashMap::from([(String::new(), init)]),
+            },
+        );
+        tracing::info!("container {id}: created");
+        self.events.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: id,
+                bundle: req.bundle,
+                rootfs: req.rootfs,
+                io: MessageField::some(TaskIO {
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid: pid(),
+                ..Default::default()
+            }),
+        );
+        Ok(api::CreateTaskResponse { pid: pid(), ..Default::default() })
+    }
+
+    fn start(self: &Arc<Self>, req: api::StartRequest) -> RpcResult<api::StartResponse> {
+        let t = Target { container_id: req.id.clone(), exec_id: req.exec_id.clone() };
+        let (stdin, stdout, stderr, terminal, spec) = {
+            let cs = lock(&self.containers);
+            let p = process(&cs, &t)?;
+            if p.state != State::Created {
+                return Err(status(Code::FAILED_PRECONDITION, format!("{}: already started", name(&t))));
+            }
+            (p.stdin.clone(), p.stdout.clone(), p.stderr.clone(), p.terminal, p.spec.clone())
+        };
+        let vm = lock(&self.vm).clone().ok_or_else(|| status(Code::UNAVAILABLE, "sandbox: not running"))?;
+        let started = if t.exec_id.is_empty() {
+            let r = agent::StartContainerRequest { container_id: t.container_id.clone(), ..Default::default() };
+            self.rt.block_on(vm.client.start_container(ctx(RPC_TIMEOUT), &r))
+        } else {
+            let r = agent::ExecProcessRequest {
+                container_id: t.container_id.clone(),
+                exec_id: t.exec_id.clone(),
+                process_json: spec,
+                ..Default::default()
+            };
+            self.rt.block_on(vm.client.exec_process(ctx(RPC_TIMEOUT), &r))
+        };
+        if let Err(e) = started {
+            let msg = rpc_msg(&e);
+            // Docker's statuses for a command that is missing or cannot run; Wait may already
+            // be waiting (it comes before Start).
+            let code = if msg.contains("not found") { 127 } else { 126 };
+            self.set_exited(&t, code);
+            return Err(status(Code::FAILED_PRECONDITION, format!("{}: {msg}", name(&t))));
+        }
+        if let Some(p) = lock(&self.containers).get_mut(&t.container_id).and_then(|c| c.procs.get_mut(&t.exec_id)) {
+            p.state = State::Running;
+        }
+        let handle = self.rt.handle().clone();
+        let mut outputs = Vec::new();
+        outputs.extend(stdio::spawn_output(handle.clone(), vm.client.clone(), t.clone(), stdout, false));
+        if !terminal {
+            outputs.extend(stdio::spawn_output(handle.clone(), vm.client.clone(), t.clone(), stderr, true));
+        }
+        if stdin.is_empty() {
+            if !terminal {
+                stdio::close_stdin(&handle, &vm.client, &t);
+            }
+        } else {
+            stdio::spawn_input(handle, vm.client.clone(), t.clone(), stdin);
+        }
+        self.watch(vm, t.clone(), outputs);
+        tracing::info!("{}: started", name(&t));
+        if t.exec_id.is_empty() {
+            self.events.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart { container_id: t.container_id, pid: pid(), ..Default::default() }),
+            );
+        } else {
+            self.events.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted {
+                    container_id: t.container_id,
+                    exec_id: t.exec_id,
+                    pid: pid(),
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(api::StartResponse { pid: pid(), ..Default::default() })
+    }
+
+    fn delete(self: &Arc<Self>, req: api::DeleteRequest) -> RpcResult<api::DeleteResponse> {
+        let t = Target { container_id: req.id.clone(), exec_id: req.exec_id.clone() };
+        if !t.exec_id.is_empty() {
+            let mut cs = lock(&self.containers);
+            let c = cs.get_mut(&t.container_id).ok_or_else(|| not_found(&t))?;
+            let p = c.procs.get(&t.exec_id).ok_or_else(|| not_found(&t))?;
+            if p.state == State::Running {
+                return Err(status(Code::FAILED_PRECONDITION, format!("{}: still running", name(&t))));
+            }
+            let (exit_status, exited_at) = p.exit_status();
+            c.procs.remove(&t.exec_id);
+            return Ok(api::DeleteResponse { pid: pid(), exit_status, exited_at, ..Default::default() });
+        }
+        let (running, stdin) = {
+            let cs = lock(&self.containers);
+            let p = process(&cs, &t)?;
+            (p.state == State::Running, p.stdin.clone())
+        };
+        if running {
+            return Err(status(Code::FAILED_PRECONDITION, format!("{}: still running", name(&t))));
+        }
+        stdio::release_input(&stdin);
+        if let Ok(client) = self.client() {
+            let r = agent::RemoveContainerRequest { container_id: t.container_id.clone(), ..Default::default() };
+            if let Err(e) = self.rt.block_on(client.remove_container(ctx(RPC_TIMEOUT), &r)) {
+                tracing::debug!("{}: RemoveContainer: {}", t.container_id, rpc_msg(&e));
+            }
+        }
+        let Some(c) = lock(&self.containers).remove(&t.container_id) else { return Err(not_found(&t)) };
+        mount::remove_tree(&c.shared);
+        if c.rootfs_mounted {
+            mount::unmount_all(&Path::new(&c.bundle).join("rootfs"));
+        }
+        let init = c.procs.get("");
+        let (exit_status, exited_at) = init.map(|p| p.exit_status()).unwrap_or((0, MessageField::none()));
+        if lock(&self.containers).is_empty() {
+            self.stop_vm();
+        }
+        tracing::info!("container {}: deleted", t.container_id);
+        self.events.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: t.container_id.clone(),
+                id: t.container_id,
+                pid: pid(),
+                exit_status,
+                exited_at: exited_at.clone(),
+                ..Default::default()
+            }),
+        );
+        Ok(api::DeleteResponse { pid: pid(), exit_status, exited_at, ..Default::default() })
+    }
+}
+
+fn name(t: &Target) -> String {
+    if t.exec_id.is_empty() {
+        format!("container {}", t.container_id)
+    } else {
+        format!("container {} exec {}", t.container_id, t.exec_id)
+    }
+}
+
+fn not_found(t: &Target) -> ttrpc::Error {
+    status(Code::NOT_FOUND, format!("{}: not found", name(t)))
+}
+
+fn process<'a>(cs: &'a HashMap<String, Container>, t: &Target) -> RpcResult<&'a Process> {
+    cs.get(&t.container_id).and_then(|c| c.procs.get(&t.exec_id)).ok_or_else(|| not_found(t))
+}
+
+impl containerd_shim::Task for Service {
+    fn create(&self, _: &TtrpcContext, req: api::CreateTaskRequest) -> RpcResult<api::CreateTaskResponse> {
+        self.inner.create(req)
+    }
+
+    fn start(&self, _: &TtrpcContext, req: api::StartRequest) -> RpcResult<api::StartResponse> {
+        self.inner.start(req)
+    }
+
+    fn delete(&self, _: &TtrpcContext, req: api::DeleteRequest) -> RpcResult<api::DeleteResponse> {
+        self.inner.delete(req)
+    }
+
+    fn exec(&self, _: &TtrpcContext, req: api::ExecProcessRequest) -> RpcResult<api::Empty> {
+        let t = Target { container_id: req.id.clone(), exec_id: req.exec_id.clone() };
+        if t.exec_id.is_empty() {
+            return Err(status(Code::INVALID_ARGUMENT, "exec_id: empty"));
+        }
+        let spec = req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default();
+        if serde_json::from_slice::<serde_json::Value>(&spec).is_err() {
+            return Err(status(Code::INVALID_ARGUMENT, format!("{}: spec: not an OCI process (JSON)", name(&t))));
+        }
+        let mut cs = lock(&self.inner.containers);
+        let c = cs
+            .get_mut(&t.container_id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {}: not found", t.container_id)))?;
+        if c.procs.contains_key(&t.exec_id) {
+            return Err(status(Code::ALREADY_EXISTS, format!("{}: already exists", name(&t))));
+        }
+        c.procs.insert(
+            t.exec_id.clone(),
+            Process {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+                spec,
+                state: State::Created,
+                exit: None,
+            },
+        );
+        drop(cs);
+        self.inner.events.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded { container_id: t.container_id, exec_id: t.exec_id, ..Default::default() }),
+        );
+        Ok(api::Empty::new())
+    }
+
+    fn state(&self, _: &TtrpcContext, req: api::StateRequest) -> RpcResult<api::StateResponse> {
+        let t = Target { container_id: req.id.clone(), exec_id: req.exec_id.clone() };
+        let cs = lock(&self.inner.containers);
+        let c = cs.get(&t.container_id).ok_or_else(|| not_found(&t))?;
+        let p = c.procs.get(&t.exec_id).ok_or_else(|| not_found(&t))?;
+        let st = match p.state {
+            State::Created => api::Status::CREATED,
+            State::Running => api::Status::RUNNING,
+            State::Stopped => api::Status::STOPPED,
+        };
+        let (exit_status, exited_at) = p.exit_status();
+        Ok(api::StateResponse {
+            id: req.id,
+            bundle: c.bundle.clone(),
+            pid: pid(),
+            status: st.into(),
+            stdin: p.stdin.clone(),
+            stdout: p.stdout.clone(),
+            stderr: p.stderr.clone(),
+            terminal: p.terminal,
+            exit_status,
+            exited_at,
+            exec_id: req.exec_id,
+            ..Default::default()
+        })
+    }
+
+    fn wait(&self, _: &TtrpcContext, req: api::WaitRequest) -> RpcResult<api::WaitResponse> {
+        let t = Target { container_id: req.id, exec_id: req.exec_id };
+        let mut cs = lock(&self.inner.containers);
+        loop {
+            let p = process(&cs, &t)?;
+            if let Some((s, at)) = &p.exit {
+                return Ok(api::WaitResponse {
+                    exit_status: *s,
+                    exited_at: MessageField::some(at.clone()),
+                    ..Default::default()
+                });
+            }
+            cs = self.inner.exited.wait(cs).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> RpcResult<api::Empty> {
+        let t = Target { container_id: req.id.clone(), exec_id: req.exec_id.clone() };
+        let state = process(&lock(&self.inner.containers), &t)?.state;
+        match state {
+            State::Stopped => return Err(status(Code::NOT_FOUND, format!("{}: process already finished", name(&t)))),
+            State::Created if t.exec_id.is_empty() => {
+                // Never started: end it without starting it.
+                if let Ok(client) = self.inner.client() {
+                    let r =
+                        agent::RemoveContainerRequest { container_id: t.container_id.clone(), ..Default::default() };
+                    let _ = self.inner.rt.block_on(client.remove_container(ctx(RPC_TIMEOUT), &r));
+                }
+                self.inner.set_exited(&t, 128 + req.signal);
+                return Ok(api::Empty::new());
+            }
+            State::Created => {
+                self.inner.set_exited(&t, 128 + req.signal);
+                return Ok(api::Empty::new());
+            }
+            State::Running => {}
+        }
+        let client = self.inner.client()?;
+        let r = agent::SignalProcessRequest {
+            container_id: t.container_id.clone(),
+            exec_id: t.exec_id.clone(),
+            signal: req.signal,
+            all: req.all,
+            ..Default::default()
+        };
+        self.inner
+            .rt
+            .block_on(client.signal_process(ctx(RPC_TIMEOUT), &r))
+            .map_err(|e| status(Code::NOT_FOUND, format!("{}: signal {}: {}", name(&t), req.signal, rpc_msg(&e))))?;
+        Ok(api::Empty::new())
+    }
+
+    fn pids(&self, _: &TtrpcContext, req: api::PidsRequest) -> RpcResult<api::PidsResponse> {
+        let client = self.inner.client()?;
+        let r = agent::ListProcessesRequest { container_id: req.id.clone(), ..Default::default() };
+        let pids = self
+            .inner
+            .rt
+            .block_on(client.list_processes(ctx(RPC_TIMEOUT), &r))
+            .map_err(|e| status(Code::NOT_FOUND, format!("container {}: {}", req.id, rpc_msg(&e))))?
+            .pids;
+        let processes = pids
+            .into_iter()
+            .filter_map(|p| u32::try_from(p).ok())
+            .map(|pid| containerd_shim::protos::types::task::ProcessInfo { pid, ..Default::default() })
+            .collect();
+        Ok(api::PidsResponse { processes, ..Default::default() })
+    }
+
+    fn close_io(&self, _: &TtrpcContext, req: api::CloseIORequest) -> RpcResult<api::Empty> {
+        if !req.stdin {
+            return Ok(api::Empty::new());
+        }
+        let t = Target { container_id: req.id, exec_id: req.exec_id };
+        let path = process(&lock(&self.inner.containers), &t)?.stdin.clone();
+        stdio::release_input(&path);
+        let client = self.inner.client()?;
+        stdio::close_stdin(self.inner.rt.handle(), &client, &t);
+        Ok(api::Empty::new())
+    }
+
+    fn resize_pty(&self, _: &TtrpcContext, req: api::ResizePtyRequest) -> RpcResult<api::Empty> {
+        let client = self.inner.client()?;
+        let r = agent::TtyWinResizeRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            row: req.height,
+            column: req.width,
+            ..Default::default()
+        };
+        self.inner
+            .rt
+            .block_on(client.tty_win_resize(ctx(RPC_TIMEOUT), &r))
+            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("container {}: resize: {}", req.id, rpc_msg(&e))))?;
+        Ok(api::Empty::new())
+    }
+
+    fn update(&self, _: &TtrpcContext, req: api::UpdateTaskRequest) -> RpcResult<api::Empty> {
+        let client = self.inner.client()?;
+        // containerd sends the OCI LinuxResources as JSON in the Any.
+        let resources_json = req.resources.as_ref().map(|a: &Any| a.value.clone()).unwrap_or_default();
+        let r = agent::UpdateContainerRequest { container_id: req.id.clone(), resources_json, ..Default::default() };
+        self.inner
+            .rt
+            .block_on(client.update_container(ctx(RPC_TIMEOUT), &r))
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("container {}: update: {}", req.id, rpc_msg(&e))))?;
+        Ok(api::Empty::new())
+    }
+
+    fn stats(&self, _: &TtrpcContext, req: api::StatsRequest) -> RpcResult<api::StatsResponse> {
+        let client = self.inner.client()?;
+        let r = agent::StatsContainerRequest { container_id: req.id.clone(), ..Default::default() };
+        let s = self
+            .inner
+            .rt
+            .block_on(client.stats_container(ctx(RPC_TIMEOUT), &r))
+            .map_err(|e| status(Code::NOT_FOUND, format!("container {}: stats: {}", req.id, rpc_msg(&e))))?;
+        Ok(api::StatsResponse { stats: MessageField::some(crate::stats::metrics_any(&s)?), ..Default::default() })
+    }
+
+    fn connect(&self, _: &TtrpcContext, _: api::ConnectRequest) -> RpcResult<api::ConnectResponse> {
+        Ok(api::ConnectResponse { shim_pid: pid(), task_pid: pid(), ..Default::default() })
+    }
+
+    fn shutdown(&self, _: &TtrpcContext, _: api::ShutdownRequest) -> RpcResult<api::Empty> {
+        if !lock(&self.inner.containers).is_empty() {
+            return Ok(api::Empty::new());
+        }
+        self.inner.stop_vm();
+        tracing::info!("shutdown: no task left, exiting");
+        self.inner.exit.signal();
+        Ok(api::Empty::new())
+    }
+}

@@ -1,0 +1,48 @@
+//! containerd-shim-shoji-v2 under a real containerd (Debian's package, started privately in a
+//! temp dir) driven by `ctr`: tests/containerd/containerd-it.sh runs the cases, first with runc
+//! (a check on the test itself), then with our shim. Each of our tasks boots our Linux guest, so
+//! this is part of the slow suite: generous timeouts, and the run/delete cycles are the bulk.
+use shoji_tests::{require_kvm, shoji_bin};
+use std::path::Path;
+use std::process::Command;
+
+fn run_suite(runtime: &str, envs: &[(&str, &Path)]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("containerd/containerd-it.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).env("RUNTIME", runtime);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("running containerd-it.sh");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn ctr_runs_tasks_with_runc_and_with_the_shoji_shim() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test runs containerd and mounts: it needs root (CI runs as root)");
+    require_kvm();
+    // The guest our shim boots: prebuilt here (the shim would build it on first use too, but
+    // under containerd there is nobody to show the build's progress to).
+    let kernel = shoji_vmm::artifacts::ensure_kernel().expect("guest kernel");
+    let initrd = shoji_vmm::artifacts::ensure_rootfs().expect("guest initramfs");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("shim.toml");
+    let toml = format!(
+        "kernel = \"{}\"\ninitrd = \"{}\"\nvcpus = 1\nmemory_mib = 256\nlog_level = \"debug\"\n",
+        kernel.display(),
+        initrd.display()
+    );
+    std::fs::write(&config, toml).expect("shim config");
+    let shim = shoji_bin().with_file_name("containerd-shim-shoji-v2");
+    assert!(shim.is_file(), "{} is missing: `cargo test --workspace` builds it", shim.display());
+
+    let (ok, out) = run_suite("io.containerd.runc.v2", &[]);
+    println!("--- with runc\n{out}");
+    assert!(ok, "the containerd test fails with runc: the test or the host is broken, not the shim");
+
+    let (ok, out) = run_suite("io.containerd.shoji.v2", &[("SHIM_BIN", &shim), ("SHOJI_SHIM_CONFIG", &config)]);
+    println!("--- with containerd-shim-shoji-v2\n{out}");
+    assert!(ok, "the containerd test fails with our shim (output above)");
+}

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Drives a shim under a real, private containerd (Debian's package) with `ctr`, as a user would.
+#
+#   RUNTIME=io.containerd.shoji.v2 SHIM_BIN=target/debug/containerd-shim-shoji-v2 tests/containerd/containerd-it.sh
+#   RUNTIME=io.containerd.runc.v2 tests/containerd/containerd-it.sh      # the same cases with runc
+#
+# Cases: echo; exit status 3; stderr; stdin piped through cat; a tty session; detached task +
+# exec + SIGKILL + delete; $CYCLES (default 20) run/delete cycles; then nothing of ours may be
+# left: no shim process, no mount, no shim socket, no sandbox directory.
+# Needs root. Installs containerd, runc, busybox-static and python3 when missing.
+# Prints "N passed, M failed"; exits non-zero on any failure.
+set -uo pipefail
+
+RUNTIME=${RUNTIME:?RUNTIME=io.containerd.NAME.v2}
+SHIM_BIN=${SHIM_BIN:-}
+CYCLES=${CYCLES:-20}
+# Per ctr call: a Linux guest boots slowly under PVM emulation (20-60 s, more under load).
+T=${CTR_TIMEOUT:-400}
+here=$(cd "$(dirname "$0")" && pwd)
+
+[ "$(id -u)" = 0 ] || { echo "containerd-it: needs root (containerd, mounts)"; exit 2; }
+missing=()
+command -v containerd >/dev/null || missing+=(containerd)
+command -v runc >/dev/null || missing+=(runc)
+[ -x /bin/busybox ] && ! grep -q ld-linux /bin/busybox 2>/dev/null || missing+=(busybox-static)
+command -v python3 >/dev/null || missing+=(python3)
+command -v script >/dev/null || missing+=(bsdutils)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "containerd-it: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >/dev/null ||
+    { echo "containerd-it: apt-get install ${missing[*]} failed"; exit 2; }
+fi
+
+WORK=$(mktemp -d /tmp/shoji-containerd.XXXXXX)
+SOCK=$WORK/containerd.sock
+C="ctr --address $SOCK"
+IMG=docker.io/library/busybox:test
+pass=0
+fail=0
+CPID=
+
+ok() { echo "ok   - $1"; pass=$((pass + 1)); }
+no() { echo "FAIL - $1"; shift; [ $# -gt 0 ] && printf '       %s\n' "$@"; fail=$((fail + 1)); }
+ctr_() { timeout -s KILL "$T" $C "$@"; }
+
+our_shims() { pgrep -f -- "-address $SOCK" | grep -v "^$$\$" || true; }
+shim_sockets() { ls /run/containerd/s 2>/dev/null | sort; }
+sandbox_dirs() { ls /run/shoji/s 2>/dev/null | sort; }
+our_mounts() { grep -E " ($WORK|/run/shoji/s)[/ ]" /proc/self/mountinfo || true; }
+
+teardown() {
+  set +e
+  for t in $($C task ls -q 2>/dev/null); do $C task kill -s SIGKILL "$t" >/dev/null 2>&1; done
+  sleep 1
+  for t in $($C task ls -q 2>/dev/null); do $C task delete -f "$t" >/dev/null 2>&1; done
+  for c in $($C container ls -q 2>/dev/null); do $C container delete "$c" >/dev/null 2>&1; done
+  [ -n "$CPID" ] && kill "$CPID" 2>/dev/null && wait "$CPID" 2>/dev/null
+  for p in $(our_shims); do kill -9 "$p" 2>/dev/null; done
+  grep -oE " $WORK[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
+  rm -rf "$WORK"
+}
+trap teardown EXIT
+
+mkdir -p "$WORK/opt/bin"
+if [ -n "$SHIM_BIN" ]; then
+  name=${RUNTIME#io.containerd.}
+  name=${name%.v2}
+  ln -s "$(readlink -f "$SHIM_BIN")" "$WORK/opt/bin/containerd-shim-$name-v2"
+fi
+cat >"$WORK/config.toml" <<EOF
+version = 2
+root = "$WORK/root"
+state = "$WORK/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$SOCK"
+[debug]
+  level = "debug"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$WORK/opt"
+EOF
+containerd --config "$WORK/config.toml" >"$WORK/containerd.log" 2>&1 &
+CPID=$!
+for _ in $(seq 100); do $C version >/dev/null 2>&1 && break; sleep 0.1; done
+$C version >/dev/null 2>&1 || { echo "containerd did not start:"; tail -20 "$WORK/containerd.log"; exit 1; }
+snap=overlayfs
+$C plugins ls 2>/dev/null | grep -E 'io.containerd.snapshotter.v1 +overlayfs .* ok' >/dev/null || snap=native
+echo "# containerd $(containerd --version | awk '{print $3}'), runtime $RUNTIME, snapshotter $snap, work $WORK"
+
+python3 "$here/make-busybox-image.py" "$WORK/bb.tar" "$IMG" >/dev/null &&
+  $C image import "$WORK/bb.tar" >/dev/null || { echo "image import failed"; exit 1; }
+
+sockets_before=$(shim_sockets)
+dirs_before=$(sandbox_dirs)
+R="--runtime $RUNTIME --snapshotter $snap"
+
+out=$(ctr_ run --rm $R $IMG t-echo echo hello 2>&1)
+[ "$out" = hello ] && ok "echo hello prints hello" || no "echo hello" "got: $out"
+
+ctr_ run --rm $R $IMG t-exit sh -c 'exit 3' >/dev/null 2>&1
+rc=$?
+[ $rc = 3 ] && ok "sh -c 'exit 3' exits 3" || no "exit 3" "got status $rc"
+
+out=$(ctr_ run --rm $R $IMG t-err sh -c 'echo to-out; echo to-err >&2' 2>"$WORK/err")
+err=$(cat "$WORK/err")
+[ "$out" = to-out ] && [ "$err" = to-err ] && ok "stdout and stderr stay apart" || no "stderr" "out: $out" "err: $err"
+
+# runc's shim loses a stdin EOF that comes before Start: keep the pipe open a moment.
+out=$( (printf 'piped line\n'; sleep 2) | ctr_ run --rm $R $IMG t-stdin cat 2>&1)
+[ "$out" = "piped line" ] && ok "stdin piped through cat" || no "stdin" "got: $out"
+
+# ctr -t needs a real terminal: script(1) gives it one.
+out=$(timeout -s KILL "$T" script -qec "$C run --rm -t $R $IMG t-tty sh -c 'tty && echo tty-ok'" /dev/null </dev/null 2>&1 | tr -d '\r\000')
+echo "$out" | grep -q '/dev/pts/' && echo "$out" | grep -q '^tty-ok' && ok "tty session" || no "tty" "got: $out"
+
+ctr_ run -d $R $IMG t-detached sleep 1000 >/dev/null 2>&1
+for _ in $(seq 60); do $C task ls 2>/dev/null | grep -qE '^t-detached .*RUNNING' && break; sleep 1; done
+$C task ls 2>/dev/null | grep -qE '^t-detached .*RUNNING' && ok "detached task is RUNNING" || no "detached" "$($C task ls 2>&1)"
+out=$(ctr_ task exec --exec-id e1 t-detached sh -c 'echo from-exec; exit 4' 2>&1)
+rc=$?
+[ "$out" = from-exec ] && [ $rc = 4 ] && ok "task exec prints and exits 4" || no "exec" "got: $out ($rc)"
+out=$(ctr_ task ps t-detached 2>&1)
+[ "$(echo "$out" | tail -n +2 | grep -c .)" -ge 1 ] && ok "task ps lists the processes" || no "task ps" "$out"
+ctr_ task kill -s SIGKILL t-detached
+for _ in $(seq 60); do $C task ls 2>/dev/null | grep -qE '^t-detached .*STOPPED' && break; sleep 1; done
+$C task ls 2>/dev/null | grep -qE '^t-detached .*STOPPED' && ok "SIGKILL stops it" || no "kill" "$($C task ls 2>&1)"
+ctr_ task delete t-detached >/dev/null && ctr_ container delete t-detached >/dev/null &&
+  ok "task and container delete" || no "delete"
+
+failed_cycles=0
+for i in $(seq "$CYCLES"); do
+  ctr_ run --rm $R $IMG "t-cycle-$i" true >/dev/null 2>&1 || failed_cycles=$((failed_cycles + 1))
+done
+[ $failed_cycles = 0 ] && ok "$CYCLES run/delete cycles" || no "cycles" "$failed_cycles of $CYCLES failed"
+
+# Shims exit after their last Shutdown; give them a moment.
+for _ in $(seq 20); do [ -z "$(our_shims)" ] && break; sleep 0.5; done
+[ -z "$(our_shims)" ] && ok "no shim process left" || no "shim processes left" "$(ps -o pid,args -p "$(our_shims | tr '\n' ',' | sed 's/,$//')")"
+[ -z "$(our_mounts)" ] && ok "no mount left" || no "mounts left" "$(our_mounts)"
+[ "$(shim_sockets)" = "$sockets_before" ] && ok "no shim socket left" || no "sockets left" "$(comm -13 <(echo "$sockets_before") <(shim_sockets))"
+[ "$(sandbox_dirs)" = "$dirs_before" ] && ok "no sandbox directory left" || no "sandbox dirs left" "$(sandbox_dirs)"
+[ -z "$($C task ls -q 2>/dev/null)$($C container ls -q 2>/dev/null)" ] && ok "no task or container left" || no "left in containerd"
+
+echo "$pass passed, $fail failed"
+if [ $fail -gt 0 ]; then
+  echo "--- containerd log (shim lines, last 60)"
+  grep -iE 'shim|shoji|error' "$WORK/containerd.log" | tail -60
+  exit 1
+fi
