@@ -108,7 +108,7 @@ restore() { cp "$saved" "$lock" && rm -f "$saved"; }
 trap restore EXIT
 trap 'exit 130' INT TERM
 unset CARGO_ENCODED_RUSTFLAGS
-echo "guest-agent: building the static agent (memchr and aho-corasick without AVX2)" >&2
+# Quiet (-q) when there is nothing to do: `shoji run` calls this before every run.
 RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$target" \
   "$cargo" build -q "${patches[@]}" --profile agent --target "$triple" -p shoji-agent \
   --manifest-path "$ws/Cargo.toml" >&2
