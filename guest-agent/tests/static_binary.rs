@@ -18,6 +18,8 @@ fn agent_with_symbols() -> PathBuf {
         return PathBuf::from(p);
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build-static.sh");
+    let lock = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock");
+    let lock_before = std::fs::read(&lock).unwrap();
     let out = Command::new("bash")
         .arg(&script)
         .arg("--symbols")
@@ -27,6 +29,8 @@ fn agent_with_symbols() -> PathBuf {
     assert!(out.status.success(), "{} failed: {}", script.display(), out.status);
     let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(!path.is_empty(), "{} printed no path", script.display());
+    // The patches rewrite Cargo.lock during the build; the script puts the committed one back.
+    assert!(std::fs::read(&lock).unwrap() == lock_before, "{} left Cargo.lock changed", script.display());
     PathBuf::from(path)
 }
 
