@@ -8,19 +8,15 @@
 # /init = the static guest agent (shoji-agent), and /selftest = a tiny static C init that
 # reports what the guest sees (boot with `rdinit=/selftest`; the VMM's device tests use it).
 #
-# The agent comes from $SHOJI_AGENT, or is built here from the workspace (static, profile
-# `agent`, its own target dir). Without either, /init is the C init too.
+# The agent comes from $SHOJI_AGENT, or is built here from the workspace by
+# guest-agent/build-static.sh (static, without AVX). Without either, /init is the C init too.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${SHOJI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/shoji}
 agent=${SHOJI_AGENT:-}
 if [ -z "$agent" ] && [ -f "$here/../guest-agent/Cargo.toml" ]; then
-  ws=$(cd "$here/.." && pwd)
-  echo "rootfs: building the static guest agent" >&2
-  RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$ws/target/agent" \
-    cargo build -q --profile agent --target x86_64-unknown-linux-gnu -p shoji-agent --manifest-path "$ws/Cargo.toml" >&2
-  agent="$ws/target/agent/x86_64-unknown-linux-gnu/agent/shoji-agent"
+  agent=$("$here/../guest-agent/build-static.sh")
 fi
 key=$(cat "$here/init.c" "$here/mkcpio.c" "$here/build.sh" ${agent:+"$agent"} | sha256sum | cut -c1-16)
 out="$cache/rootfs/$key"

@@ -18,10 +18,14 @@ fn default_guest_boots_our_agent_as_pid1_and_it_answers_over_vsock() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("vsock.sock");
+    // The agent's log stream: its guest -> host connection to port 1025 reaches SOCK_1025.
+    let log = LogListener::bind(&format!("{}_1025", sock.display()));
+    // Our initramfs, default kernel parameters; init arguments ask the agent for its log on vsock.
+    let cmdline = format!("{} -- --log info --log-vsock", shoji_vmm::cmdline::DEFAULT);
 
     let start = Instant::now();
     let child = Command::new(shoji_bin())
-        .args(["boot", "--vcpus", "2", "--timeout", "600", "--vsock"])
+        .args(["boot", "--vcpus", "2", "--timeout", "600", "--cmdline", &cmdline, "--vsock"])
         .arg(&sock)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -62,7 +66,53 @@ fn default_guest_boots_our_agent_as_pid1_and_it_answers_over_vsock() {
     let pvm = shoji_vmm::host::is_pvm();
     assert_eq!(stderr.matches("/dev/kvm is PVM").count(), usize::from(pvm), "the PVM note, once on PVM hosts");
     assert!(!sock.exists(), "the VMM removes its vsock socket on SIGTERM");
+    // The log stream ends with the VMM; it carries the agent's lines, as the console does.
+    let log = log.lines();
+    eprintln!("--- agent log on vsock port 1025 ---\n{}", log.join("\n"));
+    assert!(log.iter().any(|l| l.contains("INFO agent ready")), "the agent's start line on vsock: {log:?}");
+    assert!(stdout.contains("agent ready"), "and on the console: {stdout}");
+    assert!(!log.iter().any(|l| l.contains("ignoring the command line")), "the agent took its arguments");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The host end of a guest -> host vsock port: collects the lines of the first connection
+/// until its end (the VMM closes it when the VM stops).
+struct LogListener {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl LogListener {
+    fn bind(path: &str) -> LogListener {
+        use std::sync::atomic::Ordering;
+        let listener = UnixListener::bind(path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let reader = std::thread::spawn(move || {
+            let conn = loop {
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if stopped.load(Ordering::Relaxed) {
+                            return Vec::new();
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("accepting on the log port: {e}"),
+                }
+            };
+            conn.set_nonblocking(false).unwrap();
+            BufReader::new(conn).lines().map_while(Result::ok).collect()
+        });
+        LogListener { stop, reader }
+    }
+
+    /// Call once the VM has stopped.
+    fn lines(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.reader.join().unwrap()
+    }
 }
 
 fn fnv1a(data: &[u8]) -> u32 {

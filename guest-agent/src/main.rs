@@ -54,13 +54,21 @@ fn main() -> ExitCode {
 
 fn agent_main(pid1: bool) -> anyhow::Result<()> {
     let mut early = Vec::new();
+    let mut early_info = Vec::new();
     if pid1 {
         early.extend(init::init_pid1(Path::new("/")).into_iter().map(|e| e.to_string()));
     }
 
-    let args = match Args::try_parse() {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if pid1 {
+        let kernel_words = without_kernel_words(&mut argv);
+        if !kernel_words.is_empty() {
+            early_info.push(format!("init: kernel parameters passed to init, not ours: {}", kernel_words.join(" ")));
+        }
+    }
+    let args = match Args::try_parse_from(&argv) {
         Ok(a) => a,
-        // The kernel hands init its unknown command-line words: PID 1 carries on with defaults.
+        // Other words we cannot parse (the kernel's, after ours): PID 1 carries on with defaults.
         Err(e)
             if pid1
                 && !matches!(
@@ -87,6 +95,9 @@ fn agent_main(pid1: bool) -> anyhow::Result<()> {
     for e in early {
         tracing::error!("init: {e}");
     }
+    for m in early_info {
+        tracing::info!("{m}");
+    }
     if let (Some(port), Some(e)) = (args.log_vsock, vsock_err) {
         tracing::warn!("log to vsock port {port}: {e}");
     }
@@ -106,6 +117,15 @@ fn agent_main(pid1: bool) -> anyhow::Result<()> {
         eprintln!("shoji-agent: {e:#}");
     }
     result
+}
+
+/// The kernel hands init the command-line words it does not know first (`noxsave` on PVM hosts:
+/// the FPU code reads it from the raw command line), then the arguments after `--`. We take no
+/// positional arguments, so the leading words without a dash are the kernel's: removed from
+/// `argv` (after argv\[0\]) and returned.
+fn without_kernel_words(argv: &mut Vec<std::ffi::OsString>) -> Vec<String> {
+    let n = argv.iter().skip(1).take_while(|a| !a.to_string_lossy().starts_with('-')).count();
+    argv.drain(1..1 + n).map(|a| a.to_string_lossy().into_owned()).collect()
 }
 
 /// Serves until SIGTERM or SIGINT, then stops serving, removes every container and syncs.
@@ -163,5 +183,17 @@ mod tests {
         assert_eq!((a.log_vsock, a.log.as_deref()), (Some(2000), Some("debug")));
         // What the kernel may hand PID 1 is not ours to parse.
         assert!(Args::try_parse_from(["shoji-agent", "quiet", "console=ttyS0"]).is_err());
+        // As PID 1, the kernel's leading words go; what follows `--` on its command line stays.
+        let mut argv: Vec<std::ffi::OsString> =
+            ["/init", "noxsave", "nofsgsbase", "--log", "info", "--log-vsock"].map(Into::into).to_vec();
+        assert_eq!(without_kernel_words(&mut argv), ["noxsave", "nofsgsbase"]);
+        let a = Args::try_parse_from(&argv).unwrap();
+        assert_eq!((a.log.as_deref(), a.log_vsock), (Some("info"), Some(logging::LOG_VSOCK_PORT)));
+        let mut argv: Vec<std::ffi::OsString> = ["/init", "noxsave"].map(Into::into).to_vec();
+        assert_eq!(without_kernel_words(&mut argv), ["noxsave"]);
+        assert_eq!(argv, ["/init"]);
+        let mut argv: Vec<std::ffi::OsString> = ["/init", "--log", "debug", "stray"].map(Into::into).to_vec();
+        assert!(without_kernel_words(&mut argv).is_empty(), "only leading words");
+        assert!(Args::try_parse_from(&argv).is_err());
     }
 }

@@ -71,6 +71,8 @@ async fn serves_on_unix_sockets_and_exits_cleanly_on_sigterm() {
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(["--log", "info"])
+            // No host vsock peer here: the log stays on stderr and the agent carries on.
+            .arg("--log-vsock")
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -96,6 +98,7 @@ async fn serves_on_unix_sockets_and_exits_cleanly_on_sigterm() {
     let mut log = String::new();
     std::io::Read::read_to_string(&mut agent.0.stderr.take().unwrap(), &mut log).unwrap();
     assert!(log.contains("agent ready") && log.contains("SIGTERM: shutting down"), "{log}");
+    assert!(log.contains("log to vsock port 1025: "), "the failed vsock log connection is logged: {log}");
 }
 
 #[test]

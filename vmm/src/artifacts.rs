@@ -80,34 +80,34 @@ pub fn kernel_cached() -> Option<PathBuf> {
 }
 
 /// The static guest agent: `$SHOJI_AGENT`, or built from the source tree this `shoji` was built
-/// from (cargo is incremental: a no-op when nothing changed). Its own target dir keeps the
-/// nested cargo from waiting on the lock of a `cargo test` that runs us.
+/// from by `guest-agent/build-static.sh`, the one build path of the agent (no AVX in its Rust
+/// code; incremental: a no-op when nothing changed). Its own target dir keeps the nested cargo
+/// from waiting on the lock of a `cargo test` that runs us.
 pub fn agent_binary() -> Result<PathBuf, ArtifactError> {
     if let Some(p) = std::env::var_os("SHOJI_AGENT").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
     let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default();
-    if !ws.join("guest-agent/Cargo.toml").is_file() {
+    let script = ws.join("guest-agent/build-static.sh");
+    if !script.is_file() {
         return Err(ArtifactError::Agent(format!(
             "the agent's source ({}) is not here; set SHOJI_AGENT to a static shoji-agent binary",
             ws.display()
         )));
     }
-    let target = ws.join("target/agent");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-q", "--profile", "agent", "--target", "x86_64-unknown-linux-gnu", "-p", "shoji-agent"])
-        .arg("--manifest-path")
-        .arg(ws.join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &target)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .map_err(|e| ArtifactError::Agent(format!("cannot run cargo: {e}")))?;
-    if !status.success() {
-        return Err(ArtifactError::Agent(format!("cargo build of the static agent failed ({status})")));
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| ArtifactError::Agent(format!("cannot run {}: {e}", script.display())))?;
+    if !out.status.success() {
+        return Err(ArtifactError::Agent(format!("{} failed ({}); its output is above", script.display(), out.status)));
     }
-    Ok(target.join("x86_64-unknown-linux-gnu/agent/shoji-agent"))
+    let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_owned();
+    if path.is_empty() {
+        return Err(ArtifactError::Agent(format!("{} printed no path", script.display())));
+    }
+    Ok(PathBuf::from(path))
 }
 
 fn ensure(r: &Recipe) -> Result<PathBuf, ArtifactError> {
