@@ -106,6 +106,13 @@ impl Shim for ShojiShim {
         mount::remove_tree(&dir.join("shared").join(&self.id));
         if group == self.id {
             mount::remove_tree(&dir);
+            // The server's socket (a killed server leaves it behind); `address` is ours, written
+            // at start: "unix:///run/containerd/s/<hash>".
+            if let Ok(a) = std::fs::read_to_string(self.bundle.join("address")) {
+                if let Some(path) = a.trim().strip_prefix("unix://") {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
         }
         mount::unmount_all(&self.bundle.join("rootfs"));
         Ok(DeleteResponse {

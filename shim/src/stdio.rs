@@ -6,9 +6,10 @@
 use shoji_protocol::agent;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
 use shoji_vmm::sandbox::{ctx, rpc_msg};
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::runtime::Handle;
@@ -82,18 +83,33 @@ pub fn spawn_output(
     spawned.map_err(|e| tracing::error!("cannot start the {name} copier: {e}")).ok()
 }
 
-/// Copies the FIFO at `path` into the process's stdin; CloseStdin at its end of file.
-pub fn spawn_input(rt: Handle, client: AgentServiceClient, t: Target, path: String) {
+/// The shim's hold on a stdin FIFO, from Create (or Exec) on: what containerd writes before
+/// the process starts waits in the pipe, and our own writer keeps an early reader from taking
+/// "no writer yet" for end of file. Dropping `writer` (CloseIO, Delete) lets end of file through.
+pub struct StdinPipe {
+    pub reader: File,
+    pub writer: Option<File>,
+}
+
+/// Opens the stdin FIFO at `path` (none when empty).
+pub fn open_stdin(path: &str) -> std::io::Result<Option<StdinPipe>> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let reader = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
+    // Succeeds at once: the FIFO has a reader (ours).
+    let writer = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let r = unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_SETFL, 0) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Some(StdinPipe { reader, writer: Some(writer) }))
+}
+
+/// Copies the stdin FIFO into the process's stdin; CloseStdin at its end of file.
+pub fn spawn_input(rt: Handle, client: AgentServiceClient, t: Target, mut f: File) {
     let spawned = std::thread::Builder::new().name("shim-stdin".into()).spawn(move || {
-        // Blocking open: returns once containerd's side has the FIFO open for writing, so an
-        // early read cannot mistake "no writer yet" for end of file.
-        let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!("{}: opening stdin {path}: {e}", t.container_id);
-                return;
-            }
-        };
         let mut buf = vec![0u8; CHUNK as usize];
         loop {
             let n = match f.read(&mut buf) {
@@ -133,13 +149,4 @@ pub fn close_stdin(rt: &Handle, client: &AgentServiceClient, t: &Target) {
     if let Err(e) = rt.block_on(client.close_stdin(ctx(RPC_TIMEOUT), &req)) {
         tracing::debug!("{}: CloseStdin: {}", t.container_id, rpc_msg(&e));
     }
-}
-
-/// Unblocks a stdin copier still waiting in open(2) or read(2) on `path` (containerd never opened
-/// or already closed its end): open and close a writer, so the copier reads end of file.
-pub fn release_input(path: &str) {
-    if path.is_empty() {
-        return;
-    }
-    let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(PathBuf::from(path));
 }

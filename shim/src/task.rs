@@ -62,9 +62,17 @@ struct Process {
     spec: Vec<u8>,
     state: State,
     exit: Option<(u32, Timestamp)>,
+    /// From Create/Exec until Start takes the reader; the writer until CloseIO or Delete.
+    stdin_pipe: Option<stdio::StdinPipe>,
 }
 
 impl Process {
+    fn new(stdin: String, stdout: String, stderr: String, terminal: bool, spec: Vec<u8>) -> RpcResult<Process> {
+        let stdin_pipe =
+            stdio::open_stdin(&stdin).map_err(|e| status(Code::INVALID_ARGUMENT, format!("stdin: {stdin}: {e}")))?;
+        Ok(Process { stdin, stdout, stderr, terminal, spec, state: State::Created, exit: None, stdin_pipe })
+    }
+
     fn exit_status(&self) -> (u32, MessageField<Timestamp>) {
         match &self.exit {
             Some((s, t)) => (*s, MessageField::some(t.clone())),
@@ -317,9 +325,6 @@ impl Inner {
         if id.is_empty() || id.contains('/') || id.starts_with('.') {
             return Err(status(Code::INVALID_ARGUMENT, format!("id: {id:?} is not a container id")));
         }
-        if lock(&self.containers).contains_key(&id) {
-            return Err(status(Code::ALREADY_EXISTS, format!("container {id}: already exists")));
-        }
         if let Some(path) = req.options.as_ref().and_then(|o| options_config_path(&o.type_url, &o.value)) {
             if lock(&self.vm).is_none() {
                 let c = ShimConfig::load(Some(&path)).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
@@ -335,12 +340,29 @@ impl Inner {
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("bundle: {}: {e}", spec_path.display())))?;
 
         let rootfs = bundle.join("rootfs");
+        let shared = self.shared_dir().join(&id);
+        // Registered before the (slow) boot: what containerd sends meanwhile (stdin, CloseIO,
+        // State) finds the task.
+        let init = Process::new(req.stdin.clone(), req.stdout.clone(), req.stderr.clone(), req.terminal, vec![])?;
+        {
+            let mut cs = lock(&self.containers);
+            if cs.contains_key(&id) {
+                return Err(status(Code::ALREADY_EXISTS, format!("container {id}: already exists")));
+            }
+            let procs = HashMap::from([(String::new(), init)]);
+            cs.insert(
+                id.clone(),
+                Container { bundle: req.bundle.clone(), shared: shared.clone(), rootfs_mounted: false, procs },
+            );
+        }
+        let forget = || {
+            lock(&self.containers).remove(&id);
+        };
         let mounts: Vec<MountSpec> = req
             .rootfs
             .iter()
             .map(|m| MountSpec { fstype: m.type_.clone(), source: m.source.clone(), options: m.options.to_vec() })
             .collect();
-        let shared = self.shared_dir().join(&id);
         let cleanup = |mounted: bool| {
             mount::remove_tree(&shared);
             if mounted {
@@ -348,9 +370,9 @@ impl Inner {
             }
         };
         if !mounts.is_empty() {
-            std::fs::create_dir_all(&rootfs).map_err(|e| status(Code::INTERNAL, format!("rootfs: {e}")))?;
-            if let Err(e) = mount::mount_all(&mounts, &rootfs) {
+            if let Err(e) = std::fs::create_dir_all(&rootfs).and_then(|()| mount::mount_all(&mounts, &rootfs)) {
                 mount::unmount_all(&rootfs);
+                forget();
                 return Err(status(Code::INTERNAL, format!("rootfs: {e}")));
             }
         }
@@ -374,29 +396,15 @@ impl Inner {
         })();
         if let Err(e) = prepared {
             cleanup(mounted);
+            forget();
             if lock(&self.containers).is_empty() {
                 self.stop_vm();
             }
             return Err(e);
         }
-        let init = Process {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-            spec: vec![],
-            state: State::Created,
-            exit: None,
-        };
-        lock(&self.containers).insert(
-            id.clone(),
-            Container {
-                bundle: req.bundle.clone(),
-                shared,
-                rootfs_mounted: mounted,
-                procs: HashMap::from([(String::new(), init)]),
-            },
-        );
+        if let Some(c) = lock(&self.containers).get_mut(&id) {
+            c.rootfs_mounted = mounted;
+        }
         tracing::info!("container {id}: created");
         self.events.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
@@ -421,12 +429,15 @@ impl Inner {
     fn start(self: &Arc<Self>, req: api::StartRequest) -> RpcResult<api::StartResponse> {
         let t = Target { container_id: req.id.clone(), exec_id: req.exec_id.clone() };
         let (stdin, stdout, stderr, terminal, spec) = {
-            let cs = lock(&self.containers);
-            let p = process(&cs, &t)?;
+            let mut cs = lock(&self.containers);
+            let p =
+                cs.get_mut(&t.container_id).and_then(|c| c.procs.get_mut(&t.exec_id)).ok_or_else(|| not_found(&t))?;
             if p.state != State::Created {
                 return Err(status(Code::FAILED_PRECONDITION, format!("{}: already started", name(&t))));
             }
-            (p.stdin.clone(), p.stdout.clone(), p.stderr.clone(), p.terminal, p.spec.clone())
+            let reader = p.stdin_pipe.as_mut().map(|s| s.reader.try_clone());
+            let reader = reader.transpose().map_err(|e| status(Code::INTERNAL, format!("stdin: {e}")))?;
+            (reader, p.stdout.clone(), p.stderr.clone(), p.terminal, p.spec.clone())
         };
         let vm = lock(&self.vm).clone().ok_or_else(|| status(Code::UNAVAILABLE, "sandbox: not running"))?;
         let started = if t.exec_id.is_empty() {
@@ -458,12 +469,10 @@ impl Inner {
         if !terminal {
             outputs.extend(stdio::spawn_output(handle.clone(), vm.client.clone(), t.clone(), stderr, true));
         }
-        if stdin.is_empty() {
-            if !terminal {
-                stdio::close_stdin(&handle, &vm.client, &t);
-            }
-        } else {
-            stdio::spawn_input(handle, vm.client.clone(), t.clone(), stdin);
+        match stdin {
+            Some(reader) => stdio::spawn_input(handle, vm.client.clone(), t.clone(), reader),
+            None if !terminal => stdio::close_stdin(&handle, &vm.client, &t),
+            None => {}
         }
         self.watch(vm, t.clone(), outputs);
         tracing::info!("{}: started", name(&t));
@@ -499,15 +508,9 @@ impl Inner {
             c.procs.remove(&t.exec_id);
             return Ok(api::DeleteResponse { pid: pid(), exit_status, exited_at, ..Default::default() });
         }
-        let (running, stdin) = {
-            let cs = lock(&self.containers);
-            let p = process(&cs, &t)?;
-            (p.state == State::Running, p.stdin.clone())
-        };
-        if running {
+        if process(&lock(&self.containers), &t)?.state == State::Running {
             return Err(status(Code::FAILED_PRECONDITION, format!("{}: still running", name(&t))));
         }
-        stdio::release_input(&stdin);
         if let Ok(client) = self.client() {
             let r = agent::RemoveContainerRequest { container_id: t.container_id.clone(), ..Default::default() };
             if let Err(e) = self.rt.block_on(client.remove_container(ctx(RPC_TIMEOUT), &r)) {
@@ -585,18 +588,7 @@ impl containerd_shim::Task for Service {
         if c.procs.contains_key(&t.exec_id) {
             return Err(status(Code::ALREADY_EXISTS, format!("{}: already exists", name(&t))));
         }
-        c.procs.insert(
-            t.exec_id.clone(),
-            Process {
-                stdin: req.stdin,
-                stdout: req.stdout,
-                stderr: req.stderr,
-                terminal: req.terminal,
-                spec,
-                state: State::Created,
-                exit: None,
-            },
-        );
+        c.procs.insert(t.exec_id.clone(), Process::new(req.stdin, req.stdout, req.stderr, req.terminal, spec)?);
         drop(cs);
         self.inner.events.publish(
             topics::TASK_EXEC_ADDED_EVENT_TOPIC,
@@ -706,10 +698,13 @@ impl containerd_shim::Task for Service {
             return Ok(api::Empty::new());
         }
         let t = Target { container_id: req.id, exec_id: req.exec_id };
-        let path = process(&lock(&self.inner.containers), &t)?.stdin.clone();
-        stdio::release_input(&path);
-        let client = self.inner.client()?;
-        stdio::close_stdin(self.inner.rt.handle(), &client, &t);
+        let mut cs = lock(&self.inner.containers);
+        let p = cs.get_mut(&t.container_id).and_then(|c| c.procs.get_mut(&t.exec_id)).ok_or_else(|| not_found(&t))?;
+        // Our writer gone, the copier reads what is left and then end of file, and closes the
+        // process's stdin in the guest.
+        if let Some(pipe) = p.stdin_pipe.as_mut() {
+            pipe.writer = None;
+        }
         Ok(api::Empty::new())
     }
 

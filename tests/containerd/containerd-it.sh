@@ -128,6 +128,30 @@ $C task ls 2>/dev/null | grep -qE '^t-detached .*STOPPED' && ok "SIGKILL stops i
 ctr_ task delete t-detached >/dev/null && ctr_ container delete t-detached >/dev/null &&
   ok "task and container delete" || no "delete"
 
+# A shim killed with SIGKILL: containerd runs `<shim> delete`, which must clean up without it.
+ctr_ run -d $R $IMG t-k9 sleep 1000 >/dev/null 2>&1
+for _ in $(seq 60); do $C task ls 2>/dev/null | grep -qE '^t-k9 .*RUNNING' && break; sleep 1; done
+shim=$(pgrep -f -- "-id t-k9 -address $SOCK" | head -1)
+if [ -n "$shim" ]; then
+  kill -9 "$shim"
+  for _ in $(seq 60); do $C task ls 2>/dev/null | grep -qE '^t-k9 .*RUNNING' || break; sleep 1; done
+  ctr_ task delete t-k9 >/dev/null 2>&1
+  ctr_ container delete t-k9 >/dev/null 2>&1
+  $C container ls -q 2>/dev/null | grep -qx t-k9 && no "kill -9 of the shim" "container t-k9 is still there" ||
+    ok "kill -9 of the shim, then delete"
+else
+  no "kill -9 of the shim" "no shim process for t-k9: $($C task ls 2>&1)"
+fi
+
+# The sandbox VM dies under the task (the guest resets the machine through the i8042): the
+# task must end with our status 255. Never with runc: that would reset this host.
+if [ "$RUNTIME" = io.containerd.shoji.v2 ]; then
+  out=$(ctr_ run --rm --device /dev/port --cap-add CAP_SYS_RAWIO $R $IMG t-crash \
+    sh -c 'printf "\376" | dd of=/dev/port bs=1 seek=100 count=1; sleep 100' 2>&1)
+  rc=$?
+  [ $rc = 255 ] && ok "a VM that dies ends the task with status 255" || no "VM death" "got status $rc: $out"
+fi
+
 failed_cycles=0
 for i in $(seq "$CYCLES"); do
   ctr_ run --rm $R $IMG "t-cycle-$i" true >/dev/null 2>&1 || failed_cycles=$((failed_cycles + 1))
@@ -141,6 +165,11 @@ for _ in $(seq 20); do [ -z "$(our_shims)" ] && break; sleep 0.5; done
 [ "$(shim_sockets)" = "$sockets_before" ] && ok "no shim socket left" || no "sockets left" "$(comm -13 <(echo "$sockets_before") <(shim_sockets))"
 [ "$(sandbox_dirs)" = "$dirs_before" ] && ok "no sandbox directory left" || no "sandbox dirs left" "$(sandbox_dirs)"
 [ -z "$($C task ls -q 2>/dev/null)$($C container ls -q 2>/dev/null)" ] && ok "no task or container left" || no "left in containerd"
+
+if [ "$RUNTIME" = io.containerd.shoji.v2 ]; then
+  grep -q 'sandbox: agent ready' "$WORK/containerd.log" && ok "the shim's log reaches containerd's log" ||
+    no "shim log" "no 'sandbox: agent ready' line in containerd's log"
+fi
 
 echo "$pass passed, $fail failed"
 if [ $fail -gt 0 ]; then
