@@ -6,8 +6,10 @@
 //! also carries the static guest agent, which is built from this source tree (or taken from
 //! `$SHOJI_AGENT`) and is part of the initramfs's key.
 use sha2::{Digest, Sha256};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 struct Recipe {
     what: &'static str,
@@ -48,6 +50,24 @@ pub enum ArtifactError {
     Missing { what: &'static str, path: PathBuf },
     #[error("agent: {0}")]
     Agent(String),
+}
+
+/// Where a first-use build reports its progress, so the CLI can show a spinner instead of the
+/// raw build log. Without one, the build script's stderr goes straight to ours.
+pub trait BuildProgress: Send + Sync {
+    /// A build of the guest `what` ("kernel", "rootfs") starts, to be cached in `cache`.
+    fn start(&self, what: &str, cache: &Path);
+    /// One line the build script wrote on stderr (its current step).
+    fn line(&self, what: &str, line: &str);
+    /// The build ended; `ok` when the script succeeded.
+    fn finish(&self, what: &str, ok: bool);
+}
+
+static PROGRESS: OnceLock<Box<dyn BuildProgress>> = OnceLock::new();
+
+/// Installs the process's build progress reporter; false if one was already installed.
+pub fn set_progress(p: Box<dyn BuildProgress>) -> bool {
+    PROGRESS.set(p).is_ok()
 }
 
 pub fn cache_dir() -> Option<PathBuf> {
@@ -128,17 +148,33 @@ fn ensure_with(r: &Recipe, agent: Option<(&Path, &[u8])>) -> Result<PathBuf, Art
         for (name, body) in r.files {
             std::fs::write(dir.join(name), body).map_err(|e| prep(e, &dir))?;
         }
-        eprintln!("shoji: building the guest {} (first use; cached in {})", r.what, cache.display());
+        let progress = PROGRESS.get();
+        match progress {
+            Some(p) => p.start(r.what, &cache),
+            None => eprintln!("shoji: building the guest {} (first use; cached in {})", r.what, cache.display()),
+        }
         let mut cmd = Command::new("bash");
         if let Some((path, _)) = agent {
             cmd.env("SHOJI_AGENT", path);
         }
-        let status = cmd
-            .arg(dir.join("build.sh"))
-            .env("SHOJI_CACHE", &cache)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .map_err(|e| prep(e, &dir))?;
+        cmd.arg(dir.join("build.sh")).env("SHOJI_CACHE", &cache).stdout(std::process::Stdio::null());
+        if progress.is_some() {
+            cmd.stderr(std::process::Stdio::piped());
+        }
+        let mut child = cmd.spawn().map_err(|e| prep(e, &dir))?;
+        if let (Some(p), Some(err)) = (progress, child.stderr.take()) {
+            // Read to the end (whatever the bytes), so the script never blocks on a full pipe.
+            let mut err = std::io::BufReader::new(err);
+            let mut line = Vec::new();
+            while matches!(err.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                p.line(r.what, String::from_utf8_lossy(&line).trim_end());
+                line.clear();
+            }
+        }
+        let status = child.wait().map_err(|e| prep(e, &dir))?;
+        if let Some(p) = progress {
+            p.finish(r.what, status.success());
+        }
         if !status.success() {
             return Err(ArtifactError::Build { what: r.what, status: status.to_string() });
         }

@@ -13,6 +13,8 @@
 //! stamps lines as the vCPU thread emits them; QEMU runs as a child whose `-serial stdio` pipe a
 //! reader thread stamps. Runs alternate Shoji, QEMU, Shoji, ...; each gets a freshly written and
 //! synced disk image (untimed), so each starts with the same clean page cache.
+pub mod boot;
+pub mod plot;
 pub mod vsock;
 
 use anyhow::{anyhow, bail, Context, Result};

@@ -2,6 +2,7 @@
 mod bench;
 mod check;
 mod run;
+mod setup;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
@@ -33,6 +34,8 @@ enum Cmd {
     Bench(BenchCmd),
     /// What this host offers and lacks for Shoji (KVM and its kind, cached guest, tools), with fixes.
     Check,
+    /// Build (or find) the cached guest kernel, initramfs and built-in run rootfs, with progress.
+    Setup,
 }
 
 #[derive(Subcommand)]
@@ -43,6 +46,49 @@ enum BenchCmd {
     /// vsock: round-trip latency, MB/s both ways and host CPU per round trip and per MiB, from
     /// the probe guest's `vsockbench` mode, next to a host unix-socket baseline (BENCHMARKS.md).
     Vsock(BenchVsockArgs),
+    /// Boot latency: spawn of `shoji boot` to the guest's exit, percentiles, optionally next to
+    /// QEMU booting the same guest (BENCHMARKS.md).
+    Boot(BenchBootArgs),
+    /// `shoji run -- true` end to end: spawn to exit, percentiles (no peer fits).
+    Run(BenchRunArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchBootArgs {
+    /// Timed runs per system (interleaved with the peer's), after one untimed warm-up.
+    #[arg(short = 'n', long = "runs", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    n: u32,
+    /// null: the test kit's null guest (no Linux); linux: Shoji's kernel and initramfs to /init.
+    #[arg(long, value_enum, default_value = "null")]
+    guest: bench::boot::Guest,
+    /// Also boot the same guest under this VMM and report ratios.
+    #[arg(long, value_enum)]
+    peer: Option<bench::Peer>,
+    /// Print JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
+    /// Draw the latency distributions per system into this PNG.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BenchRunArgs {
+    /// Timed runs, after one untimed warm-up.
+    #[arg(short = 'n', long = "runs", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    n: u32,
+    /// The guest (only linux runs containers).
+    #[arg(long, value_enum, default_value = "linux")]
+    guest: bench::boot::Guest,
+    /// Accepted for symmetry with `bench boot`; no peer fits, so any value is an error.
+    #[arg(long, value_enum)]
+    peer: Option<bench::Peer>,
+    /// Print JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
+    /// Draw the latency distribution into this PNG.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -262,14 +308,68 @@ fn is_run(args: &[String]) -> bool {
     false
 }
 
+/// The words naming the subcommand in `args` ("bench boot"), for messages.
+fn subcommand(args: &[String]) -> String {
+    let mut words = Vec::new();
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--log" => {
+                it.next();
+            }
+            "--" => break,
+            a if a.starts_with('-') => {}
+            a if words.is_empty() || words == ["bench"] => words.push(a.to_string()),
+            _ => break,
+        }
+    }
+    words.join(" ")
+}
+
+/// One line for a command-line error (clap's own message is several, with the usage):
+/// "FIELD: what is wrong". `shoji run`'s are its own.
+fn usage_error_line(e: &clap::Error, args: &[String]) -> String {
+    use clap::error::{ContextKind, ErrorKind};
+    if is_run(args) {
+        return run::clap_error_line(e);
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("").trim_start_matches("error: ").trim();
+    let sub = subcommand(args);
+    let help = if sub.is_empty() { "`shoji --help`".to_string() } else { format!("`shoji {sub} --help`") };
+    // "--vcpus <VCPUS>" -> "--vcpus"
+    let field = e
+        .get(ContextKind::InvalidArg)
+        .map(|a| a.to_string())
+        .map(|a| a.split([' ', '=']).next().unwrap_or(&a).to_string());
+    match (e.kind(), field) {
+        // The unknown word was taken for the subcommand: help is its parent's.
+        (ErrorKind::InvalidSubcommand, _) => {
+            let parent = sub.rsplit_once(' ').map(|(p, _)| format!("`shoji {p} --help`"));
+            format!("command: {first} (see {})", parent.unwrap_or_else(|| "`shoji --help`".into()))
+        }
+        (ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand, _) => {
+            format!("command: missing (see {help})")
+        }
+        (ErrorKind::UnknownArgument, Some(f)) => format!("{f}: unknown option (see {help})"),
+        (_, Some(f)) => format!("{f}: {first}"),
+        (_, None) if sub.is_empty() => first.to_string(),
+        (_, None) => format!("{sub}: {first}"),
+    }
+}
+
+/// Docker's exit status for errors of Shoji itself (bad flags, missing files, KVM failures, a
+/// guest crash), so they are told apart from a guest's or a command's own status.
+const EXIT_SHOJI_ERROR: u8 = run::EXIT_SHOJI_ERROR;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
-        // `shoji run` errors like docker run: one line and status 125.
-        Err(e) if is_run(&args) && e.use_stderr() => {
-            eprintln!("shoji: error: {}", run::clap_error_line(&e));
-            return ExitCode::from(run::EXIT_SHOJI_ERROR);
+        // Usage errors, like docker's: one line and status 125 (help and version still print).
+        Err(e) if e.use_stderr() => {
+            eprintln!("shoji: error: {}", usage_error_line(&e, &args));
+            return ExitCode::from(EXIT_SHOJI_ERROR);
         }
         Err(e) => e.exit(),
     };
@@ -277,9 +377,12 @@ fn main() -> ExitCode {
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // First-use builds of the guest kernel and initramfs show their progress, in every command.
+    setup::install_progress();
     let result = match cli.cmd {
         Cmd::Run(a) => return run::main(a),
         Cmd::Check => return check::main(),
+        Cmd::Setup => setup::main().map(|()| ExitCode::SUCCESS).context("setup"),
         Cmd::Boot(a) => boot(a).context("boot"),
         Cmd::Bench(BenchCmd::Devices(a)) => bench::devices(bench::DevicesOpts {
             mib: a.mib,
@@ -302,6 +405,26 @@ fn main() -> ExitCode {
         })
         .map(|()| ExitCode::SUCCESS)
         .context("bench vsock"),
+        Cmd::Bench(BenchCmd::Boot(a)) => bench::boot::main(bench::boot::BootOpts {
+            bench: bench::boot::Bench::Boot,
+            n: a.n,
+            guest: a.guest,
+            peer: a.peer,
+            json: a.json,
+            plot: a.plot,
+        })
+        .map(|()| ExitCode::SUCCESS)
+        .context("bench boot"),
+        Cmd::Bench(BenchCmd::Run(a)) => bench::boot::main(bench::boot::BootOpts {
+            bench: bench::boot::Bench::Run,
+            n: a.n,
+            guest: a.guest,
+            peer: a.peer,
+            json: a.json,
+            plot: a.plot,
+        })
+        .map(|()| ExitCode::SUCCESS)
+        .context("bench run"),
     };
     match result {
         Ok(code) => code,
@@ -309,8 +432,8 @@ fn main() -> ExitCode {
             // One line: under the command's context, our errors' messages already include
             // their causes (and name the field or stage), so print that one message.
             let msg = e.chain().nth(1).map(|c| c.to_string()).unwrap_or_else(|| e.to_string());
-            eprintln!("shoji: error: {msg}");
-            ExitCode::FAILURE
+            eprintln!("shoji: error: {}", msg.replace('\n', " "));
+            ExitCode::from(EXIT_SHOJI_ERROR)
         }
     }
 }

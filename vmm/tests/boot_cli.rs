@@ -106,7 +106,7 @@ fn second_and_further_vcpus_come_up_by_init_sipi() {
 fn guest_triple_fault_is_a_clear_error() {
     for guest in ["probe", "probe-bzimage"] {
         let o = shoji(&["boot", "--guest", guest, "--cmdline", "crash"]);
-        assert_eq!(o.status.code(), Some(1), "{o:?}");
+        assert_eq!(o.status.code(), Some(125), "an error of Shoji's, as docker's: {o:?}");
         assert!(stdout(&o).contains("probe: crashing"));
         let err = stderr(&o);
         assert_eq!(err.lines().count(), 1, "one line: {err}");
@@ -135,7 +135,7 @@ fn serial_to_a_file() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// Each bad input: exit 1, exactly one line naming the field, and the serial file that would
+/// Each bad input: exit 125 (docker's status for its own errors), exactly one line naming the field, and the serial file that would
 /// have been created is not.
 #[test]
 fn bad_input_gives_one_line_naming_the_field_and_leaves_nothing() {
@@ -173,15 +173,23 @@ fn bad_input_gives_one_line_naming_the_field_and_leaves_nothing() {
         all.extend(&args);
         let o = shoji(&all);
         let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {o:?}");
+        assert_eq!(o.status.code(), Some(125), "{args:?}: {o:?}");
         assert_eq!(err.lines().count(), 1, "{args:?}: one line expected, got: {err}");
         assert!(err.starts_with(&format!("shoji: error: {want}")), "{args:?}: {err}");
         let msg = &err["shoji: error: ".len()..];
         assert!(!msg.contains(&format!(": {want}")), "{args:?}: the cause is said once: {err}");
         assert!(!serial.exists(), "{args:?} left {} behind", serial.display());
     }
-    // Clap's own argument errors also exit non-zero.
-    let o = shoji(&["boot", "--vcpus", "many"]);
-    assert_eq!(o.status.code(), Some(2));
+    // Clap's own argument errors too: one line naming the flag, 125.
+    for (args, want) in [
+        (&["boot", "--vcpus", "many"][..], "shoji: error: --vcpus: invalid value 'many'"),
+        (&["boot", "--no-such-flag"][..], "shoji: error: --no-such-flag: unknown option (see `shoji boot --help`)"),
+    ] {
+        let o = shoji(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(125), "{args:?}: {o:?}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with(want), "{args:?}: {err}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }

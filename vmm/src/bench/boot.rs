@@ -1,0 +1,500 @@
+//! `shoji bench boot` and `shoji bench run`: end-to-end latency of a whole `shoji` process, as
+//! a user sees it, next to QEMU booting the same guest.
+//!
+//! A sample is the wall time from just before `spawn()` of the process to the moment the kernel
+//! reports it exited (`waitid(WNOWAIT)`, before reaping): exec, KVM set-up, guest boot, guest
+//! exit and teardown all count. `bench boot` runs `shoji boot` (this same binary): the null
+//! guest prints its marker and resets; the Linux guest boots the cached kernel and initramfs
+//! with `rdinit=/selftest`, whose /init prints `SHOJI-INIT-OK boottime=...` and reboots. `bench
+//! run` runs `shoji run -- true` (boot, agent, container, exit status, teardown). Each system
+//! gets one untimed warm-up run first (page cache, lazily built artifacts), then the systems
+//! alternate: shoji, qemu, shoji, qemu, ...
+use super::{command_line, machine, shell_quote, Machine, Peer, Scratch, QEMU};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::json;
+use shoji_vmm::{artifacts, cmdline, host, testkit};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a sample measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bench {
+    /// `shoji boot`: spawn to VM exit.
+    Boot,
+    /// `shoji run -- true`: spawn to exit.
+    Run,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Guest {
+    /// The test kit's null guest: prints a marker and resets (no Linux).
+    Null,
+    /// Shoji's guest kernel and initramfs (built and cached on first use).
+    Linux,
+}
+
+#[derive(Clone, Debug)]
+pub struct BootOpts {
+    pub bench: Bench,
+    pub n: u32,
+    pub guest: Guest,
+    pub peer: Option<Peer>,
+    pub json: bool,
+    pub plot: Option<PathBuf>,
+}
+
+/// No sample may take longer: a hung guest is killed and fails the bench.
+const SAMPLE_LIMIT: Duration = Duration::from_secs(300);
+/// The guest RAM both systems give the guest (`shoji boot`'s default).
+const GUEST_MIB: u64 = 128;
+/// The Linux guest's /init runs the initramfs's selftest init: it prints this and reboots.
+const INIT_MARKER: &str = "SHOJI-INIT-OK";
+
+/// One system under test: how to start a sample and how to tell it succeeded.
+struct System {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    /// Printed on stdout by a successful sample.
+    marker: Option<&'static str>,
+}
+
+impl System {
+    fn command_text(&self) -> String {
+        let prog = if self.name == "shoji" { "shoji".to_string() } else { self.program.display().to_string() };
+        let args: Vec<String> = self.args.iter().map(|a| shell_quote(a)).collect();
+        format!("{prog} {}", args.join(" "))
+    }
+}
+
+/// One timed sample: milliseconds, and what the guest said about itself.
+struct Sample {
+    ms: f64,
+    /// The Linux guest's CLOCK_BOOTTIME when /init started, in ms.
+    guest_boottime_ms: Option<f64>,
+}
+
+fn validate(o: &BootOpts) -> Result<()> {
+    if o.n == 0 {
+        bail!("n: must be at least 1");
+    }
+    if o.bench == Bench::Run {
+        if o.guest != Guest::Linux {
+            bail!("guest: `bench run` runs a container, which needs the linux guest");
+        }
+        if o.peer.is_some() {
+            bail!(
+                "peer: no peer fits `bench run`: QEMU alone has no guest agent or container runtime to run \
+                 `-- true` (compare with `bench boot --guest linux --peer qemu`)"
+            );
+        }
+    }
+    if let Some(p) = &o.plot {
+        if p.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("png")) != Some(true) {
+            bail!("plot: {} must end in .png", p.display());
+        }
+        super::plot::load_font()?;
+    }
+    Ok(())
+}
+
+/// Shoji's and (with `--peer qemu`) QEMU's commands for the chosen bench and guest.
+fn systems(o: &BootOpts, scratch: &Path) -> Result<Vec<System>> {
+    let exe = std::env::current_exe().context("cannot find this shoji binary")?;
+    let limit = SAMPLE_LIMIT.as_secs().to_string();
+    let mut shoji = System { name: "shoji", program: exe, args: Vec::new(), marker: None };
+    let mut qemu_boot: Option<Vec<String>> = None;
+    match (o.bench, o.guest) {
+        (Bench::Run, _) => {
+            shoji.args = ["run", "--timeout", &limit, "--", "true"].map(String::from).to_vec();
+        }
+        (Bench::Boot, Guest::Null) => {
+            shoji.args = ["boot", "--guest", "null", "--timeout", &limit].map(String::from).to_vec();
+            shoji.marker = Some(testkit::NULL_MARKER);
+            let kernel = scratch.join("null.elf");
+            std::fs::write(&kernel, testkit::NULL).with_context(|| format!("write {}", kernel.display()))?;
+            qemu_boot = Some(vec!["-kernel".into(), kernel.display().to_string()]);
+        }
+        (Bench::Boot, Guest::Linux) => {
+            let kernel = artifacts::ensure_kernel()?;
+            let initrd = artifacts::ensure_rootfs()?;
+            let user = format!("{} rdinit=/selftest", cmdline::DEFAULT);
+            shoji.args = ["boot", "--cmdline", &user, "--timeout", &limit].map(String::from).to_vec();
+            shoji.marker = Some(INIT_MARKER);
+            qemu_boot = Some(vec![
+                "-kernel".into(),
+                kernel.display().to_string(),
+                "-initrd".into(),
+                initrd.display().to_string(),
+                "-append".into(),
+                cmdline::linux(Some(&user), host::is_pvm()),
+            ]);
+        }
+    }
+    let mut v = vec![shoji];
+    if let (Some(Peer::Qemu), Some(boot)) = (o.peer, qemu_boot) {
+        let mut args: Vec<String> = [
+            "-M",
+            // QEMU's leanest machine (qboot firmware, no PCI, no ACPI): what the guest needs is
+            // a UART and the i8042 line it resets through (microvm has none by default).
+            "microvm,pit=off,pic=off,rtc=off",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-smp",
+            "1",
+            "-m",
+            &GUEST_MIB.to_string(),
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-device",
+            "i8042",
+            "-no-reboot",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(boot);
+        let marker = v[0].marker;
+        v.push(System { name: "qemu", program: PathBuf::from(QEMU), args, marker });
+    }
+    Ok(v)
+}
+
+/// Waits until `child` has exited, without reaping it (so its pid cannot be reused while the
+/// watchdog may still kill it).
+fn wait_exited(child: &std::process::Child) -> std::io::Result<()> {
+    loop {
+        // SAFETY: waitid(2) with P_PID on our own child and a zeroed siginfo_t it fills in;
+        // WNOWAIT leaves the child to be reaped by Child::wait.
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, child.id(), &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// One run of `s`, timed from spawn to exit; its stdout and stderr go to files in `dir`.
+fn sample(s: &System, dir: &Path) -> Result<Sample> {
+    let out_path = dir.join(format!("{}.out", s.name));
+    let err_path = dir.join(format!("{}.err", s.name));
+    let out = File::create(&out_path).with_context(|| format!("create {}", out_path.display()))?;
+    let err = File::create(&err_path).with_context(|| format!("create {}", err_path.display()))?;
+    let mut cmd = Command::new(&s.program);
+    cmd.args(&s.args).stdin(Stdio::null()).stdout(out).stderr(err).env_remove("RUST_LOG");
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("{}: cannot start {}", s.name, s.program.display()))?;
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let dog = std::thread::spawn(move || {
+        if rx.recv_timeout(SAMPLE_LIMIT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            // SAFETY: kill(2) on our child, which is not reaped until this thread is joined.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let waited = wait_exited(&child);
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    drop(tx);
+    let _ = dog.join();
+    let status = child.wait().with_context(|| format!("{}: wait", s.name))?;
+    waited.with_context(|| format!("{}: waitid", s.name))?;
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let last = |t: &str| t.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
+    if !status.success() {
+        bail!("{}: exited with {status}: {} {}", s.name, last(&stderr), last(&stdout));
+    }
+    if let Some(m) = s.marker {
+        if !stdout.contains(m) {
+            bail!("{}: the guest never printed {m}: {}", s.name, last(&stdout));
+        }
+    }
+    Ok(Sample { ms, guest_boottime_ms: guest_boottime_ms(&stdout) })
+}
+
+/// `SHOJI-INIT-OK boottime=S.US` -> ms.
+fn guest_boottime_ms(console: &str) -> Option<f64> {
+    let line = console.lines().find(|l| l.contains(INIT_MARKER))?;
+    let v: f64 = line.split_whitespace().find_map(|w| w.strip_prefix("boottime="))?.parse().ok()?;
+    Some(v * 1e3)
+}
+
+/// Nearest-rank percentile (`p` in 0..=100) of sorted values: the smallest value with at
+/// least p% of the values at or below it. With n = 30, p99 is the maximum.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// p50, p90, p99, min, max.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Summary {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+const COLUMNS: [&str; 5] = ["p50", "p90", "p99", "min", "max"];
+
+impl Summary {
+    pub fn of(values: &[f64]) -> Option<Summary> {
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some(Summary {
+            p50: percentile(&v, 50.0)?,
+            p90: percentile(&v, 90.0)?,
+            p99: percentile(&v, 99.0)?,
+            min: *v.first()?,
+            max: *v.last()?,
+        })
+    }
+    fn cells(&self) -> [f64; 5] {
+        [self.p50, self.p90, self.p99, self.min, self.max]
+    }
+}
+
+/// Everything measured, per system in order (shoji first).
+pub struct Results {
+    pub systems: Vec<(&'static str, String, Vec<f64>)>,
+    guest_boottimes: Vec<f64>,
+    peer_error: Option<String>,
+}
+
+pub fn main(o: BootOpts) -> Result<()> {
+    validate(&o)?;
+    let machine = machine(o.peer);
+    let command = command_line();
+    let dir = std::env::temp_dir().join(format!("shoji-bench-boot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let scratch = Scratch(dir);
+    let mut systems = systems(&o, &scratch.0)?;
+    let mut peer_error = None;
+    // Warm-up, untimed: Shoji's must work; a peer that fails is reported and dropped.
+    sample(&systems[0], &scratch.0).map_err(|e| anyhow!("warm-up: {e:#}"))?;
+    if systems.len() > 1 {
+        if let Err(e) = sample(&systems[1], &scratch.0) {
+            let msg = format!("{e:#}");
+            eprintln!("shoji: bench: {} failed, reporting Shoji alone: {msg}", systems[1].name);
+            peer_error = Some(msg);
+            systems.truncate(1);
+        }
+    }
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    let mut guest_boottimes = Vec::new();
+    for i in 1..=o.n {
+        for (k, s) in systems.iter().enumerate() {
+            let r = sample(s, &scratch.0).map_err(|e| anyhow!("run {i}: {e:#}"))?;
+            if !o.json {
+                eprintln!("{:<5} {i}/{}: {:.1} ms", s.name, o.n, r.ms);
+            }
+            if k == 0 {
+                guest_boottimes.extend(r.guest_boottime_ms);
+            }
+            samples[k].push(r.ms);
+        }
+    }
+    let results = Results {
+        systems: systems.iter().zip(samples).map(|(s, v)| (s.name, s.command_text(), v)).collect(),
+        guest_boottimes,
+        peer_error,
+    };
+    if let Some(p) = &o.plot {
+        super::plot::draw(
+            p,
+            &plot_title(&o),
+            &results.systems.iter().map(|s| (s.0, s.2.as_slice())).collect::<Vec<_>>(),
+        )
+        .map_err(|e| anyhow!("plot: {}: {e:#}", p.display()))?;
+    }
+    let report = Report { o: &o, command, machine, results };
+    print!("{}", if o.json { report.json() } else { report.markdown() });
+    Ok(())
+}
+
+fn what(o: &BootOpts) -> &'static str {
+    match (o.bench, o.guest) {
+        (Bench::Run, _) => "`shoji run -- true`, spawn to exit",
+        (Bench::Boot, Guest::Null) => "boot of the null test guest, spawn to VM exit",
+        (Bench::Boot, Guest::Linux) => "boot of the Linux guest to /init (rdinit=/selftest), spawn to VM exit",
+    }
+}
+
+fn plot_title(o: &BootOpts) -> String {
+    let w = match (o.bench, o.guest) {
+        (Bench::Run, _) => "shoji run -- true",
+        (Bench::Boot, Guest::Null) => "boot, null guest",
+        (Bench::Boot, Guest::Linux) => "boot, Linux guest to /init",
+    };
+    format!("{w}: spawn to exit, {} runs each", o.n)
+}
+
+struct Report<'a> {
+    o: &'a BootOpts,
+    command: String,
+    machine: Machine,
+    results: Results,
+}
+
+impl Report<'_> {
+    fn summaries(&self) -> Vec<(&'static str, Option<Summary>)> {
+        self.results.systems.iter().map(|(n, _, v)| (*n, Summary::of(v))).collect()
+    }
+
+    /// Shoji's percentiles over the peer's (below 1: Shoji is faster).
+    fn ratio(&self) -> Option<[f64; 5]> {
+        let s = self.summaries();
+        let (a, b) = (s.first()?.1?, s.get(1)?.1?);
+        let mut r = [0.0; 5];
+        for (i, (x, y)) in a.cells().iter().zip(b.cells()).enumerate() {
+            r[i] = x / y;
+        }
+        Some(r)
+    }
+
+    fn markdown(&self) -> String {
+        let o = self.o;
+        let mut s = self.machine.header(&self.command);
+        let _ = writeln!(s, "- Measures: {}", what(o));
+        for (name, cmd, _) in &self.results.systems {
+            let _ = writeln!(s, "- {}: `{cmd}`", if *name == "shoji" { "Shoji" } else { "QEMU" });
+        }
+        match (&self.results.peer_error, o.peer, o.bench) {
+            (Some(e), _, _) => {
+                let _ = writeln!(s, "- QEMU could not be measured: {e}");
+            }
+            (None, None, Bench::Run) => {
+                let _ = writeln!(s, "- Peer: none fits (QEMU alone runs no containers)");
+            }
+            _ => {}
+        }
+        let _ = writeln!(
+            s,
+            "- Runs: {} per system, interleaved, after one untimed warm-up each; percentiles are nearest-rank",
+            o.n
+        );
+        if let Some(b) = Summary::of(&self.results.guest_boottimes) {
+            let _ = writeln!(
+                s,
+                "- The Linux guest's own clock at /init (CLOCK_BOOTTIME, Shoji runs): p50 {:.1} ms, min {:.1}, max {:.1}",
+                b.p50, b.min, b.max
+            );
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(s, "| system | runs | p50 ms | p90 ms | p99 ms | min ms | max ms |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for ((name, _, v), (_, sum)) in self.results.systems.iter().zip(self.summaries()) {
+            let cells = match sum {
+                Some(x) => x.cells().map(|c| format!("{c:.1}")).join(" | "),
+                None => ["–"; 5].join(" | "),
+            };
+            let _ = writeln!(s, "| {name} | {} | {cells} |", v.len());
+        }
+        if let Some(r) = self.ratio() {
+            let _ = writeln!(s, "| shoji/qemu | | {} |", r.map(|x| format!("{x:.2}")).join(" | "));
+            let _ = writeln!(s);
+            let _ = writeln!(s, "Ratios below 1: Shoji is faster.");
+        }
+        s
+    }
+
+    fn json(&self) -> String {
+        let m = &self.machine;
+        let systems: Vec<serde_json::Value> = self
+            .results
+            .systems
+            .iter()
+            .zip(self.summaries())
+            .map(|((name, cmd, v), (_, sum))| {
+                json!({
+                    "name": name,
+                    "command": cmd,
+                    "samples_ms": v,
+                    "summary_ms": sum.map(|x| json!({"p50": x.p50, "p90": x.p90, "p99": x.p99, "min": x.min, "max": x.max})),
+                })
+            })
+            .collect();
+        let ratio = self.ratio().map(|r| {
+            let mut o = serde_json::Map::new();
+            for (k, v) in COLUMNS.iter().zip(r) {
+                o.insert(k.to_string(), json!(v));
+            }
+            serde_json::Value::Object(o)
+        });
+        let v = json!({
+            "bench": match self.o.bench { Bench::Boot => "boot", Bench::Run => "run" },
+            "guest": match self.o.guest { Guest::Null => "null", Guest::Linux => "linux" },
+            "measures": what(self.o),
+            "runs": self.o.n,
+            "command": self.command,
+            "machine": {
+                "nproc": m.nproc, "cpu": m.cpu, "kernel": m.kernel, "kvm": m.kvm, "pvm": host::is_pvm(),
+                "loadavg": m.loadavg, "qemu": m.qemu,
+            },
+            "systems": systems,
+            "ratio_shoji_over_peer": ratio,
+            "guest_boottime_ms": self.results.guest_boottimes,
+            "peer_error": self.results.peer_error,
+            "plot": self.o.plot.as_ref().map(|p| p.display().to_string()),
+        });
+        let mut s = serde_json::to_string_pretty(&v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        s.push('\n');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(5.0));
+        assert_eq!(percentile(&v, 90.0), Some(9.0));
+        assert_eq!(percentile(&v, 99.0), Some(10.0));
+        assert_eq!(percentile(&v, 0.0), Some(1.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        let s = Summary::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.p50, s.p90, s.min, s.max), (2.0, 3.0, 1.0, 3.0));
+    }
+
+    #[test]
+    fn guest_boottime_comes_from_the_init_marker() {
+        assert_eq!(guest_boottime_ms("x\nSHOJI-INIT-OK boottime=1.250000\n"), Some(1250.0));
+        assert_eq!(guest_boottime_ms("SHOJI-NULL-OK\n"), None);
+    }
+
+    #[test]
+    fn bad_combinations_name_the_field() {
+        let o = |bench, guest, peer| BootOpts { bench, n: 3, guest, peer, json: false, plot: None };
+        let e = validate(&o(Bench::Run, Guest::Null, None)).unwrap_err().to_string();
+        assert!(e.starts_with("guest: "), "{e}");
+        let e = validate(&o(Bench::Run, Guest::Linux, Some(Peer::Qemu))).unwrap_err().to_string();
+        assert!(e.starts_with("peer: no peer fits"), "{e}");
+        let mut x = o(Bench::Boot, Guest::Null, None);
+        x.n = 0;
+        assert!(validate(&x).unwrap_err().to_string().starts_with("n: "));
+        x.n = 1;
+        x.plot = Some("out.svg".into());
+        assert!(validate(&x).unwrap_err().to_string().starts_with("plot: out.svg must end in .png"));
+    }
+}
