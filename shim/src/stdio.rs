@@ -10,6 +10,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::runtime::Handle;
@@ -83,12 +85,23 @@ pub fn spawn_output(
     spawned.map_err(|e| tracing::error!("cannot start the {name} copier: {e}")).ok()
 }
 
-/// The shim's hold on a stdin FIFO, from Create (or Exec) on: what containerd writes before
-/// the process starts waits in the pipe, and our own writer keeps an early reader from taking
-/// "no writer yet" for end of file. Dropping `writer` (CloseIO, Delete) lets end of file through.
+/// The shim's hold on a stdin FIFO, opened at Create (or Exec): what containerd writes before
+/// the process starts waits in the pipe.
+///
+/// End of file must not be taken from read(2), which returns 0 while no writer has come yet
+/// (containerd connects its writer lazily, and Start can follow Exec by microseconds). poll(2)
+/// on a FIFO reports POLLHUP only once a writer has come and gone since our open, so the copier
+/// polls first. `closed` (CloseIO, Delete) ends it too, after what is already in the pipe.
 pub struct StdinPipe {
     pub reader: File,
-    pub writer: Option<File>,
+    pub closed: Arc<AtomicBool>,
+}
+
+/// The process is gone (Delete): its copier ends too.
+impl Drop for StdinPipe {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+    }
 }
 
 /// Opens the stdin FIFO at `path` (none when empty).
@@ -97,25 +110,49 @@ pub fn open_stdin(path: &str) -> std::io::Result<Option<StdinPipe>> {
         return Ok(None);
     }
     let reader = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
-    // Succeeds at once: the FIFO has a reader (ours).
-    let writer = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
-    // SAFETY: fcntl on a descriptor we own; no memory is passed.
-    let r = unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_SETFL, 0) };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(Some(StdinPipe { reader, writer: Some(writer) }))
+    Ok(Some(StdinPipe { reader, closed: Arc::new(AtomicBool::new(false)) }))
 }
 
-/// Copies the stdin FIFO into the process's stdin; CloseStdin at its end of file.
-pub fn spawn_input(rt: Handle, client: AgentServiceClient, t: Target, mut f: File) {
+/// What the next poll of the FIFO says.
+enum Ready {
+    Data,
+    Hangup,
+    Nothing,
+}
+
+fn poll_fifo(f: &File, timeout_ms: i32) -> Ready {
+    let mut p = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if n <= 0 {
+        Ready::Nothing
+    } else if p.revents & libc::POLLIN != 0 {
+        Ready::Data
+    } else if p.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+        Ready::Hangup
+    } else {
+        Ready::Nothing
+    }
+}
+
+/// Copies the stdin FIFO into the process's stdin; CloseStdin at its end.
+pub fn spawn_input(rt: Handle, client: AgentServiceClient, t: Target, mut f: File, closed: Arc<AtomicBool>) {
     let spawned = std::thread::Builder::new().name("shim-stdin".into()).spawn(move || {
         let mut buf = vec![0u8; CHUNK as usize];
         loop {
+            let closing = closed.load(Ordering::Acquire);
+            match poll_fifo(&f, if closing { 0 } else { 200 }) {
+                Ready::Hangup => break,
+                Ready::Nothing if closing => break,
+                Ready::Nothing => continue,
+                Ready::Data => {}
+            }
             let n = match f.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) => {
+                    continue
+                }
                 Err(e) => {
                     tracing::debug!("{}: reading stdin: {e}", t.container_id);
                     break;

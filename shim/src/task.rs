@@ -62,7 +62,7 @@ struct Process {
     spec: Vec<u8>,
     state: State,
     exit: Option<(u32, Timestamp)>,
-    /// From Create/Exec until Start takes the reader; the writer until CloseIO or Delete.
+    /// From Create/Exec on; Start gives the copier a clone.
     stdin_pipe: Option<stdio::StdinPipe>,
 }
 
@@ -277,10 +277,16 @@ impl Inner {
             let code = match r {
                 Ok(r) => u32::try_from(r.status).unwrap_or(EXIT_SANDBOX_GONE),
                 Err(e) => {
+                    // The connection usually breaks a moment before the VM thread reports why.
+                    let why = inner.rt.block_on(async {
+                        tokio::time::timeout(Duration::from_secs(2), vm.sandbox.stopped()).await.ok()
+                    });
+                    let e = why.map(|w| format!("sandbox: {w}")).unwrap_or(e);
                     tracing::error!(
-                        "{}/{}: the process is lost ({e}); reporting exit status {EXIT_SANDBOX_GONE}",
+                        "{}/{}: the process is lost ({e}); reporting exit status {EXIT_SANDBOX_GONE}; guest console:\n{}",
                         t.container_id,
-                        t.exec_id
+                        t.exec_id,
+                        vm.sandbox.console_tail(10)
                     );
                     EXIT_SANDBOX_GONE
                 }
@@ -435,7 +441,7 @@ impl Inner {
             if p.state != State::Created {
                 return Err(status(Code::FAILED_PRECONDITION, format!("{}: already started", name(&t))));
             }
-            let reader = p.stdin_pipe.as_mut().map(|s| s.reader.try_clone());
+            let reader = p.stdin_pipe.as_ref().map(|s| s.reader.try_clone().map(|r| (r, s.closed.clone())));
             let reader = reader.transpose().map_err(|e| status(Code::INTERNAL, format!("stdin: {e}")))?;
             (reader, p.stdout.clone(), p.stderr.clone(), p.terminal, p.spec.clone())
         };
@@ -470,7 +476,7 @@ impl Inner {
             outputs.extend(stdio::spawn_output(handle.clone(), vm.client.clone(), t.clone(), stderr, true));
         }
         match stdin {
-            Some(reader) => stdio::spawn_input(handle, vm.client.clone(), t.clone(), reader),
+            Some((reader, closed)) => stdio::spawn_input(handle, vm.client.clone(), t.clone(), reader, closed),
             None if !terminal => stdio::close_stdin(&handle, &vm.client, &t),
             None => {}
         }
@@ -700,10 +706,9 @@ impl containerd_shim::Task for Service {
         let t = Target { container_id: req.id, exec_id: req.exec_id };
         let mut cs = lock(&self.inner.containers);
         let p = cs.get_mut(&t.container_id).and_then(|c| c.procs.get_mut(&t.exec_id)).ok_or_else(|| not_found(&t))?;
-        // Our writer gone, the copier reads what is left and then end of file, and closes the
-        // process's stdin in the guest.
-        if let Some(pipe) = p.stdin_pipe.as_mut() {
-            pipe.writer = None;
+        // The copier forwards what is left in the pipe, then closes the process's stdin.
+        if let Some(pipe) = &p.stdin_pipe {
+            pipe.closed.store(true, std::sync::atomic::Ordering::Release);
         }
         Ok(api::Empty::new())
     }

@@ -8,7 +8,7 @@
 missing=()
 command -v containerd >/dev/null || missing+=(containerd)
 command -v runc >/dev/null || missing+=(runc)
-{ [ -x /bin/busybox ] && ! grep -q ld-linux /bin/busybox 2>/dev/null; } || missing+=(busybox-static)
+{ [ -x /bin/busybox ] && ! head -c 8192 /bin/busybox | grep -q ld-linux; } || missing+=(busybox-static)
 command -v python3 >/dev/null || missing+=(python3)
 command -v script >/dev/null || missing+=(bsdutils)
 if [ ${#missing[@]} -gt 0 ]; then
