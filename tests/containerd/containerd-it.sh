@@ -68,24 +68,25 @@ ctr_ task delete t-detached >/dev/null && ctr_ container delete t-detached >/dev
   ok "task and container delete" || no "delete"
 
 # A shim killed with SIGKILL: containerd runs `<shim> delete`, which must clean up without it.
+k9_sockets_before=$(shim_sockets)
 ctr_ run -d $R $IMG t-k9 sleep 1000 >/dev/null 2>&1
 for _ in $(seq 60); do $C task ls 2>/dev/null | grep -qE '^t-k9 .*RUNNING' && break; sleep 1; done
 shim=$(pgrep -f -- "-id t-k9 -address $SOCK" | head -1)
 if [ -n "$shim" ]; then
-  shim_sock=$(tr '\0' ' ' <"/proc/$shim/cmdline" | grep -oE 'unix://[^ ]+' | sed 's|^unix://||')
   kill -9 "$shim"
   for _ in $(seq 60); do $C task ls 2>/dev/null | grep -qE '^t-k9 .*RUNNING' || break; sleep 1; done
   ctr_ task delete t-k9 >/dev/null 2>&1
   ctr_ container delete t-k9 >/dev/null 2>&1
   $C container ls -q 2>/dev/null | grep -qx t-k9 && no "kill -9 of the shim" "container t-k9 is still there" ||
     ok "kill -9 of the shim, then delete"
-  if [ -n "$shim_sock" ] && [ -e "$shim_sock" ]; then
+  left=$(comm -13 <(echo "$k9_sockets_before") <(shim_sockets))
+  if [ -n "$left" ]; then
     if [ -n "$SHIM_BIN" ]; then
-      no "the killed shim's socket is removed by its delete" "$shim_sock"
+      no "the killed shim's socket is removed by its delete" "$left"
     else
       # containerd 1.6's runc shim leaves it (its delete does not remove the socket).
-      echo "# note: the stock shim left $shim_sock after SIGKILL; removed here"
-      rm -f "$shim_sock"
+      echo "# note: the stock shim left /run/containerd/s/$left after SIGKILL; removed here"
+      rm -f "/run/containerd/s/$left"
     fi
   fi
 else

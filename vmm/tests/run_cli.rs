@@ -106,6 +106,13 @@ fn missing_files_and_bad_devices_name_the_field() {
     // A one-byte file is not a disk (sizes are multiples of 512); the cause is said once.
     let e = fails(&s, &["--disk", &s.path("files/a-file"), "--", "true"], "disk");
     assert_eq!(e.matches("512").count(), 1, "{e}");
+    // --image: a missing path, a directory that is no image layout, a file that is no tar.
+    fails(&s, &["--image", &missing, "--", "true"], "image");
+    let e = fails(&s, &["--image", &s.path("files/data"), "--", "true"], "image");
+    assert!(e.contains("no OCI image layout"), "{e}");
+    fails(&s, &["--image", &s.path("files/a-file"), "--", "true"], "image");
+    let e = fails(&s, &["--image", &missing, "--rootfs", &s.path("files/data"), "--", "true"], "--image");
+    assert!(e.contains("cannot be used with"), "{e}");
 }
 
 #[test]

@@ -11,6 +11,7 @@
 //!    the OCI spec), StartContainer; stdout and stderr are copied to ours until end of stream,
 //!    stdin forwarded with `-i`; signals are forwarded; WaitProcess gives the exit status.
 //! 5. DestroySandbox, the VM is stopped and joined, the temp dir removed.
+mod image;
 pub(crate) mod rootfs;
 mod spec;
 mod tty;
@@ -55,8 +56,12 @@ const READ_CHUNK: u32 = 64 * 1024;
 pub struct RunArgs {
     /// The container's root filesystem, a host directory shared read-write (default: a
     /// built-in busybox rootfs, shared read-only, with tmpfs on /tmp).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "image")]
     pub rootfs: Option<PathBuf>,
+    /// An OCI image layout (directory or tar) to run: unpacked once into the cache and shared
+    /// read-only with tmpfs on /tmp; its Env, WorkingDir and Entrypoint/Cmd are the defaults.
+    #[arg(long, value_name = "OCI-LAYOUT-DIR-or-TAR")]
+    pub image: Option<PathBuf>,
     /// Set an environment variable (K alone: take its value from here, if set). Repeatable.
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     pub env: Vec<String>,
@@ -85,7 +90,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     pub timeout: Option<f64>,
     /// The command and its arguments, after `--`.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -93,6 +98,8 @@ pub struct RunArgs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Rootfs {
     BuiltIn,
+    /// `Plan::image`.
+    Image,
     Dir(PathBuf),
 }
 
@@ -100,6 +107,7 @@ enum Rootfs {
 #[derive(Debug)]
 struct Plan {
     rootfs: Rootfs,
+    image: Option<image::Image>,
     env: Vec<String>,
     workdir: String,
     cpus: u8,
@@ -192,7 +200,15 @@ fn parse_env(e: &str) -> Result<Option<String>> {
 
 /// Checks every flag and every file they name; builds, boots and writes nothing.
 fn plan(a: RunArgs) -> Result<Plan> {
-    let command = a.command;
+    let image = a.image.as_deref().map(image::Image::open).transpose()?;
+    let image_config = image.as_ref().map(|i| i.config.clone()).unwrap_or_default();
+    let mut command = a.command;
+    if command.is_empty() && image.is_some() {
+        if image_config.command.is_empty() {
+            return Err(anyhow!("command: missing, and the image has no Entrypoint or Cmd; usage: {USAGE}"));
+        }
+        command = image_config.command.clone();
+    }
     match command.first() {
         None => return Err(anyhow!("command: missing; usage: {USAGE}")),
         Some(c) if c.is_empty() || c.contains('\0') => return Err(anyhow!("command: {c:?} is not a program name")),
@@ -201,12 +217,15 @@ fn plan(a: RunArgs) -> Result<Plan> {
     if let Some(arg) = command.iter().find(|c| c.contains('\0')) {
         return Err(anyhow!("command: argument {arg:?} contains a NUL byte"));
     }
-    let env = a.env.iter().map(|e| parse_env(e)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
-    let workdir = a.workdir.unwrap_or_else(|| "/".to_string());
+    let user_env: Vec<String> =
+        a.env.iter().map(|e| parse_env(e)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
+    let env = image_config.env.iter().cloned().chain(user_env).collect();
+    let workdir = a.workdir.or(image_config.workdir).unwrap_or_else(|| "/".to_string());
     if !workdir.starts_with('/') || workdir.contains('\0') {
         return Err(anyhow!("workdir: {workdir:?} is not an absolute path"));
     }
     let rootfs = match a.rootfs {
+        None if image.is_some() => Rootfs::Image,
         None => Rootfs::BuiltIn,
         Some(d) => {
             let full = std::fs::canonicalize(&d).map_err(|e| anyhow!("rootfs: {}: {e}", d.display()))?;
@@ -236,6 +255,7 @@ fn plan(a: RunArgs) -> Result<Plan> {
     }
     let p = Plan {
         rootfs,
+        image,
         env,
         workdir,
         cpus: a.cpus,
@@ -269,6 +289,12 @@ fn run(a: RunArgs) -> Result<u8> {
     let p = plan(a)?;
     let (root_dir, builtin) = match &p.rootfs {
         Rootfs::BuiltIn => (rootfs::ensure()?, true),
+        Rootfs::Image => {
+            let cache = shoji_vmm::artifacts::cache_dir()
+                .ok_or_else(|| anyhow!("image: no cache directory: set SHOJI_CACHE or HOME"))?;
+            let image = p.image.as_ref().ok_or_else(|| anyhow!("image: missing"))?;
+            (image.rootfs(&cache)?, true)
+        }
         Rootfs::Dir(d) => (d.clone(), false),
     };
     // A private directory for the sandbox's sockets and console log, removed at the end.
@@ -710,6 +736,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = Plan {
             rootfs: Rootfs::BuiltIn,
+            image: None,
             env: vec![],
             workdir: "/".into(),
             cpus: 1,
