@@ -1,6 +1,7 @@
 //! `shoji`: the command-line front end.
 mod bench;
 mod check;
+mod detached;
 mod run;
 
 use anyhow::{anyhow, Context, Result};
@@ -33,6 +34,9 @@ enum Cmd {
     Bench(BenchCmd),
     /// What this host offers and lacks for Shoji (KVM and its kind, cached guest, tools), with fixes.
     Check,
+    /// Detached sandboxes (`shoji run -d`): ps, exec, kill, rm, logs, wait.
+    #[command(flatten)]
+    Detached(detached::Cmd),
 }
 
 #[derive(Subcommand)]
@@ -267,6 +271,7 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         // `shoji run` errors like docker run: one line and status 125.
+        Err(e) if detached::owns(&args) && e.use_stderr() => return detached::clap_error(&e, &args),
         Err(e) if is_run(&args) && e.use_stderr() => {
             eprintln!("shoji: error: {}", run::clap_error_line(&e));
             return ExitCode::from(run::EXIT_SHOJI_ERROR);
@@ -280,6 +285,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run(a) => return run::main(a),
         Cmd::Check => return check::main(),
+        Cmd::Detached(c) => return detached::main(c),
         Cmd::Boot(a) => boot(a).context("boot"),
         Cmd::Bench(BenchCmd::Devices(a)) => bench::devices(bench::DevicesOpts {
             mib: a.mib,
