@@ -265,6 +265,8 @@ fn spawn_sandbox(name: &str, dir: &Path) -> Result<(), Fail> {
     let exe = std::env::current_exe().context("sandbox: finding the shoji binary")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["--log", "info", state::SANDBOX_CMD, name])
+        // Its log is a file: no terminal colours (tracing-subscriber honours NO_COLOR).
+        .env("NO_COLOR", "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log);
@@ -296,6 +298,7 @@ fn spawn_sandbox(name: &str, dir: &Path) -> Result<(), Fail> {
 
 /// `shoji __sandbox NAME`: holds the VM of a detached sandbox until its command exits.
 fn sandbox_process(name: &str) -> ExitCode {
+    let mut report = take_report_pipe();
     let dir = state::dir_of(name);
     let mut st = match state::load(name) {
         Ok(st) => st,
@@ -308,21 +311,21 @@ fn sandbox_process(name: &str) -> ExitCode {
     }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
-        Err(e) => return report_failure(fail(format!("tokio runtime: {e}"))),
+        Err(e) => return report_failure(&mut report, fail(format!("tokio runtime: {e}"))),
     };
     let started = boot_and_start(&st, &dir, &rt);
     let (vm, client, mut signals, until, tty) = match started {
         Ok(s) => s,
         Err(f) => {
             drop(rt);
-            return report_failure(f);
+            return report_failure(&mut report, f);
         }
     };
     st.status = Status::Running;
     if let Err(e) = state::save(&dir, &st) {
         tracing::warn!("{e}");
     }
-    report_started();
+    report_started(report);
     let result = rt.block_on(async {
         let r = supervise(&client, &vm, &mut signals, until, tty, &dir).await;
         run::destroy(&client, &vm).await;
@@ -367,6 +370,9 @@ fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Resul
         run::Rootfs::Dir(d) => (d.clone(), false),
     };
     let mut cfg = SandboxConfig::new(dir.to_path_buf());
+    // The agent logs at info on the console: `shoji logs --console` is the sandbox's record
+    // (the kernel stays quiet; each console byte is a VM exit).
+    cfg.extra_cmdline = Some(format!("{} -- --log info", shoji_vmm::cmdline::DEFAULT));
     cfg.vcpus = p.cpus;
     cfg.memory_mib = p.memory_mib;
     cfg.disks = p.disks.clone();
@@ -418,25 +424,17 @@ fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Resul
     }
 }
 
-/// Tells `shoji run -d` (our stdout is its pipe) that the command runs, then lets go of it.
-fn report_started() {
-    let mut out = std::io::stdout();
-    if let Err(e) = out.write_all(b"started\n").and_then(|()| out.flush()) {
-        tracing::warn!("report: {e}");
+/// Our stdout is the pipe `shoji run -d` reads our report from: moved to a descriptor of its
+/// own (close-on-exec), with /dev/null on stdout, so nothing else we run (an artifact build)
+/// can write into it, and it ends when the report is written.
+fn take_report_pipe() -> Option<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor of fd 1, which is open.
+    let fd = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        tracing::warn!("report pipe: {}", std::io::Error::last_os_error());
+        return None;
     }
-    detach_stdout();
-}
-
-/// Tells `shoji run -d` why the command did not start; it removes the state directory.
-fn report_failure(f: Fail) -> ExitCode {
-    tracing::error!("{}", f.msg);
-    let mut out = std::io::stdout();
-    let _ = write!(out, "error {}\n{}\n{}", f.code, f.msg, f.detail).and_then(|()| out.flush());
-    ExitCode::from(f.code)
-}
-
-/// /dev/null on stdout, so the pipe ends for `shoji run -d`.
-fn detach_stdout() {
     match std::fs::OpenOptions::new().write(true).open("/dev/null") {
         // SAFETY: dup2 onto fd 1; both descriptors are open and ours.
         Ok(null) => unsafe {
@@ -444,6 +442,26 @@ fn detach_stdout() {
         },
         Err(e) => tracing::warn!("/dev/null: {e}"),
     }
+    // SAFETY: `fd` is the new descriptor from fcntl, owned by nothing else.
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Tells `shoji run -d` that the command runs; dropping the pipe ends its read.
+fn report_started(report: Option<std::fs::File>) {
+    if let Some(mut out) = report {
+        if let Err(e) = out.write_all(b"started\n") {
+            tracing::warn!("report: {e}");
+        }
+    }
+}
+
+/// Tells `shoji run -d` why the command did not start; it removes the state directory.
+fn report_failure(report: &mut Option<std::fs::File>, f: Fail) -> ExitCode {
+    tracing::error!("{}", f.msg);
+    if let Some(out) = report {
+        let _ = write!(out, "error {}\n{}\n{}", f.code, f.msg, f.detail);
+    }
+    ExitCode::from(f.code)
 }
 
 /// Copies the command's output to the log until it has exited: its status, or why the sandbox
