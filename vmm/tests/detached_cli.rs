@@ -189,3 +189,26 @@ fn rm_refuses_a_running_sandbox_without_f_and_stops_it_with_f() {
     // SAFETY (test): the orphaned sleep of our own process group.
     unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
 }
+
+/// The sandbox process fails before booting (its cache path is a file, so the built-in rootfs
+/// cannot be built): `run -d` prints its one-line error with 125 and leaves no state.
+#[test]
+fn a_sandbox_that_cannot_start_leaves_nothing() {
+    let s = Scratch::new();
+    let not_a_dir = s.dir.path().join("cache-file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_shoji"))
+        .args(["run", "-d", "--name", "y", "--", "true"])
+        .env("SHOJI_RUN_DIR", s.run_dir())
+        .env("SHOJI_CACHE", &not_a_dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shoji");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    assert!(o.stdout.is_empty(), "{o:?}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("shoji: error: rootfs: "), "{err}");
+    assert!(is_empty(&s.run_dir()), "no state dir left");
+}
