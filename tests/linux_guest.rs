@@ -260,3 +260,88 @@ fn shoji_run_prints_both_streams_and_exits_with_the_commands_status() {
     assert!(left.is_empty(), "shoji run leaves nothing behind: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A detached sandbox end to end, in one boot: `run -d` prints the name once the command runs,
+/// `ps` lists it running, `exec` runs a second command in its container (output and exit
+/// status), `kill` ends the command, `wait` gives its status, `ps -a` lists it exited, `logs`
+/// has the command's output, and `rm` leaves no process, no state dir and no socket.
+#[test]
+fn detached_sandbox_execs_is_killed_and_removed() {
+    require_kvm();
+    shoji_vmm::artifacts::ensure_kernel().expect("guest kernel");
+    shoji_vmm::artifacts::ensure_rootfs().expect("guest initramfs");
+    let runs = tempfile::Builder::new().prefix("shoji-linux-detached-").tempdir().unwrap();
+    let shoji = |args: &[&str]| {
+        let out = Command::new(shoji_bin())
+            .args(args)
+            .env("SHOJI_RUN_DIR", runs.path())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run shoji");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        eprintln!("shoji {args:?}: {:?}\n{}{}", out.status, text(&out.stdout), text(&out.stderr));
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    /// Whatever fails, no sandbox is left running; its logs are shown.
+    struct Cleanup<'a>(&'a std::path::Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let dir = self.0.join("x");
+            if std::thread::panicking() && dir.exists() {
+                for f in ["sandbox.log", "console.log", "output.log", "state.json"] {
+                    let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+                    eprintln!("--- {f} ---\n{text}");
+                }
+                let _ = Command::new(shoji_bin()).args(["rm", "-f", "x"]).env("SHOJI_RUN_DIR", self.0).status();
+            }
+        }
+    }
+    let _cleanup = Cleanup(runs.path());
+
+    let start = Instant::now();
+    let (code, out, _) = shoji(&["run", "-d", "--name", "x", "--", "sh", "-c", "echo started; sleep 1000"]);
+    eprintln!("run -d took {:?}", start.elapsed());
+    assert_eq!((code, out.as_str()), (Some(0), "x\n"), "run -d prints the name");
+    let dir = runs.path().join("x");
+    let state = std::fs::read_to_string(dir.join("state.json")).unwrap();
+    let pid: i32 = state
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.trim().parse().ok())
+        .expect("the sandbox process's pid in state.json");
+    assert!(dir.join("vsock.sock").exists());
+
+    let (code, out, _) = shoji(&["ps"]);
+    assert_eq!(code, Some(0));
+    assert!(out.lines().any(|l| l.starts_with("x ") && l.contains(" running ")), "{out}");
+
+    let (code, out, err) = shoji(&["exec", "x", "--", "sh", "-c", "echo from-exec; echo to-stderr >&2; exit 3"]);
+    assert_eq!((code, out.as_str(), err.as_str()), (Some(3), "from-exec\n", "to-stderr\n"));
+    let (code, _, err) = shoji(&["exec", "x", "--", "no-such-command"]);
+    assert_eq!(code, Some(127), "{err}");
+
+    let (code, _, _) = shoji(&["kill", "x"]);
+    assert_eq!(code, Some(0));
+    // `wait` returns once the sandbox process has recorded the status and stopped the VM.
+    let (code, out, _) = shoji(&["wait", "x"]);
+    assert_eq!((code, out.as_str()), (Some(0), "137\n"), "SIGKILL");
+    let (_, out, _) = shoji(&["ps", "-a"]);
+    assert!(out.lines().any(|l| l.starts_with("x ") && l.contains(" exited(137) ")), "{out}");
+    let (_, out, _) = shoji(&["ps"]);
+    assert_eq!(out.lines().count(), 1, "no running sandbox: {out}");
+    let (code, out, _) = shoji(&["logs", "x"]);
+    assert_eq!((code, out.as_str()), (Some(0), "started\n"));
+    let (code, out, _) = shoji(&["logs", "--console", "x"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("agent ready"), "the console has the agent's log: {out}");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("__sandbox"), "the sandbox process has exited");
+    assert!(!dir.join("vsock.sock").exists(), "the VMM removed its socket");
+
+    let (code, out, _) = shoji(&["rm", "x"]);
+    assert_eq!((code, out.as_str()), (Some(0), "x\n"));
+    assert!(!dir.exists(), "rm removes the state dir");
+    assert!(std::fs::read_dir(runs.path()).unwrap().next().is_none());
+}

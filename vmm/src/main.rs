@@ -1,6 +1,7 @@
 //! `shoji`: the command-line front end.
 mod bench;
 mod check;
+mod detached;
 mod run;
 mod setup;
 
@@ -36,6 +37,9 @@ enum Cmd {
     Check,
     /// Build (or find) the cached guest kernel, initramfs and built-in run rootfs, with progress.
     Setup,
+    /// Detached sandboxes (`shoji run -d`): ps, exec, kill, rm, logs, wait.
+    #[command(flatten)]
+    Detached(detached::Cmd),
 }
 
 #[derive(Subcommand)]
@@ -366,6 +370,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
+        // The detached commands name their own fields.
+        Err(e) if detached::owns(&args) && e.use_stderr() => return detached::clap_error(&e, &args),
         // Usage errors, like docker's: one line and status 125 (help and version still print).
         Err(e) if e.use_stderr() => {
             eprintln!("shoji: error: {}", usage_error_line(&e, &args));
@@ -383,6 +389,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => return run::main(a),
         Cmd::Check => return check::main(),
         Cmd::Setup => setup::main().map(|()| ExitCode::SUCCESS).context("setup"),
+        Cmd::Detached(c) => return detached::main(c),
         Cmd::Boot(a) => boot(a).context("boot"),
         Cmd::Bench(BenchCmd::Devices(a)) => bench::devices(bench::DevicesOpts {
             mib: a.mib,

@@ -13,8 +13,8 @@
 //! 5. DestroySandbox, the VM is stopped and joined, the temp dir removed.
 mod image;
 pub(crate) mod rootfs;
-mod spec;
-mod tty;
+pub(crate) mod spec;
+pub(crate) mod tty;
 
 use anyhow::{anyhow, Context, Result};
 use shoji_protocol::agent;
@@ -39,13 +39,13 @@ const EXIT_TIMEOUT: u8 = 124;
 const USAGE: &str = "shoji run [OPTIONS] -- CMD [ARGS...]";
 
 /// The container's id in the sandbox (one container per `shoji run`).
-const CONTAINER_ID: &str = "run";
+pub(crate) const CONTAINER_ID: &str = "run";
 /// Where the agent mounts the container's rootfs and the shares in the guest.
 const GUEST_ROOTFS: &str = "/run/shoji/rootfs";
 const GUEST_SHARES: &str = "/run/shoji";
 const ROOTFS_TAG: &str = "rootfs";
 /// Limit of the set-up and tear-down RPCs; 0 (no limit) for the ones that wait on the command.
-const RPC_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(120);
 const READ_CHUNK: u32 = 64 * 1024;
 
 #[derive(clap::Args, Debug)]
@@ -86,6 +86,13 @@ pub struct RunArgs {
     /// Give the command a terminal (with -i: the host terminal in raw mode is its keyboard).
     #[arg(short = 't', long)]
     pub tty: bool,
+    /// Run in the background: print the sandbox's name once the command has started, keep
+    /// its output for `shoji logs` (see `shoji ps`, `exec`, `kill`, `rm`).
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// The detached sandbox's name (default: a generated adjective-noun).
+    #[arg(long, value_name = "NAME", requires = "detach")]
+    pub name: Option<String>,
     /// Stop the sandbox after this many seconds, boot included, and exit with status 124.
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     pub timeout: Option<f64>,
@@ -96,7 +103,7 @@ pub struct RunArgs {
 
 /// Where the container's root comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Rootfs {
+pub(crate) enum Rootfs {
     BuiltIn,
     /// `Plan::image`.
     Image,
@@ -105,24 +112,27 @@ enum Rootfs {
 
 /// `RunArgs`, checked.
 #[derive(Debug)]
-struct Plan {
-    rootfs: Rootfs,
-    image: Option<image::Image>,
-    env: Vec<String>,
-    workdir: String,
-    cpus: u8,
-    memory_mib: u64,
-    disks: Vec<DiskConfig>,
+pub(crate) struct Plan {
+    pub rootfs: Rootfs,
+    pub image: Option<image::Image>,
+    pub env: Vec<String>,
+    pub workdir: String,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub disks: Vec<DiskConfig>,
     /// Each share and the name it gets under /mnt.
-    shares: Vec<(ShareConfig, String)>,
-    interactive: bool,
-    tty: bool,
-    timeout: Option<Duration>,
-    command: Vec<String>,
+    pub shares: Vec<(ShareConfig, String)>,
+    pub interactive: bool,
+    pub tty: bool,
+    pub timeout: Option<Duration>,
+    pub command: Vec<String>,
 }
 
 /// `shoji run`: the command's exit status, or 125 with one line on stderr.
 pub fn main(args: RunArgs) -> ExitCode {
+    if args.detach {
+        return crate::detached::run(args);
+    }
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -133,7 +143,7 @@ pub fn main(args: RunArgs) -> ExitCode {
 }
 
 /// An error and its causes on one line.
-fn one_line(e: &anyhow::Error) -> String {
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
 }
 
@@ -147,6 +157,10 @@ pub fn clap_error_line(e: &clap::Error) -> String {
     // "--cpus <N>" -> "--cpus"
     let field = arg.as_deref().map(|a| a.split([' ', '=']).next().unwrap_or(a).to_string());
     match (e.kind(), field) {
+        // `--name` without `-d`.
+        (ErrorKind::MissingRequiredArgument, Some(f)) if f == "--detach" => {
+            "--name: names a detached sandbox; it needs -d".to_string()
+        }
         (ErrorKind::MissingRequiredArgument, _) => format!("command: missing; usage: {USAGE}"),
         (ErrorKind::UnknownArgument, Some(f)) if !f.starts_with('-') => {
             format!("command: {f:?} must come after `--`; usage: {USAGE}")
@@ -183,7 +197,7 @@ fn parse_share(spec: &str, index: usize) -> Result<(ShareConfig, String)> {
 }
 
 /// `-e K=V` or `-e K` (K's value here; left out when unset).
-fn parse_env(e: &str) -> Result<Option<String>> {
+pub(crate) fn parse_env(e: &str) -> Result<Option<String>> {
     if e.contains('\0') {
         return Err(anyhow!("env: {e:?} contains a NUL byte"));
     }
@@ -199,7 +213,7 @@ fn parse_env(e: &str) -> Result<Option<String>> {
 }
 
 /// Checks every flag and every file they name; builds, boots and writes nothing.
-fn plan(a: RunArgs) -> Result<Plan> {
+pub(crate) fn plan(a: RunArgs) -> Result<Plan> {
     let image = a.image.as_deref().map(image::Image::open).transpose()?;
     let image_config = image.as_ref().map(|i| i.config.clone()).unwrap_or_default();
     let mut command = a.command;
@@ -276,8 +290,23 @@ fn plan(a: RunArgs) -> Result<Plan> {
     Ok(p)
 }
 
+/// The container rootfs directory (built, found or unpacked now) and whether it is a shared,
+/// read-only one (built-in or image: tmpfs on /tmp) rather than the user's own directory.
+pub(crate) fn root_dir(p: &Plan) -> Result<(PathBuf, bool)> {
+    Ok(match &p.rootfs {
+        Rootfs::BuiltIn => (rootfs::ensure()?, true),
+        Rootfs::Image => {
+            let cache = shoji_vmm::artifacts::cache_dir()
+                .ok_or_else(|| anyhow!("image: no cache directory: set SHOJI_CACHE or HOME"))?;
+            let image = p.image.as_ref().ok_or_else(|| anyhow!("image: missing"))?;
+            (image.rootfs(&cache)?, true)
+        }
+        Rootfs::Dir(d) => (d.clone(), false),
+    })
+}
+
 /// Sandbox errors with `shoji run`'s flag names.
-fn sandbox_error(e: SandboxError) -> anyhow::Error {
+pub(crate) fn sandbox_error(e: SandboxError) -> anyhow::Error {
     match e {
         SandboxError::Vm(VmError::Vcpus(n, max)) => anyhow!("cpus: {n} is out of range (1..={max} on this host)"),
         // The message already holds its causes.
@@ -287,16 +316,7 @@ fn sandbox_error(e: SandboxError) -> anyhow::Error {
 
 fn run(a: RunArgs) -> Result<u8> {
     let p = plan(a)?;
-    let (root_dir, builtin) = match &p.rootfs {
-        Rootfs::BuiltIn => (rootfs::ensure()?, true),
-        Rootfs::Image => {
-            let cache = shoji_vmm::artifacts::cache_dir()
-                .ok_or_else(|| anyhow!("image: no cache directory: set SHOJI_CACHE or HOME"))?;
-            let image = p.image.as_ref().ok_or_else(|| anyhow!("image: missing"))?;
-            (image.rootfs(&cache)?, true)
-        }
-        Rootfs::Dir(d) => (d.clone(), false),
-    };
+    let (root_dir, builtin) = root_dir(&p)?;
     // A private directory for the sandbox's sockets and console log, removed at the end.
     let dir = tempfile::Builder::new().prefix("shoji-run-").tempdir().context("temp dir")?;
     let mut cfg = SandboxConfig::new(dir.path().to_path_buf());
@@ -350,7 +370,7 @@ fn run(a: RunArgs) -> Result<u8> {
 }
 
 /// Why a session ended without the command's status.
-enum Failure {
+pub(crate) enum Failure {
     Timeout,
     /// Interrupted (by SIGINT, SIGTERM, SIGHUP) before the command started.
     Signal(i32),
@@ -363,7 +383,7 @@ enum Failure {
 }
 
 /// Failure::Command for an agent error of CreateContainer or StartContainer.
-fn command_failure(e: &ttrpc::Error) -> Failure {
+pub(crate) fn command_failure(e: &ttrpc::Error) -> Failure {
     let msg = rpc_msg(e);
     let code = if msg.contains("process.args[0]") {
         if msg.contains("not found") {
@@ -383,20 +403,20 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-struct Signals {
-    stop: StopSignals,
+pub(crate) struct Signals {
+    pub stop: StopSignals,
     winch: tokio::signal::unix::Signal,
 }
 
 /// SIGINT, SIGTERM, SIGHUP: forwarded to the command once it runs, the end before.
-struct StopSignals {
+pub(crate) struct StopSignals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn new() -> Result<Signals> {
+    pub fn new() -> Result<Signals> {
         let s = |k: SignalKind| signal(k).context("installing signal handlers");
         Ok(Signals {
             stop: StopSignals {
@@ -411,7 +431,7 @@ impl Signals {
 
 impl StopSignals {
     /// The next SIGINT, SIGTERM or SIGHUP.
-    async fn stop(&mut self) -> i32 {
+    pub async fn stop(&mut self) -> i32 {
         tokio::select! {
             _ = self.int.recv() => libc::SIGINT,
             _ = self.term.recv() => libc::SIGTERM,
@@ -421,7 +441,7 @@ impl StopSignals {
 }
 
 /// A deadline that never comes when there is none.
-async fn deadline(at: Option<tokio::time::Instant>) {
+pub(crate) async fn deadline(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -429,7 +449,11 @@ async fn deadline(at: Option<tokio::time::Instant>) {
 }
 
 /// The agent's storages, devices and spec for the plan.
-fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16, u16)>) -> Result<agent::CreateContainerRequest> {
+pub(crate) fn create_request(
+    p: &Plan,
+    builtin: bool,
+    console_size: Option<(u16, u16)>,
+) -> Result<agent::CreateContainerRequest> {
     let mut storages = vec![virtiofs_storage(ROOTFS_TAG, GUEST_ROOTFS, builtin)];
     let mut binds = Vec::new();
     for (s, name) in &p.shares {
@@ -486,45 +510,69 @@ async fn session(p: &Plan, builtin: bool, vm: &Sandbox, mut sig: Signals) -> Res
     let req = create_request(p, builtin, console_size)?;
 
     // Up to a started command: any of these ends it.
-    let setup = async {
-        let client = vm.agent(AGENT_TIMEOUT).await.map_err(|e| Failure::Sandbox(anyhow!(e)))?;
-        let sandbox = agent::CreateSandboxRequest {
-            hostname: spec::HOSTNAME.into(),
-            sandbox_id: format!("shoji-run-{}", std::process::id()),
-            ..Default::default()
-        };
-        client
-            .create_sandbox(ctx(RPC_TIMEOUT), &sandbox)
-            .await
-            .map_err(|e| Failure::Sandbox(anyhow!("agent: CreateSandbox: {}", rpc_msg(&e))))?;
-        client.create_container(ctx(RPC_TIMEOUT), &req).await.map_err(|e| command_failure(&e))?;
-        let start = agent::StartContainerRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
-        client.start_container(ctx(RPC_TIMEOUT), &start).await.map_err(|e| command_failure(&e))?;
-        Ok::<_, Failure>(client)
-    };
     let client = tokio::select! {
-        r = setup => r?,
+        r = start_command(vm, &req, format!("shoji-run-{}", std::process::id())) => r?,
         s = sig.stop.stop() => return Err(Failure::Signal(s)),
         why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} before the command started"))),
         _ = deadline(until) => return Err(Failure::Timeout),
     };
 
-    let result = running(p, &client, vm, &mut sig, until).await;
-    // Whatever happened, the agent cleans up the guest (unless the VM is gone).
+    let io = Io { exec_id: String::new(), interactive: p.interactive, tty: p.tty };
+    let result = running(&io, &client, Some(vm), &mut sig, until).await;
+    destroy(&client, vm).await;
+    result
+}
+
+/// CreateSandbox, CreateContainer, StartContainer: the agent's client once the command runs.
+pub(crate) async fn start_command(
+    vm: &Sandbox,
+    req: &agent::CreateContainerRequest,
+    sandbox_id: String,
+) -> Result<AgentServiceClient, Failure> {
+    let client = vm.agent(AGENT_TIMEOUT).await.map_err(|e| Failure::Sandbox(anyhow!(e)))?;
+    let sandbox = agent::CreateSandboxRequest { hostname: spec::HOSTNAME.into(), sandbox_id, ..Default::default() };
+    client
+        .create_sandbox(ctx(RPC_TIMEOUT), &sandbox)
+        .await
+        .map_err(|e| Failure::Sandbox(anyhow!("agent: CreateSandbox: {}", rpc_msg(&e))))?;
+    client.create_container(ctx(RPC_TIMEOUT), req).await.map_err(|e| command_failure(&e))?;
+    let start = agent::StartContainerRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
+    client.start_container(ctx(RPC_TIMEOUT), &start).await.map_err(|e| command_failure(&e))?;
+    Ok(client)
+}
+
+/// Whatever happened, the agent cleans up the guest (unless the VM is gone).
+pub(crate) async fn destroy(client: &AgentServiceClient, vm: &Sandbox) {
     let destroy_req = agent::DestroySandboxRequest::new();
     let destroy = client.destroy_sandbox(ctx(Duration::from_secs(30)), &destroy_req);
     tokio::select! {
         r = destroy => if let Err(e) = r { tracing::warn!("DestroySandbox: {e}") },
         _ = vm.stopped() => {}
     }
-    result
+}
+
+/// Resolves when the VM stopped; never without one (`shoji exec`: the VM is another
+/// process's, and a lost agent connection ends the RPCs instead).
+pub(crate) async fn vm_stopped(vm: Option<&Sandbox>) -> String {
+    match vm {
+        Some(vm) => vm.stopped().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The process whose stdio and signals `running` forwards: the container's init (empty
+/// exec id) or an exec'd process.
+pub(crate) struct Io {
+    pub exec_id: String,
+    pub interactive: bool,
+    pub tty: bool,
 }
 
 /// Forwards stdio and signals until the command has exited and its output has ended.
-async fn running(
-    p: &Plan,
+pub(crate) async fn running(
+    p: &Io,
     client: &AgentServiceClient,
-    vm: &Sandbox,
+    vm: Option<&Sandbox>,
     sig: &mut Signals,
     until: Option<tokio::time::Instant>,
 ) -> Result<u8, Failure> {
@@ -533,21 +581,26 @@ async fn running(
     } else {
         None
     };
-    let out = tokio::spawn(pump(client.clone(), false));
-    let err = tokio::spawn(pump(client.clone(), true));
+    let out = tokio::spawn(pump(client.clone(), p.exec_id.clone(), false, std::io::stdout()));
+    let err = tokio::spawn(pump(client.clone(), p.exec_id.clone(), true, std::io::stderr()));
     if p.interactive {
-        tokio::spawn(forward_stdin(client.clone()));
+        tokio::spawn(forward_stdin(client.clone(), p.exec_id.clone()));
     } else if !p.tty {
         // No -i: the command reads end of file at once. (A terminal with no -i stays open:
         // closing it would send ^D, as docker run -t keeps it.)
-        let close = agent::CloseStdinRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
+        let close = agent::CloseStdinRequest {
+            container_id: CONTAINER_ID.into(),
+            exec_id: p.exec_id.clone(),
+            ..Default::default()
+        };
         if let Err(e) = client.close_stdin(ctx(RPC_TIMEOUT), &close).await {
             tracing::debug!("CloseStdin: {e}");
         }
     }
     let waiter = client.clone();
+    let exec_id = p.exec_id.clone();
     let mut wait = tokio::spawn(async move {
-        let req = agent::WaitProcessRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
+        let req = agent::WaitProcessRequest { container_id: CONTAINER_ID.into(), exec_id, ..Default::default() };
         waiter.wait_process(ctx(Duration::ZERO), &req).await
     });
     let mut interrupts = 0;
@@ -561,7 +614,12 @@ async fn running(
                 // Forwarded; the third ^C kills.
                 interrupts += usize::from(s == libc::SIGINT);
                 let signal = if interrupts >= 3 { libc::SIGKILL } else { s } as u32;
-                let req = agent::SignalProcessRequest { container_id: CONTAINER_ID.into(), signal, ..Default::default() };
+                let req = agent::SignalProcessRequest {
+                    container_id: CONTAINER_ID.into(),
+                    exec_id: p.exec_id.clone(),
+                    signal,
+                    ..Default::default()
+                };
                 if let Err(e) = client.signal_process(ctx(RPC_TIMEOUT), &req).await {
                     tracing::debug!("SignalProcess({signal}): {e}");
                 }
@@ -572,6 +630,7 @@ async fn running(
                 {
                     let req = agent::TtyWinResizeRequest {
                         container_id: CONTAINER_ID.into(),
+                        exec_id: p.exec_id.clone(),
                         row: row.into(),
                         column: column.into(),
                         ..Default::default()
@@ -581,7 +640,7 @@ async fn running(
                     }
                 }
             }
-            why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} while the command ran"))),
+            why = vm_stopped(vm) => return Err(Failure::Sandbox(anyhow!("sandbox: {why} while the command ran"))),
             _ = deadline(until) => return Err(Failure::Timeout),
         }
     };
@@ -595,17 +654,19 @@ async fn running(
     };
     tokio::select! {
         r = drained => r?,
-        why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} while the output was read"))),
+        why = vm_stopped(vm) => return Err(Failure::Sandbox(anyhow!("sandbox: {why} while the output was read"))),
         _ = deadline(until) => return Err(Failure::Timeout),
     }
     drop(raw);
     Ok(u8::try_from(status.status).unwrap_or(u8::MAX))
 }
 
-/// Copies the command's stdout (or stderr) to ours until its end. Output we cannot write (our
-/// stdout closed) is read and dropped, so the command never blocks on it.
-async fn pump(client: AgentServiceClient, stderr: bool) -> Result<()> {
-    let req = agent::ReadStreamRequest { container_id: CONTAINER_ID.into(), len: READ_CHUNK, ..Default::default() };
+/// Copies the process's stdout (or stderr) to `w` (ours, or a detached sandbox's log) until its
+/// end. Output we cannot write (our stdout closed) is read and dropped, so the command never
+/// blocks on it.
+pub(crate) async fn pump(client: AgentServiceClient, exec_id: String, stderr: bool, mut w: impl Write) -> Result<()> {
+    let req =
+        agent::ReadStreamRequest { container_id: CONTAINER_ID.into(), exec_id, len: READ_CHUNK, ..Default::default() };
     let mut broken = false;
     loop {
         let r = if stderr {
@@ -620,14 +681,7 @@ async fn pump(client: AgentServiceClient, stderr: bool) -> Result<()> {
         if broken {
             continue;
         }
-        let w = if stderr {
-            let mut e = std::io::stderr().lock();
-            e.write_all(&data).and_then(|()| e.flush())
-        } else {
-            let mut o = std::io::stdout().lock();
-            o.write_all(&data).and_then(|()| o.flush())
-        };
-        if let Err(e) = w {
+        if let Err(e) = w.write_all(&data).and_then(|()| w.flush()) {
             tracing::debug!("writing the command's output here: {e}");
             broken = true;
         }
@@ -636,7 +690,7 @@ async fn pump(client: AgentServiceClient, stderr: bool) -> Result<()> {
 
 /// Forwards our stdin to the command's; CloseStdin at our end of file. A thread reads (stdin
 /// cannot be polled in general); it is left blocked in read(2) when the command ends first.
-async fn forward_stdin(client: AgentServiceClient) {
+async fn forward_stdin(client: AgentServiceClient, exec_id: String) {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
     let reader = std::thread::Builder::new().name("shoji-stdin".into()).spawn(move || {
         let mut buf = vec![0u8; 32 * 1024];
@@ -658,14 +712,19 @@ async fn forward_stdin(client: AgentServiceClient) {
         return;
     }
     while let Some(data) = rx.recv().await {
-        let req = agent::WriteStreamRequest { container_id: CONTAINER_ID.into(), data, ..Default::default() };
+        let req = agent::WriteStreamRequest {
+            container_id: CONTAINER_ID.into(),
+            exec_id: exec_id.clone(),
+            data,
+            ..Default::default()
+        };
         if let Err(e) = client.write_stdin(ctx(Duration::ZERO), &req).await {
             // The command closed its stdin or ended: nothing more to forward.
             tracing::debug!("WriteStdin: {e}");
             return;
         }
     }
-    let close = agent::CloseStdinRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
+    let close = agent::CloseStdinRequest { container_id: CONTAINER_ID.into(), exec_id, ..Default::default() };
     if let Err(e) = client.close_stdin(ctx(RPC_TIMEOUT), &close).await {
         tracing::debug!("CloseStdin: {e}");
     }
