@@ -12,34 +12,13 @@ pub struct MountSpec {
     pub options: Vec<String>,
 }
 
-/// mount(2) flags and the fs-specific data of an option list.
-pub fn parse_options(options: &[String]) -> (libc::c_ulong, String) {
-    let mut flags: libc::c_ulong = 0;
-    let mut data = Vec::new();
-    for o in options {
-        let (set, clear): (libc::c_ulong, libc::c_ulong) = match o.as_str() {
-            "ro" => (libc::MS_RDONLY, 0),
-            "rw" => (0, libc::MS_RDONLY),
-            "bind" => (libc::MS_BIND, 0),
-            "rbind" => (libc::MS_BIND | libc::MS_REC, 0),
-            "nosuid" => (libc::MS_NOSUID, 0),
-            "suid" => (0, libc::MS_NOSUID),
-            "nodev" => (libc::MS_NODEV, 0),
-            "dev" => (0, libc::MS_NODEV),
-            "noexec" => (libc::MS_NOEXEC, 0),
-            "exec" => (0, libc::MS_NOEXEC),
-            "noatime" => (libc::MS_NOATIME, 0),
-            "relatime" => (libc::MS_RELATIME, 0),
-            "sync" => (libc::MS_SYNCHRONOUS, 0),
-            "remount" => (libc::MS_REMOUNT, 0),
-            _ => {
-                data.push(o.as_str());
-                (0, 0)
-            }
-        };
-        flags = (flags | set) & !clear;
-    }
-    (flags, data.join(","))
+/// mount(2) flags and the fs-specific data of an option list (the agent's parser: one table of
+/// option names for OCI specs and containerd's mounts).
+pub fn parse_options(options: &[String]) -> std::io::Result<(libc::c_ulong, String)> {
+    let m = shoji_agent::runtime::parse_mount_options("rootfs options", options)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let bind = if m.bind { libc::MS_BIND } else { 0 };
+    Ok((m.flags | bind, m.data.join(",")))
 }
 
 fn cstr(p: &[u8], what: &str) -> std::io::Result<CString> {
@@ -70,7 +49,7 @@ fn sys_mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong, da
 /// Mounts containerd's snapshot mounts, in order, at `target`.
 pub fn mount_all(mounts: &[MountSpec], target: &Path) -> std::io::Result<()> {
     for m in mounts {
-        let (flags, data) = parse_options(&m.options);
+        let (flags, data) = parse_options(&m.options)?;
         let fstype = if m.fstype.is_empty() || m.fstype == "bind" { "none" } else { m.fstype.as_str() };
         sys_mount(&m.source, target, fstype, flags, &data).map_err(|e| {
             std::io::Error::new(e.kind(), format!("mount {} ({}) at {}: {e}", m.source, m.fstype, target.display()))
@@ -150,13 +129,14 @@ mod tests {
 
     #[test]
     fn options_split_into_flags_and_data() {
-        let (f, d) = parse_options(&v(&["index=off", "workdir=/w", "upperdir=/u", "lowerdir=/l1:/l2"]));
+        let (f, d) = parse_options(&v(&["index=off", "workdir=/w", "upperdir=/u", "lowerdir=/l1:/l2"])).unwrap();
         assert_eq!((f, d.as_str()), (0, "index=off,workdir=/w,upperdir=/u,lowerdir=/l1:/l2"));
-        let (f, d) = parse_options(&v(&["rbind", "ro", "nosuid"]));
+        let (f, d) = parse_options(&v(&["rbind", "ro", "nosuid"])).unwrap();
         assert_eq!(f, libc::MS_BIND | libc::MS_REC | libc::MS_RDONLY | libc::MS_NOSUID);
         assert_eq!(d, "");
-        let (f, _) = parse_options(&v(&["ro", "rw"]));
+        let (f, _) = parse_options(&v(&["ro", "rw"])).unwrap();
         assert_eq!(f, 0, "the last of ro/rw wins");
+        assert!(parse_options(&v(&["idmap"])).is_err());
     }
 
     #[test]

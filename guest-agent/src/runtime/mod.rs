@@ -106,6 +106,8 @@ mod linux;
 pub mod reaper;
 mod seccomp;
 mod spec;
+/// Mount option parsing (OCI and containerd option lists), shared with the containerd shim.
+pub use spec::{parse_mount_options, MountOptions};
 mod stdio;
 mod sys;
 #[cfg(target_arch = "x86_64")]

@@ -395,14 +395,14 @@ pub(crate) fn secure_join(root: &Path, unsafe_path: &Path) -> std::io::Result<Pa
 
 /// Parsed mount options.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct MountOptions {
+pub struct MountOptions {
     pub flags: c_ulong,
     pub propagation: Vec<c_ulong>,
     pub bind: bool,
     pub data: Vec<String>,
 }
 
-pub(crate) fn parse_mount_options(field: &str, opts: &[String]) -> Result<MountOptions> {
+pub fn parse_mount_options(field: &str, opts: &[String]) -> Result<MountOptions> {
     let mut m = MountOptions::default();
     for o in opts {
         let (set, clear): (c_ulong, c_ulong) = match o.as_str() {
