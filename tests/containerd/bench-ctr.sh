@@ -11,7 +11,7 @@ source "$(dirname "$0")/lib.sh"
 
 echo "# ctr run --rm $IMG ID echo hi: $N runs per runtime, interleaved (runc, shoji, runc, ...)"
 echo "# containerd $(containerd --version | awk '{print $3}'), snapshotter $SNAP, $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), kernel $(uname -r)"
-echo "# /dev/kvm: $(lsmod | grep -q '^kvm_pvm' && echo 'PVM (kvm_pvm)' || echo 'hardware KVM'); load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# /dev/kvm: $([ -d /sys/module/kvm_pvm ] && echo 'PVM (kvm_pvm)' || echo 'hardware KVM'); load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 for i in $(seq "$N"); do
   for rt in runc shoji; do
     t0=$(date +%s%N)
