@@ -5,8 +5,10 @@
 #   RUNTIME=io.containerd.runc.v2 tests/containerd/containerd-it.sh      # the same cases with runc
 #
 # Cases: echo; exit status 3; stderr; stdin piped through cat; a tty session; detached task +
-# exec + SIGKILL + delete; $CYCLES (default 20) run/delete cycles; then nothing of ours may be
-# left: no shim process, no mount, no shim socket, no sandbox directory. Setup: lib.sh.
+# exec + ps + SIGKILL + delete; SIGKILL of the shim then delete; (our shim only) a guest that
+# resets its VM ends the task with 255; $CYCLES (default 20) run/delete cycles; then nothing of
+# ours may be left: no shim process, mount, shim socket, sandbox directory, task or container.
+# Setup (private containerd, image): lib.sh.
 # Needs root. Installs containerd, runc, busybox-static and python3 when missing.
 # Prints "N passed, M failed"; exits non-zero on any failure.
 set -uo pipefail
