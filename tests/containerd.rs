@@ -36,7 +36,11 @@ fn ctr_runs_tasks_with_runc_and_with_the_shoji_shim() {
     );
     std::fs::write(&config, toml).expect("shim config");
     let shim = shoji_bin().with_file_name("containerd-shim-shoji-v2");
-    assert!(shim.is_file(), "{} is missing: `cargo test --workspace` builds it", shim.display());
+    assert!(
+        shim.is_file(),
+        "{} is missing: `cargo test --workspace` builds it (for shim/tests/), or `cargo build -p containerd-shim-shoji-v2`",
+        shim.display()
+    );
 
     let (ok, out) = run_suite("io.containerd.runc.v2", &[]);
     println!("--- with runc\n{out}");
