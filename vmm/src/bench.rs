@@ -330,12 +330,13 @@ fn run_shoji(o: &DevicesOpts, disk: &Path, run: u32) -> Result<RunResult> {
 
 const QEMU: &str = "qemu-system-x86_64";
 
-fn qemu_args(o: &DevicesOpts, kernel: &Path, disk: &Path) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "-name",
-        "shoji-bench,debug-threads=on",
+/// The QEMU flags every peer run shares: machine `machine`, KVM, the host CPU, 1 vCPU, `mib` MiB,
+/// no default devices, the serial console on stdio, exit (not reboot) when the guest resets.
+pub(crate) fn qemu_common_args(machine: &str, mib: u64) -> Vec<String> {
+    let m = mib.to_string();
+    [
         "-M",
-        "pc",
+        machine,
         "-accel",
         "kvm",
         "-cpu",
@@ -343,18 +344,22 @@ fn qemu_args(o: &DevicesOpts, kernel: &Path, disk: &Path) -> Vec<String> {
         "-smp",
         "1",
         "-m",
-        &GUEST_MIB.to_string(),
+        &m,
         "-nodefaults",
         "-no-user-config",
         "-nographic",
         "-serial",
         "stdio",
         "-no-reboot",
-        "-kernel",
     ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    .map(String::from)
+    .to_vec()
+}
+
+fn qemu_args(o: &DevicesOpts, kernel: &Path, disk: &Path) -> Vec<String> {
+    let mut a: Vec<String> = vec!["-name".into(), "shoji-bench,debug-threads=on".into()];
+    a.extend(qemu_common_args("pc", GUEST_MIB));
+    a.push("-kernel".into());
     a.push(kernel.display().to_string());
     a.extend(["-append".into(), guest_cmdline(o)]);
     a.extend([

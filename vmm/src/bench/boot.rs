@@ -136,30 +136,10 @@ fn systems(o: &BootOpts, scratch: &Path) -> Result<Vec<System>> {
     }
     let mut v = vec![shoji];
     if let (Some(Peer::Qemu), Some(boot)) = (o.peer, qemu_boot) {
-        let mut args: Vec<String> = [
-            "-M",
-            // QEMU's leanest machine (qboot firmware, no PCI, no ACPI): what the guest needs is
-            // a UART and the i8042 line it resets through (microvm has none by default).
-            "microvm,pit=off,pic=off,rtc=off",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-smp",
-            "1",
-            "-m",
-            &GUEST_MIB.to_string(),
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-device",
-            "i8042",
-            "-no-reboot",
-        ]
-        .map(String::from)
-        .to_vec();
+        // QEMU's leanest machine (qboot firmware, no PCI, no ACPI): what the guest needs is a
+        // UART and the i8042 line it resets through (microvm has none by default).
+        let mut args = super::qemu_common_args("microvm,pit=off,pic=off,rtc=off", GUEST_MIB);
+        args.extend(["-device".into(), "i8042".into()]);
         args.extend(boot);
         let marker = v[0].marker;
         v.push(System { name: "qemu", program: PathBuf::from(QEMU), args, marker });
