@@ -95,6 +95,18 @@ struct BenchRunArgs {
     plot: Option<PathBuf>,
 }
 
+/// `bench boot` and `bench run` take the same flags (with their own defaults).
+macro_rules! boot_opts {
+    ($($args:ty),*) => {$(
+        impl $args {
+            fn opts(self, bench: bench::boot::Bench) -> bench::boot::BootOpts {
+                bench::boot::BootOpts { bench, n: self.n, guest: self.guest, peer: self.peer, json: self.json, plot: self.plot }
+            }
+        }
+    )*};
+}
+boot_opts!(BenchBootArgs, BenchRunArgs);
+
 #[derive(clap::Args)]
 struct BenchVsockArgs {
     /// Echo phase: this many timed round trips.
@@ -412,26 +424,12 @@ fn main() -> ExitCode {
         })
         .map(|()| ExitCode::SUCCESS)
         .context("bench vsock"),
-        Cmd::Bench(BenchCmd::Boot(a)) => bench::boot::main(bench::boot::BootOpts {
-            bench: bench::boot::Bench::Boot,
-            n: a.n,
-            guest: a.guest,
-            peer: a.peer,
-            json: a.json,
-            plot: a.plot,
-        })
-        .map(|()| ExitCode::SUCCESS)
-        .context("bench boot"),
-        Cmd::Bench(BenchCmd::Run(a)) => bench::boot::main(bench::boot::BootOpts {
-            bench: bench::boot::Bench::Run,
-            n: a.n,
-            guest: a.guest,
-            peer: a.peer,
-            json: a.json,
-            plot: a.plot,
-        })
-        .map(|()| ExitCode::SUCCESS)
-        .context("bench run"),
+        Cmd::Bench(BenchCmd::Boot(a)) => {
+            bench::boot::main(a.opts(bench::boot::Bench::Boot)).map(|()| ExitCode::SUCCESS).context("bench boot")
+        }
+        Cmd::Bench(BenchCmd::Run(a)) => {
+            bench::boot::main(a.opts(bench::boot::Bench::Run)).map(|()| ExitCode::SUCCESS).context("bench run")
+        }
     };
     match result {
         Ok(code) => code,

@@ -24,11 +24,27 @@ use std::ffi::{c_char, c_int, c_ulong, CString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-/// What a child failed at (the `step` of a report).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub(crate) enum Step {
-    CloseFds = 1,
+/// What a child failed at (the `step` of a report). Listed once: the macro makes the enum and
+/// the table `from_u32` searches.
+macro_rules! steps {
+    ($first:ident, $($step:ident),* $(,)?) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub(crate) enum Step {
+            $first = 1,
+            $($step),*
+        }
+
+        impl Step {
+            fn from_u32(v: u32) -> Option<Step> {
+                [Step::$first, $(Step::$step),*].into_iter().find(|s| *s as u32 == v)
+            }
+        }
+    };
+}
+
+steps!(
+    CloseFds,
     JoinCgroup,
     Setns,
     Clone,
@@ -64,52 +80,7 @@ pub(crate) enum Step {
     NoNewPrivs,
     Exec,
     Start,
-}
-
-impl Step {
-    fn from_u32(v: u32) -> Option<Step> {
-        use Step::*;
-        const ALL: [Step; 36] = [
-            CloseFds,
-            JoinCgroup,
-            Setns,
-            Clone,
-            Setsid,
-            Stdio,
-            Propagation,
-            BindRoot,
-            MountTarget,
-            Mount,
-            Remount,
-            MountPropagation,
-            Device,
-            DevLink,
-            Console,
-            Sysctl,
-            OomScoreAdj,
-            PivotRoot,
-            MaskPath,
-            ReadonlyPath,
-            ReadonlyRoot,
-            Chroot,
-            Hostname,
-            Domainname,
-            Chdir,
-            Rlimit,
-            Seccomp,
-            Groups,
-            Gid,
-            Uid,
-            Bounding,
-            Caps,
-            Ambient,
-            NoNewPrivs,
-            Exec,
-            Start,
-        ];
-        ALL.into_iter().find(|s| *s as u32 == v)
-    }
-}
+);
 
 /// A failure reported by a child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
