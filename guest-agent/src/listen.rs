@@ -1,5 +1,9 @@
 //! Where the agent listens: `vsock://CID:PORT` (the guest's default, any CID on port 1024) or a
 //! unix socket (`unix:PATH`, `unix://PATH`), and starting one ttrpc server per address.
+//!
+//! On vsock the agent serves the host only: a connection whose peer CID is not
+//! `VMADDR_CID_HOST` (a guest-local peer, were a loopback transport ever built in) is closed
+//! before ttrpc reads a byte. A container must never reach the agent (docs/security.md).
 
 use std::fmt;
 use std::os::unix::fs::FileTypeExt;
@@ -8,7 +12,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use shoji_devices::model::AGENT_VSOCK_PORT;
+use shoji_protocol::ttrpc::asynchronous::transport::Listener;
 use shoji_protocol::ttrpc::asynchronous::Server;
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream};
 
 use crate::service::{ttrpc_services, Agent};
 
@@ -79,6 +85,39 @@ pub enum ServeError {
     Dir { addr: ListenAddr, err: std::io::Error },
     #[error("{addr}: {err}")]
     Bind { addr: ListenAddr, err: shoji_protocol::ttrpc::Error },
+    #[error("{addr}: {err}")]
+    VsockBind { addr: ListenAddr, err: std::io::Error },
+}
+
+/// The only vsock peer the agent serves: the host (`VMADDR_CID_HOST`).
+pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
+
+/// Whether a vsock peer may talk to the agent. CID 1 (`VMADDR_CID_LOCAL`) and the guest's own
+/// CID are guest-local peers, i.e. a container; anything else that is not the host is too.
+pub fn vsock_peer_allowed(peer_cid: u32) -> bool {
+    peer_cid == HOST_CID
+}
+
+/// A vsock listener that yields only the host's connections; others are logged and closed.
+fn host_only_vsock(cid: i64, port: u32) -> std::io::Result<Listener> {
+    // -1 is VMADDR_CID_ANY (u32::MAX); the range was checked when the address was parsed.
+    let cid = u32::try_from(cid).unwrap_or(libc::VMADDR_CID_ANY);
+    let listener = VsockListener::bind(VsockAddr::new(cid, port))?;
+    let accepted = futures::stream::unfold(listener, |listener| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) if vsock_peer_allowed(peer.cid()) => {
+                    return Some((Ok::<VsockStream, std::io::Error>(stream), listener))
+                }
+                Ok((stream, peer)) => {
+                    tracing::warn!(cid = peer.cid(), port = peer.port(), "refused a vsock peer that is not the host");
+                    drop(stream);
+                }
+                Err(e) => return Some((Err(e), listener)),
+            }
+        }
+    });
+    Ok(Listener::new(accepted))
 }
 
 /// Binds `addr` and starts serving both services on it. A socket file left behind by an earlier
@@ -93,7 +132,13 @@ pub async fn serve(addr: &ListenAddr, agent: Arc<Agent>) -> Result<Server, Serve
         }
     }
     let bind = |err| ServeError::Bind { addr: addr.clone(), err };
-    let mut server = Server::new().bind(&addr.to_string()).map_err(bind)?.register_service(ttrpc_services(agent));
+    let server = match addr {
+        ListenAddr::Vsock { cid, port } => Server::new().add_listener(
+            host_only_vsock(*cid, *port).map_err(|err| ServeError::VsockBind { addr: addr.clone(), err })?,
+        ),
+        ListenAddr::Unix(_) => Server::new().bind(&addr.to_string()).map_err(bind)?,
+    };
+    let mut server = server.register_service(ttrpc_services(agent));
     server.start().await.map_err(bind)?;
     tracing::info!(%addr, "serving");
     Ok(server)
@@ -102,6 +147,15 @@ pub async fn serve(addr: &ListenAddr, agent: Arc<Agent>) -> Result<Server, Serve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_host_is_a_vsock_peer() {
+        assert!(vsock_peer_allowed(2));
+        // VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL, the guest's own CID (3 for Shoji), others.
+        for cid in [0, 1, 3, 4, 1024, u32::MAX] {
+            assert!(!vsock_peer_allowed(cid), "{cid}");
+        }
+    }
 
     #[test]
     fn addresses() {
