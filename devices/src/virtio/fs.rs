@@ -30,8 +30,11 @@ use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use std::io::Write;
 use std::mem::size_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+mod guard;
+mod names;
+use guard::Guarded;
+use names::check_names;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestMemoryMmap};
 
@@ -100,15 +103,39 @@ pub enum FsError {
     Passthrough(PathBuf, std::io::Error),
 }
 
+/// Caps on what one guest can make the device hold open on the host: every looked-up inode keeps
+/// an `O_PATH` fd and every open file or directory one more. Past a cap the guest gets ENFILE;
+/// FORGET and RELEASE/RELEASEDIR give entries back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsLimits {
+    /// Inodes the guest holds a lookup reference to (the root is not counted).
+    pub max_inodes: usize,
+    /// Open file and directory handles.
+    pub max_handles: usize,
+}
+
+impl Default for FsLimits {
+    /// 64 Ki inodes and 16 Ki handles: far above what a container workload keeps cached, and
+    /// together below a VMM's RLIMIT_NOFILE of 128 Ki.
+    fn default() -> Self {
+        FsLimits { max_inodes: 64 * 1024, max_handles: 16 * 1024 }
+    }
+}
+
 pub struct Fs {
     tag: String,
     /// The canonical shared directory.
     dir: PathBuf,
     read_only: bool,
-    server: Server<PassthroughFs>,
+    server: Server<Guarded>,
     mem: Option<GuestMemoryMmap>,
     queues: Vec<Queue>,
     errors: ErrorCounter,
+    limits: FsLimits,
+    /// Where requests with names are copied after their check (see [`names`]).
+    snapshot: names::Snapshot,
+    /// Requests handed to the FUSE server (tests check what never reaches it).
+    dispatched: std::sync::atomic::AtomicU64,
 }
 
 /// What a request chain turned into.
@@ -119,44 +146,54 @@ enum Outcome {
     Panicked(String),
 }
 
-/// fuse-backend-rs sets the process umask to 0 whenever it imports the root (construction, INIT,
-/// DESTROY) and relies on it being 0 while it creates files: it applies the guest's umask itself.
-/// The umask is process-wide, so the device holds it at 0 only while it is inside
-/// fuse-backend-rs, and the last one to leave restores what the process had before.
-struct UmaskZero;
-
-struct UmaskState {
-    active: usize,
-    saved: libc::mode_t,
+thread_local! {
+    /// Whether this thread has an fs struct (cwd, root, umask) of its own; `None` until tried.
+    static PRIVATE_FS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-static UMASK: Mutex<UmaskState> = Mutex::new(UmaskState { active: 0, saved: 0 });
-
-impl UmaskZero {
-    fn enter() -> UmaskZero {
-        let mut s = UMASK.lock().unwrap_or_else(|e| e.into_inner());
-        if s.active == 0 {
-            // SAFETY: umask only swaps the process's file mode creation mask; it cannot fail.
-            s.saved = unsafe { libc::umask(0) };
+/// Gives the calling thread its own fs struct, once per thread (`unshare(CLONE_FS)`), so that the
+/// umask fuse-backend-rs needs at 0 is that thread's alone: the umask is otherwise shared by
+/// the whole process, and the shim or CLI creating files meanwhile would make them
+/// world-writable. False when the kernel (or a seccomp filter) refuses; the device then serves
+/// nothing rather than touch the process umask.
+fn private_fs() -> bool {
+    PRIVATE_FS.with(|p| {
+        if let Some(done) = p.get() {
+            return done;
         }
-        s.active += 1;
-        UmaskZero
+        // SAFETY: unshare(CLONE_FS) only detaches this thread's cwd/root/umask from the rest of
+        // the process; it takes no pointers.
+        let done = unsafe { libc::unshare(libc::CLONE_FS) } == 0;
+        if !done {
+            tracing::error!("{DEVICE}: unshare(CLONE_FS): {}; not serving", std::io::Error::last_os_error());
+        }
+        p.set(Some(done));
+        done
+    })
+}
+
+/// Holds this thread's umask at 0 while fuse-backend-rs runs: it applies the guest's umask
+/// itself (and sets 0 on INIT/DESTROY anyway). Only on a thread that passed [`private_fs`].
+struct ThreadUmaskZero(libc::mode_t);
+
+impl ThreadUmaskZero {
+    fn enter() -> ThreadUmaskZero {
+        // SAFETY: umask swaps the calling thread's (private, see `private_fs`) creation mask;
+        // it cannot fail.
+        ThreadUmaskZero(unsafe { libc::umask(0) })
     }
 }
 
-impl Drop for UmaskZero {
+impl Drop for ThreadUmaskZero {
     fn drop(&mut self) {
-        let mut s = UMASK.lock().unwrap_or_else(|e| e.into_inner());
-        s.active = s.active.saturating_sub(1);
-        if s.active == 0 {
-            // SAFETY: as above.
-            unsafe { libc::umask(s.saved) };
-        }
+        // SAFETY: as above.
+        unsafe { libc::umask(self.0) };
     }
 }
 
-fn build_server(dir: &Path) -> Result<Server<PassthroughFs>, FsError> {
-    let _umask = UmaskZero::enter();
+/// The passthrough file system for `dir`, behind the policy layer. The root is imported on INIT,
+/// on the serving thread (import sets that thread's umask to 0).
+fn build_server(dir: &Path, limits: FsLimits) -> Result<Server<Guarded>, FsError> {
     let root_dir = match dir.to_str() {
         Some(s) if !s.contains('\0') => s.to_string(),
         _ => return Err(FsError::Path(dir.into())),
@@ -175,20 +212,22 @@ fn build_server(dir: &Path) -> Result<Server<PassthroughFs>, FsError> {
         ..Default::default()
     };
     let fs: PassthroughFs = PassthroughFs::new(cfg).map_err(|e| FsError::Passthrough(dir.into(), e))?;
-    // Opens the root now so a broken share fails at construction; INIT imports it again.
-    fs.import().map_err(|e| FsError::Passthrough(dir.into(), e))?;
-    Ok(Server::new(fs))
+    Ok(Server::new(Guarded::new(fs, limits)))
 }
 
 impl Fs {
     /// Shares `dir` under `tag` (1..=36 bytes, no NUL). `read_only` rejects every modifying
     /// request with EROFS before it reaches the passthrough file system.
     ///
-    /// Note: like virtiofsd, fuse-backend-rs needs the process umask at 0 so that files get
-    /// exactly the mode the guest asks for; the device sets it only while it is inside
-    /// fuse-backend-rs and restores it afterwards (see `UmaskZero`). Other threads creating files
-    /// during a request see umask 0.
+    /// The thread that serves requests gets an fs struct of its own on its first request
+    /// (`unshare(CLONE_FS)`; a seccomp filter on that thread must allow it): fuse-backend-rs needs
+    /// the umask at 0 while it runs, and only that thread's is.
     pub fn new(tag: &str, dir: &Path, read_only: bool) -> Result<Fs, FsError> {
+        Fs::with_limits(tag, dir, read_only, FsLimits::default())
+    }
+
+    /// [`Fs::new`] with explicit caps on inodes and handles.
+    pub fn with_limits(tag: &str, dir: &Path, read_only: bool, limits: FsLimits) -> Result<Fs, FsError> {
         if tag.is_empty() || tag.len() > TAG_BYTES || tag.contains('\0') {
             return Err(FsError::Tag(tag.into()));
         }
@@ -197,15 +236,18 @@ impl Fs {
             return Err(FsError::NotDir(dir.into()));
         }
         let canonical = dir.canonicalize().map_err(|e| FsError::Dir(dir.into(), e))?;
-        let server = build_server(&canonical)?;
+        let server = build_server(&canonical, limits)?;
         Ok(Fs {
             tag: tag.into(),
-            dir: canonical,
+            dir: canonical.clone(),
             read_only,
             server,
             mem: None,
             queues: Vec::new(),
             errors: ErrorCounter::default(),
+            limits,
+            snapshot: names::Snapshot::new().map_err(|e| FsError::Passthrough(canonical.clone(), e))?,
+            dispatched: Default::default(),
         })
     }
 
@@ -290,13 +332,42 @@ impl Fs {
             }
         }
 
+        // Requests with names: checked, then served from a private copy of what was checked.
+        let mut body = reader.clone();
+        let reader = match body
+            .read_obj::<InHeader>()
+            .map_err(|e| names::NameError::Read(e.to_string()))
+            .and_then(|_| check_names(header.opcode, &mut body, len - IN_HEADER_BYTES))
+        {
+            Ok(None) => reader,
+            Ok(Some(checked)) => {
+                let mut request = header.as_slice().to_vec();
+                request.extend_from_slice(&checked);
+                match self.snapshot.reader(&request) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!("{DEVICE}: request copy: {e}");
+                        return Outcome::Used(reply_error(&mut writer, header.unique, libc::EIO));
+                    }
+                }
+            }
+            Err(e) => {
+                self.errors.record(DEVICE, &format_args!("opcode {}: {e}", header.opcode));
+                return Outcome::Used(reply_error(&mut writer, header.unique, e.errno()));
+            }
+        };
+        if !private_fs() {
+            return Outcome::Used(reply_error(&mut writer, header.unique, libc::EPERM));
+        }
+
         // Clear where the reply header goes, so that after a failed request we can tell whether
         // the server wrote a reply (see `written_reply`). A clone writes without moving `writer`.
         if capacity >= OUT_HEADER_BYTES {
             let _ = writer.clone().write_all(OutHeader::default().as_slice());
         }
+        self.dispatched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = {
-            let _umask = UmaskZero::enter();
+            let _umask = ThreadUmaskZero::enter();
             catch_unwind(AssertUnwindSafe(|| self.server.handle_message(reader, writer.into(), None, None)))
         };
         match result {
@@ -421,7 +492,7 @@ impl VirtioDevice for Fs {
         self.queues.clear();
         // A fresh passthrough file system: drops every inode and handle the previous driver
         // instance held (and any state a panic may have left behind).
-        match build_server(&self.dir) {
+        match build_server(&self.dir, self.limits) {
             Ok(server) => self.server = server,
             Err(e) => tracing::warn!("{DEVICE}: reset keeps the old file system: {e}"),
         }
