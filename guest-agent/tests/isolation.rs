@@ -24,7 +24,10 @@ struct Bundle {
 fn bundle() -> Bundle {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "the isolation tests create namespaces and cgroups: run them as root");
-    assert!(Path::new(BUSYBOX).is_file(), "the isolation tests need a static {BUSYBOX}: apt-get install busybox-static");
+    assert!(
+        Path::new(BUSYBOX).is_file(),
+        "the isolation tests need a static {BUSYBOX}: apt-get install busybox-static"
+    );
     let dir = tempfile::tempdir().unwrap();
     let rootfs = dir.path().join("rootfs");
     for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
@@ -189,7 +192,14 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     let b = std::ffi::CString::new(b.as_os_str().as_bytes()).unwrap();
     // SAFETY: renameat2 on two NUL-terminated paths.
     let r = unsafe {
-        libc::syscall(libc::SYS_renameat2, libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
     };
     if r == 0 {
         Ok(())
@@ -260,6 +270,7 @@ async fn mount_target_symlinks_cannot_lead_outside_the_rootfs() {
     }
     stop.store(true, Ordering::Relaxed);
     let swaps = swapper.join().unwrap();
+    eprintln!("{ran} of 40 containers ran, {swaps} swaps");
     assert!(escaped.is_empty(), "{} of {ran} mounts landed outside the rootfs: {:?}", escaped.len(), escaped);
     assert!(ran >= 10, "only {ran} of 40 containers started ({swaps} swaps)");
     assert!(!victim.join("written").exists(), "the container wrote into the host directory");

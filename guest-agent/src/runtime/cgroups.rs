@@ -3,10 +3,11 @@
 //!
 //! v1 uses the memory, pids, cpu, cpuacct and (when the spec sets cpus/mems) cpuset hierarchies;
 //! other hierarchies are left alone. Limits the spec sets on a controller that is not there are an
-//! error, never ignored. Not applied (logged): device rules (the VM is the boundary), blockIO,
-//! hugepage, network and rdma limits.
+//! error, never ignored. Device rules are a BPF program on v2 (`devices`); not applied (logged):
+//! device rules on v1 (hosts, never the guest), blockIO, hugepage, network and rdma limits.
+use super::devices;
 use super::{Result, RuntimeError, Stats};
-use oci_spec::runtime::LinuxResources;
+use oci_spec::runtime::{LinuxDeviceCgroup, LinuxResources};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
@@ -172,11 +173,15 @@ impl Cgroup {
             cg.remove_dirs();
             return Err(e);
         }
-        if let Some(res) = resources {
-            if let Err(e) = cg.apply(res) {
-                cg.remove_dirs();
-                return Err(e);
-            }
+        let mut r = resources.map_or(Ok(()), |res| cg.apply(res));
+        // `apply` sets device rules only when the spec has some (an update without them keeps
+        // the container's); a new container always gets the default rules.
+        if r.is_ok() && resources.and_then(|res| res.devices().as_ref()).is_none_or(|d| d.is_empty()) {
+            r = cg.set_devices(None);
+        }
+        if let Err(e) = r {
+            cg.remove_dirs();
+            return Err(e);
         }
         Ok(cg)
     }
@@ -494,8 +499,10 @@ impl Cgroup {
                 }
             }
         }
+        if let Some(d) = res.devices().as_ref().filter(|d| !d.is_empty()) {
+            self.set_devices(Some(d))?;
+        }
         let ignored: Vec<&str> = [
-            ("devices", res.devices().as_ref().is_some_and(|d| !d.is_empty())),
             ("blockIO", res.block_io().is_some()),
             ("hugepageLimits", res.hugepage_limits().as_ref().is_some_and(|h| !h.is_empty())),
             ("network", res.network().is_some()),
@@ -509,6 +516,24 @@ impl Cgroup {
             tracing::debug!("linux.resources: not applied in the sandbox: {}", ignored.join(", "));
         }
         Ok(())
+    }
+
+    /// Enforces the device rules (`linux.resources.devices` plus the defaults every container
+    /// gets; see `devices`). cgroup v2: a BPF program attached to the container's cgroup,
+    /// replacing the one there. cgroup v1 (hosts only, never the guest): not applied.
+    pub fn set_devices(&self, spec: Option<&[LinuxDeviceCgroup]>) -> Result<()> {
+        let rules = devices::rules(spec)?;
+        if !self.v2 {
+            if spec.is_some_and(|d| !d.is_empty()) {
+                tracing::debug!("linux.resources.devices: not applied on cgroup v1");
+            }
+            return Ok(());
+        }
+        let Some((_, dir)) = self.dirs.first() else { return Ok(()) };
+        let what = |e: io::Error| io_err(format!("linux.resources.devices: the device cgroup of {}", dir.display()), e);
+        let prog = devices::load(&devices::program(&rules)).map_err(what)?;
+        let dirfd = super::sys::open(dir, libc::O_RDONLY | libc::O_DIRECTORY).map_err(what)?;
+        devices::attach(&dirfd, &prog).map_err(what)
     }
 
     /// The pids in the cgroup (in the agent's pid namespace).

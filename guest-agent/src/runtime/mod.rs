@@ -102,6 +102,7 @@ pub trait ContainerRuntime: Send + Sync {
 
 mod cgroups;
 mod child;
+mod devices;
 mod linux;
 pub mod reaper;
 mod seccomp;
