@@ -110,7 +110,7 @@ pub(crate) enum Create {
 pub(crate) struct MountOp {
     pub kind: MountKind,
     pub source: Option<CString>,
-    /// Absolute path in the agent's view (the rootfs joined with the resolved destination).
+    /// The destination relative to the rootfs, as resolved when planning (see `open_in_root`).
     pub target: CString,
     pub fstype: Option<CString>,
     pub flags: c_ulong,
@@ -123,6 +123,7 @@ pub(crate) struct MountOp {
 
 #[derive(Debug)]
 pub(crate) struct DeviceOp {
+    /// Relative to the rootfs.
     pub path: CString,
     pub mode: libc::mode_t,
     pub dev: libc::dev_t,
@@ -138,9 +139,10 @@ pub(crate) struct RootSetup {
     pub propagation: c_ulong,
     pub mounts: Vec<MountOp>,
     pub devices: Vec<DeviceOp>,
-    /// (link target, link path) symlinks made in /dev; existing ones are left.
+    /// (link target, link path relative to the rootfs) symlinks made in /dev; existing ones are
+    /// left.
     pub links: Vec<(CString, CString)>,
-    /// /dev/console in the rootfs: created before pivot_root; the pty is bind-mounted on it
+    /// /dev/console relative to the rootfs: created before pivot_root; the pty is bind-mounted on it
     /// (terminal inits only).
     pub console: Option<CString>,
     pub masked: Vec<CString>,
@@ -694,48 +696,141 @@ unsafe fn write_file(path: *const c_char, value: &CString, r: RawFd, step: Step,
     }
 }
 
-/// mkdir -p of `path` (absolute), without allocating: works on a stack copy.
-unsafe fn mkdir_all(path: &CString, mode: libc::mode_t) -> c_int {
-    let b = path.as_bytes();
-    let mut buf = [0u8; 4096];
-    if b.len() >= buf.len() {
-        return libc::ENAMETOOLONG;
+/// Opens `rel` (relative to the rootfs fd `root`) as if the rootfs were "/": absolute symlinks
+/// and ".." stay inside it, and magic links (/proc/*/fd) are refused. What the agent resolved
+/// when it planned may have been swapped for a symlink since; this resolution is the one that
+/// counts, and it cannot lead outside the rootfs.
+unsafe fn open_in_root(root: c_int, rel: *const c_char, flags: c_int) -> c_int {
+    // SAFETY: an all-zero open_how is valid; openat2 reads it and the NUL-terminated path.
+    unsafe {
+        let mut how: libc::open_how = std::mem::zeroed();
+        how.flags = (flags | libc::O_CLOEXEC) as u64;
+        how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+        libc::syscall(
+            libc::SYS_openat2,
+            root,
+            rel,
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        ) as c_int
     }
-    buf[..b.len()].copy_from_slice(b);
-    for i in 1..=b.len() {
-        if i == b.len() || buf[i] == b'/' {
-            let saved = buf[i];
-            buf[i] = 0;
-            // SAFETY: buf is NUL-terminated at i.
-            let rc = unsafe { libc::mkdir(buf.as_ptr().cast(), mode) };
-            if rc != 0 && errno() != libc::EEXIST {
-                return errno();
-            }
-            buf[i] = saved;
-        }
-    }
-    0
 }
 
-/// Creates the parent directories of `path` and an empty file at `path` when missing.
-unsafe fn create_file(path: &CString) -> c_int {
-    // SAFETY: see create_parent_dirs.
-    let rc = unsafe { create_parent_dirs(path) };
-    if rc != 0 {
-        return rc;
+/// mkdir -p of the parent of `rel` inside the root, one component at a time (each opened with
+/// `open_in_root`, each missing one made with mkdirat in the directory just opened). Returns an
+/// O_PATH fd of the parent and the offset of the last component in `rel`, or an errno.
+unsafe fn parent_in_root(root: c_int, rel: &CString) -> Result<(c_int, usize), c_int> {
+    let b = rel.as_bytes();
+    let slash = b.iter().rposition(|c| *c == b'/');
+    let last = slash.map_or(0, |s| s + 1);
+    let mut buf = [0u8; 4096];
+    if b.len() >= buf.len() {
+        return Err(libc::ENAMETOOLONG);
     }
-    // SAFETY: open on a NUL-terminated path.
-    let fd = unsafe {
-        libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW, 0o644)
-    };
-    if fd < 0 {
+    buf[..b.len()].copy_from_slice(b);
+    // SAFETY: open_in_root/mkdirat/close on NUL-terminated stack strings and fds we own.
+    unsafe {
+        let mut dir = open_in_root(root, c".".as_ptr(), libc::O_PATH | libc::O_DIRECTORY);
+        if dir < 0 {
+            return Err(errno());
+        }
+        let Some(slash) = slash else { return Ok((dir, last)) };
+        let mut start = 0;
+        for i in 1..=slash {
+            if i != slash && buf[i] != b'/' {
+                continue;
+            }
+            let saved = buf[i];
+            buf[i] = 0;
+            let mut next = open_in_root(root, buf.as_ptr().cast(), libc::O_PATH | libc::O_DIRECTORY);
+            if next < 0 && errno() == libc::ENOENT {
+                if libc::mkdirat(dir, buf[start..].as_ptr().cast(), 0o755) != 0 && errno() != libc::EEXIST {
+                    let e = errno();
+                    libc::close(dir);
+                    return Err(e);
+                }
+                next = open_in_root(root, buf.as_ptr().cast(), libc::O_PATH | libc::O_DIRECTORY);
+            }
+            let e = errno();
+            libc::close(dir);
+            if next < 0 {
+                return Err(e);
+            }
+            dir = next;
+            buf[i] = saved;
+            start = i + 1;
+        }
+        Ok((dir, last))
+    }
+}
+
+/// An O_PATH fd of the mount target `rel` in the root, made (directory or empty file) when
+/// missing; or an errno.
+unsafe fn target_in_root(root: c_int, rel: &CString, create: Create) -> Result<c_int, c_int> {
+    // SAFETY: as in parent_in_root; `rel[last..]` is the NUL-terminated last component.
+    unsafe {
+        let fd = open_in_root(root, rel.as_ptr(), libc::O_PATH);
+        if fd >= 0 {
+            return Ok(fd);
+        }
+        if errno() != libc::ENOENT {
+            return Err(errno());
+        }
+        let (dir, last) = parent_in_root(root, rel)?;
+        let name = rel.as_ptr().add(last);
+        let rc = match create {
+            Create::Dir => libc::mkdirat(dir, name, 0o755),
+            Create::File => {
+                let f = libc::openat(
+                    dir,
+                    name,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if f >= 0 {
+                    libc::close(f);
+                }
+                f.min(0)
+            }
+        };
         let e = errno();
-        // An existing directory or device is fine: only the mount point has to exist.
-        return if e == libc::EISDIR || e == libc::ELOOP || e == libc::EACCES || e == libc::EROFS { 0 } else { e };
+        libc::close(dir);
+        if rc != 0 && e != libc::EEXIST {
+            return Err(e);
+        }
+        let fd = open_in_root(root, rel.as_ptr(), libc::O_PATH);
+        if fd < 0 {
+            return Err(errno());
+        }
+        Ok(fd)
     }
-    // SAFETY: closing the fd just opened.
-    unsafe { libc::close(fd) };
-    0
+}
+
+/// "/proc/self/fd/<fd>", NUL-terminated, on the stack: the path mount(2) is given so that it
+/// acts on exactly the file the fd holds.
+fn fd_path(fd: c_int) -> [u8; 32] {
+    let mut path = [0u8; 32];
+    let prefix = b"/proc/self/fd/";
+    path[..prefix.len()].copy_from_slice(prefix);
+    write_decimal(&mut path[prefix.len()..], fd.max(0) as u32);
+    path
+}
+
+/// Writes `n` in decimal at the start of `out` (which has room for 10 digits).
+fn write_decimal(out: &mut [u8], mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 || len == digits.len() {
+            break;
+        }
+    }
+    for i in 0..len {
+        out[i] = digits[len - 1 - i];
+    }
 }
 
 /// Mount flags of the mount at `path` that a bind remount must keep (statvfs's ST_* values
@@ -747,13 +842,68 @@ unsafe fn kept_flags(path: *const c_char) -> c_ulong {
         if libc::statvfs(path, &mut st) != 0 {
             return 0;
         }
-        let keep = libc::MS_NOSUID
-            | libc::MS_NODEV
-            | libc::MS_NOEXEC
-            | libc::MS_NOATIME
-            | libc::MS_NODIRATIME
-            | libc::MS_RELATIME;
-        (st.f_flag as c_ulong) & keep
+        (st.f_flag as c_ulong) & KEPT_FLAGS
+    }
+}
+
+const KEPT_FLAGS: c_ulong =
+    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_NOATIME | libc::MS_NODIRATIME | libc::MS_RELATIME;
+
+/// Mounts `m` on its target in the root (`root`: an fd of the rootfs). Each step reopens the
+/// target with `open_in_root` and mounts on /proc/self/fd/N, never on a path the kernel would
+/// resolve again (a symlink swapped in meanwhile could lead it outside the rootfs).
+unsafe fn mount_in_root(root: c_int, m: &MountOp, r: RawFd) {
+    let idx = m.spec_index;
+    let null = std::ptr::null::<c_char>();
+    // SAFETY: mount/fstatvfs/close on fds we own and NUL-terminated stack paths.
+    unsafe {
+        let fd = match target_in_root(root, &m.target, m.create) {
+            Ok(fd) => fd,
+            Err(e) => fail(r, Step::MountTarget, idx, e),
+        };
+        let reopen = |fd: c_int| -> c_int {
+            libc::close(fd);
+            let fd = open_in_root(root, m.target.as_ptr(), libc::O_PATH);
+            check(fd, r, Step::MountTarget, idx);
+            fd
+        };
+        let kept = |fd: c_int| -> c_ulong {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            if libc::fstatvfs(fd, &mut st) != 0 {
+                return 0;
+            }
+            (st.f_flag as c_ulong) & KEPT_FLAGS
+        };
+        let src = opt_ptr(&m.source);
+        let data: *const libc::c_void = opt_ptr(&m.data).cast();
+        let mut fd = fd;
+        let p = fd_path(fd);
+        match m.kind {
+            MountKind::Mount => {
+                check(libc::mount(src, p.as_ptr().cast(), opt_ptr(&m.fstype), m.flags, data), r, Step::Mount, idx);
+            }
+            MountKind::Bind { remount } => {
+                let rec = m.flags & libc::MS_REC;
+                let rc = libc::mount(src, p.as_ptr().cast(), null, libc::MS_BIND | rec, std::ptr::null());
+                check(rc, r, Step::Mount, idx);
+                if remount {
+                    fd = reopen(fd);
+                    let flags = (m.flags & !libc::MS_REC) | libc::MS_BIND | libc::MS_REMOUNT | kept(fd);
+                    let p = fd_path(fd);
+                    check(libc::mount(null, p.as_ptr().cast(), null, flags, std::ptr::null()), r, Step::Remount, idx);
+                }
+            }
+            MountKind::Remount => {
+                let flags = m.flags | libc::MS_REMOUNT | kept(fd);
+                check(libc::mount(null, p.as_ptr().cast(), null, flags, data), r, Step::Remount, idx);
+            }
+        }
+        for prop in &m.propagation {
+            fd = reopen(fd);
+            let p = fd_path(fd);
+            check(libc::mount(null, p.as_ptr().cast(), null, *prop, std::ptr::null()), r, Step::MountPropagation, idx);
+        }
+        libc::close(fd);
     }
 }
 
@@ -775,79 +925,42 @@ unsafe fn setup_root(root: &RootSetup, r: RawFd) {
             Step::BindRoot,
             0,
         );
+        // The rootfs as the bind mount just made: every path below is resolved inside it.
+        let rootfd = libc::open(root.rootfs.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC);
+        check(rootfd, r, Step::BindRoot, 1);
         for m in &root.mounts {
-            let idx = m.spec_index;
-            let rc = match m.create {
-                Create::Dir => mkdir_all(&m.target, 0o755),
-                Create::File => create_file(&m.target),
-            };
-            if rc != 0 {
-                fail(r, Step::MountTarget, idx, rc);
-            }
-            let src = opt_ptr(&m.source);
-            let data: *const libc::c_void = opt_ptr(&m.data).cast();
-            match m.kind {
-                MountKind::Mount => {
-                    check(libc::mount(src, m.target.as_ptr(), opt_ptr(&m.fstype), m.flags, data), r, Step::Mount, idx);
-                }
-                MountKind::Bind { remount } => {
-                    let rec = m.flags & libc::MS_REC;
-                    check(
-                        libc::mount(src, m.target.as_ptr(), null, libc::MS_BIND | rec, std::ptr::null()),
-                        r,
-                        Step::Mount,
-                        idx,
-                    );
-                    if remount {
-                        let flags = (m.flags & !libc::MS_REC)
-                            | libc::MS_BIND
-                            | libc::MS_REMOUNT
-                            | kept_flags(m.target.as_ptr());
-                        check(
-                            libc::mount(null, m.target.as_ptr(), null, flags, std::ptr::null()),
-                            r,
-                            Step::Remount,
-                            idx,
-                        );
-                    }
-                }
-                MountKind::Remount => {
-                    let flags = m.flags | libc::MS_REMOUNT | kept_flags(m.target.as_ptr());
-                    check(libc::mount(null, m.target.as_ptr(), null, flags, data), r, Step::Remount, idx);
-                }
-            }
-            for prop in &m.propagation {
-                check(
-                    libc::mount(null, m.target.as_ptr(), null, *prop, std::ptr::null()),
-                    r,
-                    Step::MountPropagation,
-                    idx,
-                );
-            }
+            mount_in_root(rootfd, m, r);
         }
         for (i, d) in root.devices.iter().enumerate() {
-            let rc = create_parent_dirs(&d.path);
-            if rc != 0 {
-                fail(r, Step::Device, i as u32, rc);
-            }
-            if libc::mknod(d.path.as_ptr(), d.mode, d.dev) != 0 {
+            let (dir, last) = match parent_in_root(rootfd, &d.path) {
+                Ok(x) => x,
+                Err(e) => fail(r, Step::Device, i as u32, e),
+            };
+            let name = d.path.as_ptr().add(last);
+            if libc::mknodat(dir, name, d.mode, d.dev) != 0 {
                 if errno() != libc::EEXIST {
                     fail(r, Step::Device, i as u32, errno());
                 }
             } else {
-                check(libc::chown(d.path.as_ptr(), d.uid, d.gid), r, Step::Device, i as u32);
+                check(libc::fchownat(dir, name, d.uid, d.gid, libc::AT_SYMLINK_NOFOLLOW), r, Step::Device, i as u32);
             }
+            libc::close(dir);
         }
         for (i, (target, link)) in root.links.iter().enumerate() {
-            if libc::symlink(target.as_ptr(), link.as_ptr()) != 0 && errno() != libc::EEXIST {
+            let (dir, last) = match parent_in_root(rootfd, link) {
+                Ok(x) => x,
+                Err(e) => fail(r, Step::DevLink, i as u32, e),
+            };
+            if libc::symlinkat(target.as_ptr(), dir, link.as_ptr().add(last)) != 0 && errno() != libc::EEXIST {
                 fail(r, Step::DevLink, i as u32, errno());
             }
+            libc::close(dir);
         }
         if let Some(target) = &root.console {
-            let rc = create_file(target);
-            if rc != 0 {
-                fail(r, Step::Console, 0, rc);
-            }
+            match target_in_root(rootfd, target, Create::File) {
+                Ok(fd) => libc::close(fd),
+                Err(e) => fail(r, Step::Console, 0, e),
+            };
         }
 
         // pivot_root(".", ".") leaves the old root stacked on "/", then detach it. From an
@@ -855,7 +968,8 @@ unsafe fn setup_root(root: &RootSetup, r: RawFd) {
         // onto "/" and chroot instead, as runc's --no-pivot does.
         let oldroot = libc::open(c"/".as_ptr(), libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC);
         check(oldroot, r, Step::PivotRoot, 0);
-        check(libc::chdir(root.rootfs.as_ptr()), r, Step::PivotRoot, 1);
+        check(libc::fchdir(rootfd), r, Step::PivotRoot, 1);
+        libc::close(rootfd);
         let pivoted = !root.no_pivot && libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0;
         if pivoted {
             check(libc::fchdir(oldroot), r, Step::PivotRoot, 2);
@@ -943,19 +1057,7 @@ unsafe fn setup_tty(sock: RawFd, rows: u16, cols: u16, console: bool, r: RawFd) 
             let mut path = [0u8; 32];
             let prefix = b"/dev/pts/";
             path[..prefix.len()].copy_from_slice(prefix);
-            let mut digits = [0u8; 10];
-            let mut len = 0;
-            loop {
-                digits[len] = b'0' + (n % 10) as u8;
-                len += 1;
-                n /= 10;
-                if n == 0 || len == digits.len() {
-                    break;
-                }
-            }
-            for i in 0..len {
-                path[prefix.len() + i] = digits[len - 1 - i];
-            }
+            write_decimal(&mut path[prefix.len()..], n);
             let null = std::ptr::null::<c_char>();
             let rc = libc::mount(path.as_ptr().cast(), c"/dev/console".as_ptr(), null, libc::MS_BIND, std::ptr::null());
             check(rc, r, Step::Console, 7);
@@ -997,28 +1099,4 @@ unsafe fn send_fd(sock: RawFd, fd: RawFd) -> c_int {
             -1
         }
     }
-}
-
-/// mkdir -p of the parent of `path`.
-unsafe fn create_parent_dirs(path: &CString) -> c_int {
-    let b = path.as_bytes();
-    let Some(slash) = b.iter().rposition(|c| *c == b'/') else { return 0 };
-    let mut buf = [0u8; 4096];
-    if slash >= buf.len() {
-        return libc::ENAMETOOLONG;
-    }
-    buf[..slash].copy_from_slice(&b[..slash]);
-    for i in 1..=slash {
-        if i == slash || buf[i] == b'/' {
-            let saved = buf[i];
-            buf[i] = 0;
-            // SAFETY: NUL-terminated at i.
-            let rc = unsafe { libc::mkdir(buf.as_ptr().cast(), 0o755) };
-            if rc != 0 && errno() != libc::EEXIST {
-                return errno();
-            }
-            buf[i] = saved;
-        }
-    }
-    0
 }

@@ -524,8 +524,13 @@ pub(crate) fn root_plan(spec: &Spec, inp: &RootInputs) -> Result<RootSetup> {
         return Err(invalid("root.path", format!("{} is not a directory", rp.display())));
     }
     let linux = spec.linux().as_ref();
+    // Paths relative to the rootfs, resolved now (to know what to create); the child resolves
+    // them again inside the rootfs when it mounts (`child::open_in_root`).
     let join = |field: &str, p: &Path| -> Result<PathBuf> {
-        secure_join(&rootfs, p).map_err(|e| invalid(field, format!("resolving {} in the rootfs: {e}", p.display())))
+        let abs = secure_join(&rootfs, p)
+            .map_err(|e| invalid(field, format!("resolving {} in the rootfs: {e}", p.display())))?;
+        let rel = abs.strip_prefix(&rootfs).map(Path::to_path_buf).unwrap_or_default();
+        Ok(if rel.as_os_str().is_empty() { PathBuf::from(".") } else { rel })
     };
 
     let mut mounts = Vec::new();
