@@ -131,16 +131,39 @@ struct RunResult {
 
 /// Collects serial output into stamped lines. `pid` is whose CPU time to sample (None: this
 /// process).
+///
+/// The serial writer runs on a vCPU thread, which is confined (no directory listing there:
+/// [`shoji_vmm::confine`]), so a bench line's CPU sample is taken by a sampler thread of the
+/// bench while the vCPU thread waits for it: the sampling moment stays the line's arrival.
 #[derive(Clone)]
 struct LineClock {
-    pid: Option<u32>,
     partial: Vec<u8>,
     lines: Arc<Mutex<Vec<Line>>>,
+    sampler: std::sync::mpsc::Sender<std::sync::mpsc::SyncSender<CpuSample>>,
 }
 
 impl LineClock {
     fn new(pid: Option<u32>) -> Self {
-        LineClock { pid, partial: Vec::new(), lines: Arc::new(Mutex::new(Vec::new())) }
+        let (sampler, requests) = std::sync::mpsc::channel::<std::sync::mpsc::SyncSender<CpuSample>>();
+        // Ends when the last LineClock clone (and so the last sender) is gone.
+        let spawned = std::thread::Builder::new().name("bench-sampler".into()).spawn(move || {
+            for reply in requests {
+                let _ = reply.send(sample_cpu(pid));
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("bench: no sampler thread ({e}): CPU samples will be empty");
+        }
+        LineClock { partial: Vec::new(), lines: Arc::new(Mutex::new(Vec::new())), sampler }
+    }
+
+    /// A CPU sample taken now, on the sampler thread.
+    fn sample(&self) -> CpuSample {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if self.sampler.send(tx).is_err() {
+            return CpuSample::default();
+        }
+        rx.recv().unwrap_or_default()
     }
 
     fn feed(&mut self, data: &[u8]) {
@@ -151,7 +174,7 @@ impl LineClock {
             rest = &rest[i + 1..];
             let text = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
             self.partial.clear();
-            let cpu = text.contains("probe: bench ").then(|| sample_cpu(self.pid));
+            let cpu = text.contains("probe: bench ").then(|| self.sample());
             self.lines.lock().unwrap_or_else(|p| p.into_inner()).push(Line { text, at, cpu });
         }
         self.partial.extend_from_slice(rest);

@@ -4,6 +4,7 @@ pub mod artifacts;
 pub mod boot;
 pub mod bus;
 pub mod cmdline;
+pub mod confine;
 pub mod cpuid;
 pub mod host;
 pub mod irq;
@@ -18,4 +19,4 @@ pub mod vm;
 
 pub use pci::{DiskConfig, ShareConfig};
 pub use vcpu::StopReason;
-pub use vm::{run, KernelImage, SerialOut, VmConfig, VmError, VmOutcome};
+pub use vm::{run, spawn, KernelImage, SerialOut, VmConfig, VmError, VmOutcome};

@@ -267,6 +267,7 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
         vsock: a.vsock,
         stop: Some(stop_on_signals()?),
         timeout,
+        confine: shoji_vmm::confine::default_enabled(),
     };
     shoji_vmm::vm::check(&cfg)?;
     if linux && pvm {

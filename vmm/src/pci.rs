@@ -1,8 +1,10 @@
 //! The sandbox's PCI devices: the root bus on the config ports, BAR placement in the MMIO gap,
 //! MMIO dispatch to BARs, KVM ioeventfds for queue notifications, and the event-loop thread
 //! that runs the devices' queues.
+use crate::confine::{Plan, ThreadKind};
 use crate::irq::IrqRouting;
 use crate::layout::{IOAPIC_ADDR, MMIO_GAP_START};
+use crate::vcpu::ExitSignal;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use shoji_devices::model::PciPath;
@@ -201,7 +203,9 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    pub fn start(devices: &PciDevices) -> Result<Self, PciSetupError> {
+    /// The thread confines itself (as [`ThreadKind::Devices`]) before it serves anything; if it
+    /// cannot, it stops the VM through `exit`.
+    pub fn start(devices: &PciDevices, plan: Arc<Plan>, exit: Arc<ExitSignal>) -> Result<Self, PciSetupError> {
         let err = |e: &dyn std::fmt::Debug| PciSetupError::EventLoop(format!("{e:?}"));
         let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().map_err(|e| err(&e))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -213,6 +217,10 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("devices".into())
             .spawn(move || {
+                let _confined = match crate::confine::enter(ThreadKind::Devices, &plan, &exit) {
+                    Ok(c) => c,
+                    Err(e) => return exit.set(Err(format!("device thread: cannot confine it: {e}"))),
+                };
                 while !stop.load(Ordering::Acquire) {
                     if let Err(e) = em.run() {
                         tracing::error!("device event loop: {e:?}");

@@ -88,6 +88,7 @@ impl SandboxConfig {
             vsock: Some(self.dir.join(VSOCK_SOCKET)),
             stop: Some(stop.clone()),
             timeout: None,
+            confine: crate::confine::default_enabled(),
         };
         crate::vm::check(&cfg)?;
         Ok((cfg, stop))
@@ -112,18 +113,15 @@ impl Sandbox {
     /// Boots an already checked VM configuration (see [`SandboxConfig::vm_config`]).
     pub fn start_vm(dir: PathBuf, vm: VmConfig, stop: Arc<EventFd>) -> Result<Sandbox, SandboxError> {
         let (tx, stopped) = watch::channel(None);
-        let thread = std::thread::Builder::new()
-            .name("shoji-vm".into())
-            .spawn(move || {
-                let r = crate::run(vm);
-                let why = match &r {
-                    Ok(o) => format!("the VM stopped ({:?})", o.reason),
-                    Err(e) => format!("the VM failed: {e}"),
-                };
-                let _ = tx.send(Some(why));
-                r
-            })
-            .map_err(|e| SandboxError::Io(format!("starting the VM thread: {e}")))?;
+        // The library's own thread: it confines itself once the VM runs (crate::confine).
+        let thread = crate::vm::spawn(vm, move |r| {
+            let why = match r {
+                Ok(o) => format!("the VM stopped ({:?})", o.reason),
+                Err(e) => format!("the VM failed: {e}"),
+            };
+            let _ = tx.send(Some(why));
+        })
+        .map_err(|e| SandboxError::Io(format!("starting the VM thread: {e}")))?;
         Ok(Sandbox { dir, stop, thread: Some(thread), stopped })
     }
 

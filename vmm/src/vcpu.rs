@@ -1,6 +1,7 @@
 //! vCPU threads: each runs KVM_RUN and dispatches its exits. A fatal exit (triple fault, KVM
 //! internal error, unknown exit) stops the VM with a message naming the reason and the RIP.
 use crate::bus::PioBus;
+use crate::confine::{self, ThreadKind};
 use crate::pci::MmioBus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -28,11 +29,24 @@ pub enum StopReason {
 pub struct ExitSignal {
     pub reason: Mutex<Option<Result<StopReason, String>>>,
     pub evt: EventFd,
+    /// A seccomp violation, recorded from the SIGSYS handler (an atomic: no lock there); 0: none.
+    trap: AtomicU64,
 }
 
 impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
-        Ok(ExitSignal { reason: Mutex::new(None), evt: EventFd::new(libc::EFD_NONBLOCK)? })
+        Ok(ExitSignal { reason: Mutex::new(None), evt: EventFd::new(libc::EFD_NONBLOCK)?, trap: AtomicU64::new(0) })
+    }
+
+    /// Records a packed seccomp violation (see [`crate::confine`]); the first one wins.
+    /// Async-signal-safe.
+    pub fn record_trap(&self, packed: u64) {
+        let _ = self.trap.compare_exchange(0, packed, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The packed violation, if a filter fired.
+    pub fn trap(&self) -> Option<u64> {
+        Some(self.trap.load(Ordering::Acquire)).filter(|t| *t != 0)
     }
 
     /// The first reason wins; later ones (e.g. other vCPUs being stopped) are dropped.
@@ -88,6 +102,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
     pub stop: Arc<AtomicBool>,
     pub stats: Arc<VcpuStats>,
+    /// What the thread confines itself to before its first KVM_RUN.
+    pub confine: Arc<confine::Plan>,
 }
 
 fn rip(fd: &VcpuFd) -> String {
@@ -101,6 +117,13 @@ impl VcpuContext {
     }
 
     fn run(mut self) {
+        let _confined = match confine::enter(ThreadKind::Vcpu(self.id), &self.confine, &self.exit) {
+            Ok(c) => c,
+            Err(e) => {
+                self.exit.set(Err(format!("vCPU {}: cannot confine its thread: {e}", self.id)));
+                return;
+            }
+        };
         while !self.stop.load(Ordering::Acquire) {
             let outcome = self.step();
             if let Some(r) = outcome {

@@ -2,6 +2,7 @@
 //! every vCPU thread and drops every fd and mapping, so a process can boot VMs in a loop.
 use crate::boot::{self, BootError};
 use crate::bus::PioBus;
+use crate::confine::{self, ThreadKind};
 use crate::cpuid;
 use crate::host;
 use crate::layout::{self, KVM_TSS_ADDRESS, MIN_MEMORY_MIB};
@@ -62,6 +63,9 @@ pub struct VmConfig {
     pub stop: Option<Arc<EventFd>>,
     /// Stop the VM with [`StopReason::Timeout`] after this long.
     pub timeout: Option<Duration>,
+    /// Confine the VMM's threads (seccomp, Landlock, capabilities: [`crate::confine`]). On by
+    /// default; off only for benchmark comparisons (`SHOJI_SECCOMP=off`).
+    pub confine: bool,
 }
 
 impl VmConfig {
@@ -78,6 +82,7 @@ impl VmConfig {
             vsock: None,
             stop: None,
             timeout: None,
+            confine: confine::default_enabled(),
         }
     }
 }
@@ -113,6 +118,11 @@ pub enum VmError {
     Regs(#[from] RegsError),
     #[error("VMM: {0}")]
     Internal(String),
+    /// A VMM thread made a syscall outside its filter (one line names the thread and the call).
+    #[error("seccomp: {0}; the VM was stopped")]
+    Seccomp(confine::Violation),
+    #[error("confinement: {0}")]
+    Confine(#[from] confine::ConfineError),
     /// The guest did something the VMM cannot continue from.
     #[error("{0}")]
     Guest(String),
@@ -243,12 +253,41 @@ pub fn check(cfg: &VmConfig) -> Result<(), VmError> {
     validate(cfg, max_vcpus(&kvm)).map(drop)
 }
 
-/// Boots the VM described by `cfg` and blocks until it stops.
+/// Boots the VM described by `cfg` and blocks until it stops. The calling thread is not
+/// confined (it is the caller's); the VM's own threads are (see [`crate::confine`]).
 pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
+    run_on(cfg, false)
+}
+
+/// Boots the VM on a new thread `shoji-vm` that confines itself too (as [`ThreadKind::Vmm`])
+/// once the vCPU and device threads run; `done` sees the result on that thread before it ends.
+pub fn spawn<F>(cfg: VmConfig, done: F) -> std::io::Result<std::thread::JoinHandle<Result<VmOutcome, VmError>>>
+where
+    F: FnOnce(&Result<VmOutcome, VmError>) + Send + 'static,
+{
+    std::thread::Builder::new().name(ThreadKind::Vmm.name()).spawn(move || {
+        let r = run_on(cfg, true);
+        done(&r);
+        r
+    })
+}
+
+/// The files the device thread may open: the disk images and shared directories.
+fn plan(cfg: &VmConfig) -> confine::Plan {
+    let mut device_paths: Vec<(PathBuf, bool)> = cfg.disks.iter().map(|d| (d.path.clone(), !d.read_only)).collect();
+    device_paths.extend(cfg.shares.iter().map(|s| (s.dir.clone(), !s.read_only)));
+    confine::Plan { enabled: cfg.confine, device_paths }
+}
+
+fn run_on(cfg: VmConfig, confine_self: bool) -> Result<VmOutcome, VmError> {
     let kvm = Kvm::new().map_err(|e| VmError::Kvm("/dev/kvm", e))?;
     let max = max_vcpus(&kvm);
     let Validated { mut kernel, mut initrd, devices } = validate(&cfg, max)?;
     vcpu::install_kick_handler().map_err(VmError::Internal)?;
+    let plan = Arc::new(plan(&cfg));
+    if plan.enabled {
+        confine::apply_rlimits();
+    }
 
     let vm = Arc::new(kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?);
     vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
@@ -280,7 +319,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
     pio.insert(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, devices.root.clone())
         .map_err(|e| VmError::Internal(e.to_string()))?;
     let pio = Arc::new(pio);
-    let mut event_loop = EventLoop::start(&devices)?;
+    let mut event_loop = EventLoop::start(&devices, plan.clone(), exit.clone())?;
 
     let supported =
         kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -307,6 +346,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
             exit: exit.clone(),
             stop: stop.clone(),
             stats: stats.clone(),
+            confine: plan.clone(),
         });
     }
 
@@ -321,9 +361,16 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
             }
         }
     }
-    let reason = match spawn_error {
-        Some(e) => Err(e),
-        None => wait_for_exit(&exit, cfg.stop.as_deref(), cfg.timeout),
+    // The VM's own thread confines itself last: the threads it starts must not inherit its
+    // filter (filters stack), and set-up needs far more than waiting and teardown do.
+    let confined = match (spawn_error, confine_self) {
+        (Some(e), _) => Err(e),
+        (None, true) => confine::enter(ThreadKind::Vmm, &plan, &exit).map_err(VmError::from),
+        (None, false) => Ok(confine::Confined::none()),
+    };
+    let (reason, _confined) = match confined {
+        Err(e) => (Err(e), None),
+        Ok(c) => (wait_for_exit(&exit, cfg.stop.as_deref(), cfg.timeout), Some(c)),
     };
 
     // Teardown: stop every vCPU, kicking it out of KVM_RUN until its thread is gone.
@@ -348,6 +395,10 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
     drop(devices);
     drop(vm);
     drop(mem);
+    // A filter that fired during teardown still decides how the VM ended.
+    if let Some(v) = confine::violation(&exit) {
+        return Err(VmError::Seccomp(v));
+    }
     let reason = reason?;
     Ok(VmOutcome {
         reason,
@@ -393,6 +444,9 @@ fn wait_for_exit(exit: &ExitSignal, stop: Option<&EventFd>, timeout: Option<Dura
             return Ok(StopReason::Stopped);
         }
         let _ = exit.evt.read();
+        if let Some(v) = confine::violation(exit) {
+            return Err(VmError::Seccomp(v));
+        }
         // An eventfd write with no recorded reason comes from the i8042 reset line.
         return match exit.take() {
             None | Some(Ok(StopReason::Reset)) => Ok(StopReason::Reset),
