@@ -138,12 +138,15 @@ fn with_confinement_off_no_vmm_thread_is_filtered() {
     assert_eq!(vm.join().unwrap().reason, StopReason::Stopped);
 }
 
+/// A syscall's return value and errno, once made.
+type CallResult = Arc<Mutex<Option<(i32, Option<i32>)>>>;
+
 /// The guest's console output, written on the vCPU thread that runs the guest's `out`; after
 /// `trigger` it makes a forbidden call there, as a compromised vCPU thread would.
 struct Tripwire {
     seen: Vec<u8>,
     trigger: &'static str,
-    result: Arc<Mutex<Option<(i32, Option<i32>)>>>,
+    result: CallResult,
 }
 
 impl Write for Tripwire {
