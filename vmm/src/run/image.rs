@@ -1,16 +1,26 @@
 //! `shoji run --image`: an OCI image layout (a directory, or a tar of one, as `docker save`-like
 //! tools and `skopeo copy oci-archive:` write) unpacked into a cached rootfs.
 //!
-//! Every blob is checked against its sha256 digest before use. Layers (tar, tar+gzip) are
-//! applied in order with the OCI whiteouts (`.wh.NAME` removes NAME from the layers below,
-//! `.wh..wh..opq` empties its directory); entries that would land outside the rootfs are refused
-//! by the tar crate's `unpack_in`. The result is cached by manifest digest under
-//! `<cache>/images/`, shared read-only with the sandbox like the built-in rootfs.
+//! Every blob is checked against its sha256 digest before use, and its size against a cap
+//! ([`MAX_META_BYTES`] for the index, manifests and config, [`MAX_LAYER_BYTES`] for a layer).
+//! Layers (tar, tar+gzip) are applied in order with the OCI whiteouts by
+//! [`shoji_vmm::layer`], which resolves every entry beneath the rootfs by fd (never through a
+//! symlink) and caps what an image unpacks to. The result is cached by manifest digest under
+//! `<cache>/images/` (0700: images may hold setuid files), shared read-only with the sandbox
+//! like the built-in rootfs.
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use std::io::Read;
-use std::path::{Component, Path, PathBuf};
+use shoji_vmm::layer;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+/// The most bytes `index.json`, a manifest or a config may have (they are JSON read whole).
+pub const MAX_META_BYTES: u64 = 4 << 20;
+/// The most bytes one layer blob may have (compressed; see [`layer::MAX_UNPACKED_BYTES`] for
+/// what all of them may unpack to).
+pub const MAX_LAYER_BYTES: u64 = 8 << 30;
 
 /// What the image says about running it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,13 +50,41 @@ fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf> {
     Ok(layout.join("blobs/sha256").join(hex))
 }
 
-/// A blob's bytes, after checking them against `digest`.
-fn read_blob(layout: &Path, digest: &str) -> Result<Vec<u8>> {
+/// A blob's open file, checked: a regular file of at most `max` bytes that hashes to `digest`.
+/// The file is positioned at its start.
+fn open_blob(layout: &Path, digest: &str, max: u64) -> Result<std::fs::File> {
     let path = blob_path(layout, digest)?;
-    let data = std::fs::read(&path).map_err(|e| anyhow!("image: blob {digest}: {e}"))?;
-    let got = format!("sha256:{:x}", Sha256::digest(&data));
+    let mut f = std::fs::File::open(&path).map_err(|e| anyhow!("image: blob {digest}: {e}"))?;
+    let meta = f.metadata().map_err(|e| anyhow!("image: blob {digest}: {e}"))?;
+    if !meta.is_file() {
+        bail!("image: blob {digest} is not a regular file");
+    }
+    if meta.len() > max {
+        bail!("image: blob {digest} is {} bytes, over the cap of {max}", meta.len());
+    }
+    let mut h = Sha256::new();
+    let n = std::io::copy(&mut (&mut f).take(max + 1), &mut h).map_err(|e| anyhow!("image: blob {digest}: {e}"))?;
+    if n > max {
+        bail!("image: blob {digest} grew past the cap of {max} bytes while read");
+    }
+    let got = format!("sha256:{:x}", h.finalize());
     if got != digest {
         bail!("image: blob {digest} does not match its digest (it hashes to {got})");
+    }
+    f.seek(SeekFrom::Start(0)).map_err(|e| anyhow!("image: blob {digest}: {e}"))?;
+    Ok(f)
+}
+
+/// A metadata blob's bytes (at most [`MAX_META_BYTES`]), after checking them against `digest`.
+/// (Read again after the check: a layout someone rewrites meanwhile fails the parse or later
+/// checks at worst; the unpacking itself does not trust any of it.)
+fn read_blob(layout: &Path, digest: &str) -> Result<Vec<u8>> {
+    let f = open_blob(layout, digest, MAX_META_BYTES)?;
+    let mut data = Vec::new();
+    f.take(MAX_META_BYTES).read_to_end(&mut data).map_err(|e| anyhow!("image: blob {digest}: {e}"))?;
+    let got = format!("sha256:{:x}", Sha256::digest(&data));
+    if got != digest {
+        bail!("image: blob {digest} changed while read (it now hashes to {got})");
     }
     Ok(data)
 }
@@ -86,12 +124,11 @@ impl Image {
         } else {
             let tmp = tempfile::Builder::new().prefix("shoji-image-").tempdir().context("image: temp dir")?;
             let f = std::fs::File::open(src).map_err(|e| anyhow!("image: {}: {e}", src.display()))?;
-            tar::Archive::new(f)
-                .unpack(tmp.path())
+            unpack_layout(f, tmp.path())
                 .map_err(|e| anyhow!("image: {}: not a tar of an image layout: {e}", src.display()))?;
             (tmp.path().to_path_buf(), Some(tmp))
         };
-        let index = std::fs::read(layout.join("index.json"))
+        let index = read_capped(&layout.join("index.json"))
             .map_err(|e| anyhow!("image: {}: no OCI image layout (index.json: {e})", src.display()))?;
         let mut digest = pick_manifest(&json(&index, "index.json")?)?;
         let mut manifest = json(&read_blob(&layout, &digest)?, "manifest")?;
@@ -134,14 +171,20 @@ impl Image {
         if root.is_dir() {
             return Ok(root);
         }
-        std::fs::create_dir_all(cache.join("images")).context("image: cache dir")?;
-        let tmp =
-            tempfile::Builder::new().prefix(".unpack-").tempdir_in(cache.join("images")).context("image: temp dir")?;
+        let images = cache.join("images");
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&images).context("image: cache dir")?;
+        let tmp = tempfile::Builder::new().prefix(".unpack-").tempdir_in(&images).context("image: temp dir")?;
         let troot = tmp.path().join("rootfs");
         std::fs::create_dir(&troot).context("image: rootfs dir")?;
-        for (digest, media) in &self.layers {
-            let blob = read_blob(&self.layout, digest)?;
-            apply_layer(&troot, &blob, media).with_context(|| format!("image: layer {digest}"))?;
+        let target = layer::Rootfs::open(&troot).context("image: rootfs dir")?;
+        let mut budget = layer::Budget::default();
+        for (i, (digest, media)) in self.layers.iter().enumerate() {
+            if media.ends_with("+zstd") {
+                bail!("image: layer {} ({digest}): {media}: zstd layers are not supported (gzip or plain tar)", i + 1);
+            }
+            let mut blob = open_blob(&self.layout, digest, MAX_LAYER_BYTES)?;
+            layer::apply(&target, &mut blob, &mut budget)
+                .map_err(|e| anyhow!("image: layer {} ({digest}): {e}", i + 1))?;
         }
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(tmp.path(), &dir).context("image: moving the rootfs into the cache")?;
@@ -149,82 +192,32 @@ impl Image {
     }
 }
 
-/// The layer's tar stream, decompressed by its media type.
-fn layer_reader<'a>(blob: &'a [u8], media: &str) -> Result<Box<dyn Read + 'a>> {
-    if media.ends_with("+zstd") {
-        bail!("{media}: zstd layers are not supported (gzip or plain tar)");
+/// `index.json` (or a layout tar's entry) read whole, at most [`MAX_META_BYTES`].
+fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    std::fs::File::open(path)?.take(MAX_META_BYTES + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > MAX_META_BYTES {
+        return Err(std::io::Error::other(format!("over {MAX_META_BYTES} bytes")));
     }
-    // Media types lie often enough (docker's own types): trust the gzip magic.
-    if blob.starts_with(&[0x1f, 0x8b]) {
-        Ok(Box::new(flate2::read::GzDecoder::new(blob)))
-    } else {
-        Ok(Box::new(blob))
-    }
+    Ok(data)
 }
 
-/// A layer entry's path, relative and without `..` (None: refused).
-fn clean(path: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir => {}
-            _ => return None,
-        }
-    }
-    Some(out)
-}
-
-/// Applies one layer: its whiteouts first (they act on the layers below), then its files.
-pub fn apply_layer(root: &Path, blob: &[u8], media: &str) -> Result<()> {
-    let mut archive = tar::Archive::new(layer_reader(blob, media)?);
-    for entry in archive.entries()? {
-        let entry = entry?;
-        let path = entry.path()?.into_owned();
-        let Some(rel) = clean(&path) else { bail!("entry {}: outside the rootfs", path.display()) };
-        let Some(name) = rel.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some(hidden) = name.strip_prefix(".wh.") else { continue };
-        let dir = root.join(rel.parent().unwrap_or(Path::new("")));
-        if hidden == ".wh..opq" {
-            if let Ok(rd) = std::fs::read_dir(&dir) {
-                for e in rd.flatten() {
-                    remove(&e.path());
-                }
-            }
-        } else {
-            remove(&dir.join(hidden));
-        }
-    }
-    let mut archive = tar::Archive::new(layer_reader(blob, media)?);
-    archive.set_preserve_permissions(true);
-    archive.set_overwrite(true);
-    archive.set_unpack_xattrs(false);
+/// Unpacks a tar of an image layout: its directories and regular files only (a layout has no
+/// links; the tar crate keeps each entry inside `dest`).
+fn unpack_layout(f: std::fs::File, dest: &Path) -> Result<()> {
+    let mut archive = tar::Archive::new(f);
     for entry in archive.entries()? {
         let mut entry = entry?;
-        let path = entry.path()?.into_owned();
-        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".wh.")) {
+        let kind = entry.header().entry_type();
+        if !(kind.is_dir() || kind.is_file()) {
             continue;
         }
-        let kind = entry.header().entry_type();
-        if kind.is_block_special() || kind.is_character_special() || kind.is_fifo() {
-            continue; // device nodes come from the container's /dev, never from an image
-        }
-        if !entry.unpack_in(root).with_context(|| format!("entry {}", path.display()))? {
-            bail!("entry {}: outside the rootfs", path.display());
+        let path = entry.path()?.into_owned();
+        if !entry.unpack_in(dest).with_context(|| format!("entry {}", path.display()))? {
+            bail!("entry {}: outside the layout", path.display());
         }
     }
     Ok(())
-}
-
-fn remove(p: &Path) {
-    let r = match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
-        Ok(_) => std::fs::remove_file(p),
-        Err(_) => return,
-    };
-    if let Err(e) = r {
-        tracing::warn!("image: whiteout of {}: {e}", p.display());
-    }
 }
 
 #[cfg(test)]
@@ -338,9 +331,220 @@ mod tests {
         b.append(&h, &b"x"[..]).unwrap();
         let root = d.path().join("root");
         std::fs::create_dir(&root).unwrap();
-        let e = apply_layer(&root, &b.into_inner().unwrap(), "").unwrap_err().to_string();
-        assert!(e.contains("outside the rootfs"), "{e}");
+        let rootfs = layer::Rootfs::open(&root).unwrap();
+        let tar = b.into_inner().unwrap();
+        let e = layer::apply(&rootfs, &mut std::io::Cursor::new(tar), &mut layer::Budget::default()).unwrap_err();
+        assert_eq!(e.to_string(), "entry ../escape: `..` in the name");
         assert!(!d.path().join("escape").exists());
+    }
+
+    // ---- malicious layouts: each tries to reach a host directory outside the rootfs ----------
+
+    /// A raw tar entry (names the tar crate's builder would refuse: `..`, `.wh..`).
+    fn raw(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &str, link: Option<&str>, body: &[u8]) {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+        h.set_entry_type(kind);
+        let g = h.as_gnu_mut().unwrap();
+        g.name[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(l) = link {
+            g.linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+        h.set_cksum();
+        b.append(&h, body).unwrap();
+    }
+
+    type Entry<'a> = (tar::EntryType, &'a str, Option<&'a str>, &'a [u8]);
+
+    fn tar_of(entries: &[Entry]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (kind, name, link, body) in entries {
+            raw(&mut b, *kind, name, *link, body);
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// A layout of these layers (plain tar) in `dir`; their digests.
+    fn layout_of(dir: &Path, layers: &[Vec<u8>]) -> Vec<String> {
+        let digests: Vec<String> = layers.iter().map(|l| put_blob(dir, l)).collect();
+        let config = serde_json::json!({"config": {"Cmd": ["true"]}});
+        let c = put_blob(dir, config.to_string().as_bytes());
+        let layers: Vec<Value> = digests
+            .iter()
+            .map(|d| serde_json::json!({"digest": d, "mediaType": "application/vnd.oci.image.layer.v1.tar"}))
+            .collect();
+        let manifest = serde_json::json!({"schemaVersion": 2, "config": {"digest": c}, "layers": layers});
+        let m = put_blob(dir, manifest.to_string().as_bytes());
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"digest": m}]});
+        std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+        digests
+    }
+
+    /// A host directory beside the image with one file, `precious`, the attacks aim at.
+    struct Victim {
+        _tmp: tempfile::TempDir,
+        top: PathBuf,
+        dir: PathBuf,
+    }
+
+    impl Victim {
+        fn new() -> Victim {
+            let tmp = tempfile::tempdir().unwrap();
+            let top = tmp.path().to_path_buf();
+            let dir = top.join("victim");
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("precious"), "keep me").unwrap();
+            Victim { _tmp: tmp, top, dir }
+        }
+
+        fn path(&self) -> &str {
+            self.dir.to_str().unwrap()
+        }
+
+        /// The victim as it was: one file, same contents, one link, nothing added.
+        fn assert_untouched(&self) {
+            let names: Vec<_> = std::fs::read_dir(&self.dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(names, ["precious"], "the victim directory changed");
+            assert_eq!(std::fs::read_to_string(self.dir.join("precious")).unwrap(), "keep me");
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(std::fs::metadata(self.dir.join("precious")).unwrap().nlink(), 1, "hard-linked from the rootfs");
+        }
+
+        /// Unpacks `layers` as an image; the error (one line, formatted with its causes).
+        fn unpack(&self, layers: &[Vec<u8>]) -> (Vec<String>, String) {
+            let lay = self.top.join("layout");
+            let digests = layout_of(&lay, layers);
+            let r = Image::open(&lay).unwrap().rootfs(&self.top.join("cache"));
+            self.assert_untouched();
+            let e = format!("{:#}", r.expect_err("a malicious image was unpacked"));
+            assert!(!e.contains('\n'), "not one line: {e}");
+            eprintln!("{e}");
+            (digests, e)
+        }
+    }
+
+    use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as S};
+
+    #[test]
+    fn benign_links_modes_and_replacements() {
+        let d = tempfile::tempdir().unwrap();
+        let lay = d.path().join("layout");
+        let l1 = tar_of(&[
+            (D, "./", None, b""),
+            (D, "usr/bin/", None, b""),
+            (F, "usr/bin/busybox", None, b"bb"),
+            (S, "bin", Some("usr/bin"), b""),
+            (S, "usr/bin/sh", Some("/bin/busybox"), b""),
+            (H, "usr/bin/ls", Some("usr/bin/busybox"), b""),
+            (D, "etc/", None, b""),
+            (F, "etc/conf", None, b"old"),
+            (D, "opt/tree/a/b/", None, b""),
+            (F, "opt/tree/a/b/f", None, b"f"),
+        ]);
+        let l2 = tar_of(&[
+            (F, "etc/conf", None, b"new"),
+            (F, "usr/bin/sh", None, b"a real sh"),
+            (F, ".wh.opt", None, b""),
+            (F, "new/deep/file", None, b"parents made"),
+        ]);
+        layout_of(&lay, &[l1, l2]);
+        let root = Image::open(&lay).unwrap().rootfs(&d.path().join("cache")).unwrap();
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert_eq!(std::fs::read_link(root.join("bin")).unwrap(), Path::new("usr/bin"));
+        let (bb, ls) = (
+            std::fs::metadata(root.join("usr/bin/busybox")).unwrap(),
+            std::fs::metadata(root.join("usr/bin/ls")).unwrap(),
+        );
+        assert_eq!((bb.ino(), bb.nlink()), (ls.ino(), 2));
+        assert_eq!(std::fs::read_to_string(root.join("usr/bin/sh")).unwrap(), "a real sh");
+        assert_eq!(std::fs::read_to_string(root.join("etc/conf")).unwrap(), "new");
+        assert!(!root.join("opt").exists());
+        assert_eq!(std::fs::read_to_string(root.join("new/deep/file")).unwrap(), "parents made");
+        assert_eq!(bb.permissions().mode() & 0o7777, 0o644);
+        assert_eq!(std::fs::metadata(root.join("etc")).unwrap().permissions().mode() & 0o7777, 0o755);
+        assert_eq!(std::fs::metadata(d.path().join("cache/images")).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn attack_symlink_then_whiteout_through_it() {
+        let v = Victim::new();
+        let l1 = tar_of(&[(S, "x", Some(v.path()), b"")]);
+        let l2 = tar_of(&[(F, "x/.wh.precious", None, b"")]);
+        let (d, e) = v.unpack(&[l1, l2]);
+        v.assert_untouched();
+        assert!(e.contains("layer 2") && e.contains(&d[1]) && e.contains("x/.wh.precious"), "{e}");
+    }
+
+    #[test]
+    fn attack_symlink_then_opaque_whiteout_through_it() {
+        let v = Victim::new();
+        let l1 = tar_of(&[(S, "x", Some(v.path()), b"")]);
+        let l2 = tar_of(&[(F, "x/.wh..wh..opq", None, b"")]);
+        let (d, e) = v.unpack(&[l1, l2]);
+        v.assert_untouched();
+        assert!(e.contains("layer 2") && e.contains(&d[1]) && e.contains("x/.wh..wh..opq"), "{e}");
+    }
+
+    #[test]
+    fn attack_symlink_then_file_written_through_it() {
+        let v = Victim::new();
+        let l1 = tar_of(&[(S, "x", Some(v.path()), b"")]);
+        let l2 = tar_of(&[(F, "x/evil", None, b"owned"), (F, "x/precious", None, b"owned")]);
+        let (d, e) = v.unpack(&[l1, l2]);
+        v.assert_untouched();
+        assert!(e.contains("layer 2") && e.contains(&d[1]) && e.contains("x/evil"), "{e}");
+    }
+
+    #[test]
+    fn attack_symlink_and_file_through_it_in_one_layer() {
+        let v = Victim::new();
+        let l1 = tar_of(&[(S, "x", Some(v.path()), b""), (D, "x/sub/", None, b""), (F, "x/evil", None, b"owned")]);
+        let (d, e) = v.unpack(&[l1]);
+        v.assert_untouched();
+        assert!(e.contains("layer 1") && e.contains(&d[0]) && e.contains("x/sub"), "{e}");
+    }
+
+    #[test]
+    fn attack_hardlink_to_a_host_absolute_path() {
+        let v = Victim::new();
+        let target = format!("{}/precious", v.path());
+        let l1 = tar_of(&[(H, "stolen", Some(&target), b"")]);
+        let (d, e) = v.unpack(&[l1]);
+        v.assert_untouched();
+        assert!(e.contains("layer 1") && e.contains(&d[0]) && e.contains("stolen"), "{e}");
+    }
+
+    #[test]
+    fn attack_hardlink_up_and_out() {
+        let v = Victim::new();
+        // The rootfs is <top>/cache/images/<tmp>/rootfs: four levels up is <top>.
+        let l1 = tar_of(&[(H, "stolen", Some("../../../../victim/precious"), b"")]);
+        let (d, e) = v.unpack(&[l1]);
+        v.assert_untouched();
+        assert!(e.contains("layer 1") && e.contains(&d[0]) && e.contains("stolen"), "{e}");
+    }
+
+    #[test]
+    fn attack_hardlink_through_a_symlink() {
+        let v = Victim::new();
+        let l1 = tar_of(&[(S, "x", Some(v.path()), b"")]);
+        let l2 = tar_of(&[(H, "stolen", Some("x/precious"), b"")]);
+        let (d, e) = v.unpack(&[l1, l2]);
+        v.assert_untouched();
+        assert!(e.contains("layer 2") && e.contains(&d[1]) && e.contains("stolen"), "{e}");
+    }
+
+    #[test]
+    fn attack_dot_dot_whiteouts() {
+        for name in ["x/.wh..", "x/.wh...", "x/y/../.wh.z"] {
+            let v = Victim::new();
+            let l1 = tar_of(&[(D, "x/", None, b""), (D, "x/y/", None, b""), (F, "x/keep", None, b"k")]);
+            let l2 = tar_of(&[(F, name, None, b"")]);
+            let (d, e) = v.unpack(&[l1, l2]);
+            v.assert_untouched();
+            assert!(e.contains("layer 2") && e.contains(&d[1]) && e.contains(name), "{name}: {e}");
+        }
     }
 
     #[test]
