@@ -36,6 +36,8 @@ thread_local! {
     // A const-initialised Cell of a raw pointer has no lazy initialisation and no destructor, so
     // reading it from a signal handler touches nothing but the thread's TLS block.
     static SLOT: Cell<*const ThreadSlot> = const { Cell::new(std::ptr::null()) };
+    // The name outlives the slot: the filter stays on the thread after its VM work is done.
+    static NAME: Cell<([u8; 16], usize)> = const { Cell::new(([0; 16], 0)) };
 }
 
 /// Keeps the current thread's slot alive; clears it when the thread's work ends.
@@ -52,6 +54,7 @@ pub(crate) fn register(name: &str, tag: u64, exit: Arc<ExitSignal>) -> SlotGuard
     let mut buf = [0u8; 16];
     let n = name.len().min(15);
     buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    NAME.with(|c| c.set((buf, n)));
     let slot = Box::new(ThreadSlot { name: buf, name_len: n, tag, exit });
     SLOT.with(|s| s.set(&*slot as *const ThreadSlot));
     SlotGuard(slot)
@@ -132,15 +135,16 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     if REPORTS.fetch_add(1, Ordering::Relaxed) < MAX_REPORTS {
         let mut l = Line { buf: [0; 192], len: 0 };
         l.push(b"shoji: seccomp: thread ");
-        match slot {
-            Some(s) => l.push(&s.name[..s.name_len]),
-            None => l.push(b"(not a VMM thread)"),
-        }
+        let (name, len) = match slot {
+            Some(s) => (s.name, s.name_len),
+            None => NAME.with(|c| c.get()),
+        };
+        l.push(if len == 0 { b"(unknown)" } else { &name[..len] });
         l.push(b" made forbidden syscall ");
         l.push_dec(u64::from(nr as u32));
         l.push(b" (");
         l.push(syscall_name(i64::from(nr)).as_bytes());
-        l.push(b"); stopping the VM\n");
+        l.push(if slot.is_some() { b"); stopping the VM\n" } else { b"); refused\n" });
         // SAFETY: write(2) is async-signal-safe; the buffer is valid for `len` bytes.
         unsafe { libc::write(libc::STDERR_FILENO, l.buf.as_ptr().cast(), l.len) };
     }
