@@ -184,11 +184,25 @@ impl Drop for Sandbox {
     }
 }
 
-/// The last `n` lines of a console log, indented.
+/// How much of a log's end [`console_tail`] reads: lines are short, and a log may be large.
+pub const TAIL_BYTES: u64 = 64 << 10;
+
+/// The last `n` lines of a console log (a [`crate::logfile`]), indented. Reads at most
+/// [`TAIL_BYTES`] from its end.
 pub fn console_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let bytes = crate::logfile::tail(path, TAIL_BYTES).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// Creates `dir` (not its parents) private to its owner, 0700 whatever the umask: a sandbox
+/// directory holds the agent's socket (whoever reaches it runs commands in the guest) and the
+/// guest's logs.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// A ttrpc context with a time limit (zero: none, for the calls that wait on a process).
@@ -213,5 +227,61 @@ pub fn virtiofs_storage(tag: &str, mount_point: &str, read_only: bool) -> agent:
         options: vec![if read_only { "ro" } else { "rw" }.into()],
         mount_point: mount_point.into(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// 100 MiB through the console sink the VM uses: the file stays under its cap and the tail
+    /// shows the newest lines.
+    #[test]
+    fn the_console_log_is_capped_and_its_tail_is_the_newest_output() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(CONSOLE_LOG);
+        let mut w = crate::vm::serial_writer(crate::SerialOut::File(p.clone())).unwrap();
+        let (mut written, mut i) = (0u64, 0u64);
+        while written < 100 << 20 {
+            let line = format!("console line {i:09} {}\n", "x".repeat(100));
+            w.write_all(line.as_bytes()).unwrap();
+            written += line.len() as u64;
+            i += 1;
+            if i % 100_000 == 0 {
+                assert!(std::fs::metadata(&p).unwrap().len() <= crate::logfile::CONSOLE_LOG_MAX);
+            }
+        }
+        w.finish();
+        drop(w);
+        let len = std::fs::metadata(&p).unwrap().len();
+        assert!(len <= crate::logfile::CONSOLE_LOG_MAX && len > crate::logfile::CONSOLE_LOG_MAX / 2, "{len}");
+        let tail = console_tail(&p, 3);
+        let want: Vec<String> = (i - 3..i).map(|k| format!("  console line {k:09} {}", "x".repeat(100))).collect();
+        assert_eq!(tail, want.join("\n"));
+        // No sibling files either (no rotation left behind).
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn console_tail_of_a_big_plain_file_reads_its_end() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("big.log");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let body: String = (0..200_000).map(|k| format!("old {k}\n")).collect();
+        f.write_all(body.as_bytes()).unwrap();
+        f.write_all(b"second to last\nlast\n").unwrap();
+        assert_eq!(console_tail(&p, 2), "  second to last\n  last");
+        assert_eq!(console_tail(&d.path().join("missing"), 2), "");
+    }
+
+    #[test]
+    fn private_dirs_are_0700_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("sb");
+        create_private_dir(&p).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o700);
+        assert!(create_private_dir(&p).is_err(), "an existing directory is not taken over");
     }
 }

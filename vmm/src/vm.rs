@@ -236,10 +236,15 @@ fn create_memory(vm: &VmFd, mem_mib: u64) -> Result<GuestMemoryMmap, VmError> {
     Ok(mem)
 }
 
-fn serial_writer(out: SerialOut) -> Result<ConsoleWriter, VmError> {
+/// The console sink. A file is capped ([`crate::logfile::CONSOLE_LOG_MAX`], a ring past it): the
+/// guest decides how much it prints.
+pub(crate) fn serial_writer(out: SerialOut) -> Result<ConsoleWriter, VmError> {
     let w: Box<dyn Write + Send> = match out {
         SerialOut::Stdout => Box::new(std::io::stdout()),
-        SerialOut::File(p) => Box::new(File::create(&p).map_err(|e| VmError::SerialFile(p.clone(), e))?),
+        SerialOut::File(p) => Box::new(
+            crate::logfile::CappedLog::create(&p, crate::logfile::CONSOLE_LOG_MAX)
+                .map_err(|e| VmError::SerialFile(p.clone(), e))?,
+        ),
         SerialOut::Writer(w) => w,
         SerialOut::Discard => Box::new(std::io::sink()),
     };

@@ -13,6 +13,7 @@ use crate::run::{self, Failure, Io, RunArgs, CONTAINER_ID, EXIT_SHOJI_ERROR, RPC
 use anyhow::{anyhow, Context};
 use shoji_protocol::agent;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
+use shoji_vmm::logfile::{self, CappedLog, OUTPUT_LOG_MAX};
 use shoji_vmm::sandbox::{self, console_tail, ctx, rpc_msg, Sandbox, SandboxConfig};
 use shoji_vmm::ShareConfig;
 use state::{Shown, State, StateError, Status};
@@ -472,15 +473,10 @@ async fn supervise(
     dir: &Path,
 ) -> Result<i32, String> {
     let path = dir.join(state::OUTPUT_LOG);
-    let open = || {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| format!("state: {}: {e}", path.display()))
-    };
-    let out = tokio::spawn(run::pump(client.clone(), String::new(), false, open()?));
-    let err = tokio::spawn(run::pump(client.clone(), String::new(), true, open()?));
+    // Capped (a ring past OUTPUT_LOG_MAX): the command decides how much it prints.
+    let log = CappedLog::create(&path, OUTPUT_LOG_MAX).map_err(|e| format!("state: {}: {e}", path.display()))?.shared();
+    let out = tokio::spawn(run::pump(client.clone(), String::new(), false, log.clone()));
+    let err = tokio::spawn(run::pump(client.clone(), String::new(), true, log));
     if !tty {
         let close = agent::CloseStdinRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
         if let Err(e) = client.close_stdin(ctx(RPC_TIMEOUT), &close).await {
@@ -583,11 +579,11 @@ fn logs(a: LogsArgs) -> Result<u8, Fail> {
     state::load(&a.name)?;
     let file = if a.console { sandbox::CONSOLE_LOG } else { state::OUTPUT_LOG };
     let path = state::dir_of(&a.name).join(file);
-    match std::fs::File::open(&path) {
-        Ok(mut f) => {
+    // Both logs are capped rings (shoji_vmm::logfile): read back in order.
+    match logfile::read(&path) {
+        Ok(text) => {
             let mut out = std::io::stdout().lock();
-            std::io::copy(&mut f, &mut out).with_context(|| format!("logs: {}", path.display()))?;
-            out.flush().context("logs: stdout")?;
+            out.write_all(&text).and_then(|()| out.flush()).context("logs: stdout")?;
         }
         // Not started yet: no output.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

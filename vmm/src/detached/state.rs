@@ -3,6 +3,7 @@
 //! process (for `shoji exec`). The directory's creation is the name's lock.
 use serde::{Deserialize, Serialize};
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -127,11 +128,20 @@ pub fn check_name(name: &str) -> Result<(), StateError> {
 
 /// Takes `name`: creates its directory, which fails when it exists.
 pub fn claim(name: &str) -> Result<PathBuf, StateError> {
+    claim_in(&run_dir(), name)
+}
+
+/// [`claim`] under `root`: the run dir is made 0700 when missing, the sandbox's directory always.
+fn claim_in(root: &Path, name: &str) -> Result<PathBuf, StateError> {
     check_name(name)?;
-    let root = run_dir();
-    std::fs::create_dir_all(&root).map_err(|e| StateError::Io(root.display().to_string(), e))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .map_err(|e| StateError::Io(root.display().to_string(), e))?;
     let dir = root.join(name);
-    match std::fs::create_dir(&dir) {
+    // Private: it holds the agent's socket and the logs.
+    match shoji_vmm::sandbox::create_private_dir(&dir) {
         Ok(()) => Ok(dir),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StateError::InUse(name.into())),
         Err(e) => Err(StateError::Io(dir.display().to_string(), e)),
@@ -281,6 +291,17 @@ mod tests {
         st.status = Status::Exited;
         st.exit_code = Some(3);
         assert_eq!(st.shown().to_string(), "exited(3)");
+    }
+
+    #[test]
+    fn claimed_dirs_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("run");
+        let dir = claim_in(&root, "private-one").unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::metadata(&root).unwrap().permissions().mode() & 0o777, 0o700);
+        assert!(matches!(claim_in(&root, "private-one"), Err(StateError::InUse(_))));
     }
 
     #[test]
