@@ -103,7 +103,7 @@ impl Shim for ShojiShim {
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         let group = grouping(&self.bundle, &self.id);
         let dir = sandbox_dir(&self.namespace, &group);
-        mount::remove_tree(&dir.join("shared").join(&self.id));
+        mount::remove_container(&dir, &self.id);
         if group == self.id {
             mount::remove_tree(&dir);
             // The server's socket (a killed server leaves it behind); `address` is ours, written

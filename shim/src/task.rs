@@ -3,7 +3,8 @@
 //! One sandbox VM per shim, booted by the first Create; every container of the shim shares it.
 //! Each container's rootfs (the snapshot mounted at `<bundle>/rootfs`) and the host files its
 //! spec binds are bind-mounted into the sandbox's shared directory, which the guest sees through
-//! one virtio-fs share. The VM stops when the last container is deleted.
+//! one virtio-fs share, read-only but for those binds (see [`mount::Share`]). The VM stops when
+//! the last container is deleted.
 use crate::config::{options_config_path, ShimConfig};
 use crate::events::Events;
 use crate::mount::{self, MountSpec};
@@ -83,8 +84,6 @@ impl Process {
 
 struct Container {
     bundle: String,
-    /// This container's directory in the shared directory (rootfs and bound host files).
-    shared: PathBuf,
     /// `<bundle>/rootfs` is ours to unmount.
     rootfs_mounted: bool,
     procs: HashMap<String, Process>,
@@ -104,7 +103,8 @@ struct Inner {
     rt: tokio::runtime::Runtime,
     /// Read when the sandbox boots (runtime options of the first Create may name another file).
     config: Mutex<ShimConfig>,
-    /// `/run/shoji/s/<hash>`: vsock socket, console log, shared/.
+    /// `/run/shoji/s/<hash>` (0700): vsock socket, console log, staging/ and its read-only view
+    /// shared/ (see [`mount::Share`]).
     dir: PathBuf,
     events: Events,
     exit: Arc<ExitSignal>,
@@ -163,8 +163,8 @@ impl Inner {
             return Ok(vm.clone());
         }
         let shared = self.shared_dir();
-        std::fs::create_dir_all(&shared)
-            .map_err(|e| status(Code::INTERNAL, format!("sandbox: creating {}: {e}", shared.display())))?;
+        mount::Share::open(&self.dir)
+            .map_err(|e| status(Code::INTERNAL, format!("sandbox: preparing {}: {e}", shared.display())))?;
         let config = lock(&self.config).clone();
         let mut cfg = SandboxConfig::new(self.dir.clone());
         cfg.vcpus = config.vcpus;
@@ -301,31 +301,33 @@ impl Inner {
             tracing::error!("cannot start the exit watcher: {e}");
         }
     }
+}
 
-    /// Host paths the spec bind-mounts become files in the shared directory; the spec (JSON)
-    /// gets their guest paths. Mounts of kernel filesystems are left to the guest.
-    fn share_binds(&self, spec: &mut serde_json::Value, id: &str, shared: &Path) -> RpcResult<()> {
-        let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else { return Ok(()) };
-        for (i, m) in mounts.iter_mut().enumerate() {
-            let is_bind = m.get("type").and_then(|t| t.as_str()) == Some("bind")
-                || m.get("options")
-                    .and_then(|o| o.as_array())
-                    .is_some_and(|o| o.iter().any(|x| matches!(x.as_str(), Some("bind" | "rbind"))));
-            let Some(source) = m.get("source").and_then(|s| s.as_str()).map(PathBuf::from) else { continue };
-            if !is_bind || !source.is_absolute() {
-                continue;
-            }
-            let ro =
-                m.get("options").and_then(|o| o.as_array()).is_some_and(|o| o.iter().any(|x| x.as_str() == Some("ro")));
-            let host = shared.join("mounts").join(i.to_string());
-            mount::bind(&source, &host, ro).map_err(|e| {
-                status(Code::INVALID_ARGUMENT, format!("mounts[{i}].source: {}: {e}", source.display()))
-            })?;
-            m["source"] = serde_json::Value::String(format!("{GUEST_SHARED}/{id}/mounts/{i}"));
+/// Host paths the spec bind-mounts are bound at `<id>/mounts/<n>` in the share; the spec (JSON)
+/// gets their guest paths. Mounts of kernel filesystems are left to the guest.
+fn share_binds(spec: &mut serde_json::Value, id: &str, share: &mount::Share) -> RpcResult<()> {
+    let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else { return Ok(()) };
+    for (i, m) in mounts.iter_mut().enumerate() {
+        let is_bind = m.get("type").and_then(|t| t.as_str()) == Some("bind")
+            || m.get("options")
+                .and_then(|o| o.as_array())
+                .is_some_and(|o| o.iter().any(|x| matches!(x.as_str(), Some("bind" | "rbind"))));
+        let Some(source) = m.get("source").and_then(|s| s.as_str()).map(PathBuf::from) else { continue };
+        if !is_bind || !source.is_absolute() {
+            continue;
         }
-        Ok(())
+        let ro =
+            m.get("options").and_then(|o| o.as_array()).is_some_and(|o| o.iter().any(|x| x.as_str() == Some("ro")));
+        let at = Path::new(id).join("mounts").join(i.to_string());
+        share
+            .bind(&at, &source, ro)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("mounts[{i}].source: {}: {e}", source.display())))?;
+        m["source"] = serde_json::Value::String(format!("{GUEST_SHARED}/{id}/mounts/{i}"));
     }
+    Ok(())
+}
 
+impl Inner {
     fn create(self: &Arc<Self>, req: api::CreateTaskRequest) -> RpcResult<api::CreateTaskResponse> {
         let id = req.id.clone();
         if id.is_empty() || id.contains('/') || id.starts_with('.') {
@@ -346,7 +348,6 @@ impl Inner {
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("bundle: {}: {e}", spec_path.display())))?;
 
         let rootfs = bundle.join("rootfs");
-        let shared = self.shared_dir().join(&id);
         // Registered before the (slow) boot: what containerd sends meanwhile (stdin, CloseIO,
         // State) finds the task.
         let init = Process::new(req.stdin.clone(), req.stdout.clone(), req.stderr.clone(), req.terminal, vec![])?;
@@ -356,10 +357,7 @@ impl Inner {
                 return Err(status(Code::ALREADY_EXISTS, format!("container {id}: already exists")));
             }
             let procs = HashMap::from([(String::new(), init)]);
-            cs.insert(
-                id.clone(),
-                Container { bundle: req.bundle.clone(), shared: shared.clone(), rootfs_mounted: false, procs },
-            );
+            cs.insert(id.clone(), Container { bundle: req.bundle.clone(), rootfs_mounted: false, procs });
         }
         let forget = || {
             lock(&self.containers).remove(&id);
@@ -370,7 +368,7 @@ impl Inner {
             .map(|m| MountSpec { fstype: m.type_.clone(), source: m.source.clone(), options: m.options.to_vec() })
             .collect();
         let cleanup = |mounted: bool| {
-            mount::remove_tree(&shared);
+            mount::remove_container(&self.dir, &id);
             if mounted {
                 mount::unmount_all(&rootfs);
             }
@@ -385,9 +383,12 @@ impl Inner {
         let mounted = !mounts.is_empty();
         let prepared = (|| {
             let vm = self.vm()?;
-            mount::bind(&rootfs, &shared.join("rootfs"), false)
+            let share = mount::Share::open(&self.dir)
+                .map_err(|e| status(Code::INTERNAL, format!("sandbox: {}: {e}", self.dir.display())))?;
+            share
+                .bind(&Path::new(&id).join("rootfs"), &rootfs, false)
                 .map_err(|e| status(Code::INTERNAL, format!("rootfs: sharing {}: {e}", rootfs.display())))?;
-            self.share_binds(&mut spec, &id, &shared)?;
+            share_binds(&mut spec, &id, &share)?;
             let create = agent::CreateContainerRequest {
                 container_id: id.clone(),
                 oci_spec_json: serde_json::to_vec(&spec).map_err(|e| status(Code::INTERNAL, e.to_string()))?,
@@ -524,7 +525,7 @@ impl Inner {
             }
         }
         let Some(c) = lock(&self.containers).remove(&t.container_id) else { return Err(not_found(&t)) };
-        mount::remove_tree(&c.shared);
+        mount::remove_container(&self.dir, &t.container_id);
         if c.rootfs_mounted {
             mount::unmount_all(&Path::new(&c.bundle).join("rootfs"));
         }
@@ -764,5 +765,48 @@ impl containerd_shim::Task for Service {
         tracing::info!("shutdown: no task left, exiting");
         self.inner.exit.signal();
         Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Create's handling of the spec's binds, against a share where a symlink was planted on
+    /// the way to `mounts/<n>`: refused, the victim gets no mount; then the normal case.
+    #[test]
+    fn spec_binds_go_to_the_share_and_never_through_a_planted_symlink() {
+        assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (mounts); CI runs as root");
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, victim, dir) = (tmp.path().join("src"), tmp.path().join("victim"), tmp.path().join("sandbox"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(victim.join("0")).unwrap();
+        let share = mount::Share::open(&dir).unwrap();
+        std::fs::create_dir_all(dir.join("staging/c")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("staging/c/mounts")).unwrap();
+        let spec = serde_json::json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/data", "type": "bind", "source": src, "options": ["rbind", "ro"]},
+        ]});
+
+        let e = share_binds(&mut spec.clone(), "c", &share).unwrap_err();
+        let victim_mounts = mount::mounts_under(&victim);
+        let e = format!("{e:?}");
+
+        std::fs::remove_file(dir.join("staging/c/mounts")).unwrap();
+        let mut ok = spec.clone();
+        let r = share_binds(&mut ok, "c", &share);
+        let ro = std::fs::write(dir.join("shared/c/mounts/1/x"), "y").map_err(|e| e.raw_os_error());
+        mount::remove_tree(&dir);
+        let left = mount::mounts_under(tmp.path());
+
+        assert!(victim_mounts.is_empty(), "victim mounted: {victim_mounts:?}");
+        assert!(e.contains("mounts[1].source") && e.contains("c/mounts/1"), "{e}");
+        r.unwrap();
+        assert_eq!(ok["mounts"][1]["source"], format!("{GUEST_SHARED}/c/mounts/1"));
+        assert_eq!(ok["mounts"][0]["source"], "proc", "kernel filesystems are the guest's");
+        assert_eq!(ro, Err(Some(libc::EROFS)));
+        assert!(left.is_empty(), "{left:?}");
+        assert!(!dir.exists());
     }
 }
