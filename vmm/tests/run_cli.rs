@@ -85,6 +85,8 @@ fn bad_flags_and_values_name_the_flag() {
     fails(&s, &["--timeout", "nan", "--", "true"], "timeout");
     fails(&s, &["-e", "=x", "--", "true"], "env");
     fails(&s, &["-w", "relative/dir", "--", "true"], "workdir");
+    let e = fails(&s, &["--security-opt", "seccomp=/some/profile.json", "--", "true"], "security-opt");
+    assert!(e.contains("seccomp=unconfined"), "{e}");
     let e = fails(&s, &["-i", "-t", "--", "sh"], "tty");
     assert!(e.contains("terminal"), "{e}");
 }

@@ -13,6 +13,7 @@
 //! 5. DestroySandbox, the VM is stopped and joined, the temp dir removed.
 mod image;
 pub(crate) mod rootfs;
+pub(crate) mod seccomp;
 pub(crate) mod spec;
 pub(crate) mod tty;
 
@@ -97,6 +98,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     pub timeout: Option<f64>,
     /// The command and its arguments, after `--`.
+    /// Docker's `--security-opt`: only `seccomp=unconfined` (no seccomp profile) is known.
+    #[arg(long = "security-opt", value_name = "seccomp=unconfined")]
+    pub security_opt: Vec<String>,
     #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
     pub command: Vec<String>,
 }
@@ -126,6 +130,8 @@ pub(crate) struct Plan {
     pub tty: bool,
     pub timeout: Option<Duration>,
     pub command: Vec<String>,
+    /// Whether the container gets the default seccomp profile (`run::seccomp`).
+    pub seccomp: bool,
 }
 
 /// `shoji run`: the command's exit status, or 125 with one line on stderr.
@@ -264,6 +270,13 @@ pub(crate) fn plan(a: RunArgs) -> Result<Plan> {
             return Err(anyhow!("share: {} and {} would both be /mnt/{name}", other.dir.display(), s.dir.display()));
         }
     }
+    let mut seccomp = true;
+    for opt in &a.security_opt {
+        match opt.as_str() {
+            "seccomp=unconfined" => seccomp = false,
+            o => return Err(anyhow!("security-opt: {o:?} is not supported (only seccomp=unconfined)")),
+        }
+    }
     if a.tty && a.interactive && !tty::is_tty(std::io::stdin().as_raw_fd()) {
         return Err(anyhow!("tty: -i -t needs a terminal on stdin (drop -t to pipe input)"));
     }
@@ -280,6 +293,7 @@ pub(crate) fn plan(a: RunArgs) -> Result<Plan> {
         tty: a.tty,
         timeout,
         command,
+        seccomp,
     };
     // The VMM's own checks (vCPUs and memory within this host's limits, disks and shares
     // openable), with a built-in test guest standing in for the kernel: no VM is created.
@@ -487,6 +501,7 @@ pub(crate) fn create_request(
         scratch_tmpfs: builtin,
         binds: &binds,
         devices: &spec_devices,
+        seccomp: if p.seccomp { Some(seccomp::default_profile()?) } else { None },
     })?;
     Ok(agent::CreateContainerRequest {
         container_id: CONTAINER_ID.into(),
@@ -809,6 +824,7 @@ mod tests {
             tty: false,
             timeout: None,
             command: vec!["true".into()],
+            seccomp: true,
         };
         let r = create_request(&p, true, None).unwrap();
         let st: Vec<_> =

@@ -3,8 +3,9 @@
 //! its environment and terminal, the shares as bind mounts and the disks as devices.
 use anyhow::Result;
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceBuilder, LinuxDeviceType, LinuxNamespaceBuilder,
-    LinuxNamespaceType, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceBuilder, LinuxDeviceCgroup,
+    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder,
+    LinuxSeccomp, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 use std::collections::HashSet;
 
@@ -42,6 +43,8 @@ pub struct Input<'a> {
     pub scratch_tmpfs: bool,
     pub binds: &'a [Bind],
     pub devices: &'a [Device],
+    /// `linux.seccomp`; `None` only for `--security-opt seccomp=unconfined`.
+    pub seccomp: Option<LinuxSeccomp>,
 }
 
 /// The process environment: PATH, HOSTNAME and (with a terminal) TERM, then the user's `K=V`
@@ -76,6 +79,42 @@ const CAPS: &[Capability] = &[
     Capability::Kill,
     Capability::AuditWrite,
 ];
+
+/// The device cgroup (`linux.resources.devices`), Docker's: deny everything, allow creating any
+/// node (opening it is what the cgroup guards), the standard devices every container gets, and
+/// each disk by its placeholder numbers, which the agent's batched rewrite turns into the guest's.
+fn device_rules(devices: &[Device]) -> Result<Vec<LinuxDeviceCgroup>> {
+    let r = |allow: bool, typ: Option<LinuxDeviceType>, major: Option<i64>, minor: Option<i64>, access: &str| {
+        let mut b = LinuxDeviceCgroupBuilder::default().allow(allow).access(access);
+        if let Some(t) = typ {
+            b = b.typ(t);
+        }
+        if let Some(m) = major {
+            b = b.major(m);
+        }
+        if let Some(m) = minor {
+            b = b.minor(m);
+        }
+        b.build()
+    };
+    use LinuxDeviceType::{B, C};
+    let mut rules = vec![
+        r(false, None, None, None, "rwm")?,
+        r(true, Some(C), None, None, "m")?,
+        r(true, Some(B), None, None, "m")?,
+    ];
+    // null, zero, full, random, urandom, tty, console, ptmx, and the pty slaves (136:*).
+    for (major, minor) in [(1, Some(3)), (1, Some(5)), (1, Some(7)), (1, Some(8)), (1, Some(9)), (5, Some(0))] {
+        rules.push(r(true, Some(C), Some(major), minor, "rwm")?);
+    }
+    for (major, minor) in [(5, Some(1)), (5, Some(2)), (136, None)] {
+        rules.push(r(true, Some(C), Some(major), minor, "rwm")?);
+    }
+    for d in devices {
+        rules.push(r(true, Some(B), Some(d.major), Some(d.minor), "rwm")?);
+    }
+    Ok(rules)
+}
 
 fn mount(destination: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount> {
     Ok(MountBuilder::default()
@@ -167,6 +206,10 @@ pub fn build(i: &Input) -> Result<Spec> {
     if !devices.is_empty() {
         linux = linux.devices(devices);
     }
+    linux = linux.resources(LinuxResourcesBuilder::default().devices(device_rules(i.devices)?).build()?);
+    if let Some(profile) = &i.seccomp {
+        linux = linux.seccomp(profile.clone());
+    }
 
     Ok(SpecBuilder::default()
         .version("1.0.2")
@@ -194,6 +237,7 @@ mod tests {
             scratch_tmpfs: true,
             binds,
             devices,
+            seccomp: Some(crate::run::seccomp::default_profile().unwrap()),
         }
     }
 
@@ -235,6 +279,13 @@ mod tests {
             [LinuxNamespaceType::Mount, LinuxNamespaceType::Pid, LinuxNamespaceType::Uts, LinuxNamespaceType::Ipc]
         );
         assert_eq!(linux.devices().as_ref().unwrap()[0].path().to_str(), Some("/dev/vda"));
+        assert!(linux.seccomp().is_some());
+        // Deny first, then the standard devices, then the disk by its placeholder numbers.
+        let rules = linux.resources().as_ref().unwrap().devices().as_ref().unwrap();
+        assert!(!rules[0].allow() && rules[0].typ().is_none() && rules[0].access().as_deref() == Some("rwm"));
+        let last = rules.last().unwrap();
+        assert_eq!((last.typ(), last.major(), last.minor()), (Some(LinuxDeviceType::B), Some(0), Some(0)));
+        assert!(!rules.iter().any(|r| r.allow() && r.major().is_none() && r.access().as_deref() != Some("m")));
         assert_eq!(spec.hostname().as_deref(), Some(HOSTNAME));
     }
 
