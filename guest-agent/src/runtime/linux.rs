@@ -9,7 +9,7 @@ use super::stdio::{self, Reader, Writer};
 use super::{seccomp, sys};
 use super::{ContainerConfig, ContainerRuntime, ExitStatus, Result, RuntimeError, Stats};
 use async_trait::async_trait;
-use oci_spec::runtime::{LinuxResources, Process};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -387,6 +387,59 @@ impl Drop for Inner {
     }
 }
 
+/// What `create` takes from a spec, checked before anything is created.
+struct Checked<'a> {
+    process: &'a Process,
+    ns: spec::Namespaces,
+    hostname: Option<std::ffi::CString>,
+    domainname: Option<std::ffi::CString>,
+    sysctls: Vec<(std::ffi::CString, std::ffi::CString)>,
+    seccomp: Option<Arc<seccomp::Program>>,
+    pplan: spec::ProcessPlan,
+    rel: PathBuf,
+    root: &'a oci_spec::runtime::Root,
+}
+
+fn check<'a>(spec: &'a Spec, id: &str, host: &HostInfo) -> Result<Checked<'a>> {
+    let process = spec.process().as_ref().ok_or_else(|| spec::invalid("process", "is missing"))?;
+    let ns = spec::namespaces(spec)?;
+    for (field, v) in [("hostname", spec.hostname()), ("domainname", spec.domainname())] {
+        if v.as_deref().is_some_and(|h| !h.is_empty()) && !ns.has_new(NsKind::Uts) {
+            return Err(spec::invalid(field, "needs a new uts namespace in linux.namespaces"));
+        }
+    }
+    let cstr_opt = |field: &str, v: &Option<String>| -> Result<Option<std::ffi::CString>> {
+        match v.as_deref() {
+            Some(s) if !s.is_empty() => {
+                std::ffi::CString::new(s).map(Some).map_err(|_| spec::invalid(field, "contains a NUL byte"))
+            }
+            _ => Ok(None),
+        }
+    };
+    let hostname = cstr_opt("hostname", spec.hostname())?;
+    let domainname = cstr_opt("domainname", spec.domainname())?;
+    let sysctls = spec::sysctls(spec)?;
+    let linux = spec.linux().as_ref();
+    let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
+        Some(s) => Some(Arc::new(seccomp::compile(s)?)),
+        None => None,
+    };
+    let passwd = spec
+        .root()
+        .as_ref()
+        .and_then(|r| spec::secure_join(r.path(), Path::new("/etc/passwd")).ok())
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    let pplan = spec::process_plan(process, "process", host, passwd.as_deref())?;
+    let rel = cgroups::relative_path(linux.and_then(|l| l.cgroups_path().as_deref()), id)?;
+    // Checked before anything is created: the rootfs.
+    let root = spec.root().as_ref().ok_or_else(|| spec::invalid("root", "is missing"))?;
+    if !root.path().is_dir() {
+        return Err(spec::invalid("root.path", format!("{} is not a directory", root.path().display())));
+    }
+
+    Ok(Checked { process, ns, hostname, domainname, sysctls, seccomp, pplan, rel, root })
+}
+
 impl Inner {
     fn container(&self, id: &str) -> Result<Arc<Container>> {
         lock(&self.containers).get(id).cloned().ok_or_else(|| RuntimeError::NoContainer(id.into()))
@@ -394,41 +447,9 @@ impl Inner {
 
     fn create_blocking(&self, cfg: ContainerConfig) -> Result<Created> {
         let ContainerConfig { id, spec } = cfg;
-        let process = spec.process().as_ref().ok_or_else(|| spec::invalid("process", "is missing"))?;
-        let ns = spec::namespaces(&spec)?;
-        for (field, v) in [("hostname", spec.hostname()), ("domainname", spec.domainname())] {
-            if v.as_deref().is_some_and(|h| !h.is_empty()) && !ns.has_new(NsKind::Uts) {
-                return Err(spec::invalid(field, "needs a new uts namespace in linux.namespaces"));
-            }
-        }
-        let cstr_opt = |field: &str, v: &Option<String>| -> Result<Option<std::ffi::CString>> {
-            match v.as_deref() {
-                Some(s) if !s.is_empty() => {
-                    std::ffi::CString::new(s).map(Some).map_err(|_| spec::invalid(field, "contains a NUL byte"))
-                }
-                _ => Ok(None),
-            }
-        };
-        let hostname = cstr_opt("hostname", spec.hostname())?;
-        let domainname = cstr_opt("domainname", spec.domainname())?;
-        let sysctls = spec::sysctls(&spec)?;
+        let Checked { process, ns, hostname, domainname, sysctls, seccomp, pplan, rel, root } =
+            check(&spec, &id, &self.host)?;
         let linux = spec.linux().as_ref();
-        let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
-            Some(s) => Some(Arc::new(seccomp::compile(s)?)),
-            None => None,
-        };
-        let passwd = spec
-            .root()
-            .as_ref()
-            .and_then(|r| spec::secure_join(r.path(), Path::new("/etc/passwd")).ok())
-            .and_then(|p| std::fs::read_to_string(p).ok());
-        let pplan = spec::process_plan(process, "process", &self.host, passwd.as_deref())?;
-        let rel = cgroups::relative_path(linux.and_then(|l| l.cgroups_path().as_deref()), &id)?;
-        // Checked before anything is created: the rootfs.
-        let root = spec.root().as_ref().ok_or_else(|| spec::invalid("root", "is missing"))?;
-        if !root.path().is_dir() {
-            return Err(spec::invalid("root.path", format!("{} is not a directory", root.path().display())));
-        }
 
         let mut cleanup = CreateCleanup { state_path: None, cgroup: None };
         let state_path = self.state_dir.join(&id);
@@ -660,6 +681,30 @@ impl LinuxRuntime {
     /// CAP_SYS_CHROOT.
     pub fn set_no_pivot_root(&self, yes: bool) {
         self.inner.no_pivot.store(yes, Ordering::Relaxed);
+    }
+
+    /// Every check `create` makes on a spec before it touches the system, and the plan it
+    /// computes (process, namespaces, seccomp, device rules, mounts and devices under
+    /// `root.path`): an error naming the field, never a panic. For the fuzz targets; nothing
+    /// is created.
+    pub fn check_spec(spec: &Spec) -> Result<()> {
+        let host = HostInfo { glibc_tunables: None, cap_last_cap: 40 };
+        let c = check(spec, "check", &host)?;
+        super::devices::rules(
+            spec.linux().as_ref().and_then(|l| l.resources().as_ref()).and_then(|r| r.devices().as_deref()),
+        )?;
+        let cgroup_dirs = [(String::new(), PathBuf::from("/sys/fs/cgroup").join(&c.rel))];
+        for cgroup_v2 in [true, false] {
+            let inputs = spec::RootInputs {
+                ns: &c.ns,
+                cgroup_dirs: &cgroup_dirs,
+                cgroup_v2,
+                terminal: c.pplan.terminal,
+                no_pivot: false,
+            };
+            spec::root_plan(spec, &inputs)?;
+        }
+        Ok(())
     }
 
     /// Whether containers get cgroup v2 (else v1).
