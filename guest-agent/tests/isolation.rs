@@ -275,3 +275,19 @@ async fn mount_target_symlinks_cannot_lead_outside_the_rootfs() {
     assert!(ran >= 10, "only {ran} of 40 containers started ({swaps} swaps)");
     assert!(!victim.join("written").exists(), "the container wrote into the host directory");
 }
+
+/// The checks the `spec_plan` fuzz target drives: a good spec passes them, nothing is created,
+/// and a bad device rule is an error naming its field.
+#[test]
+fn check_spec_passes_a_good_spec_and_names_bad_fields() {
+    let b = bundle();
+    let v = spec_json(&b.rootfs, "check", "true");
+    let before: Vec<_> = std::fs::read_dir(&b.rootfs).unwrap().map(|e| e.unwrap().file_name()).collect();
+    LinuxRuntime::check_spec(&serde_json::from_value(v.clone()).unwrap()).unwrap();
+    let after: Vec<_> = std::fs::read_dir(&b.rootfs).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(before, after);
+    let mut bad = v;
+    bad["linux"]["resources"] = json!({ "devices": [{ "allow": true, "access": "rwx" }] });
+    let e = LinuxRuntime::check_spec(&serde_json::from_value(bad).unwrap()).unwrap_err().to_string();
+    assert!(e.starts_with("linux.resources.devices[0].access:"), "{e}");
+}
