@@ -112,11 +112,11 @@ pub fn apply<R: Read + Seek>(root: &Rootfs, blob: &mut R, budget: &mut Budget) -
         unpack(root, &comps, entry, budget, &mut dir_modes).map_err(at)
     })?;
     for (comps, mode) in dir_modes.iter().rev() {
-        let set = open_dir(root, comps, false).and_then(|d| match d {
-            Some(d) => fchmod(&d, *mode),
-            None => Ok(()),
-        });
-        set.map_err(|why| LayerError::Entry { entry: shown(&join(comps)), why })?;
+        // A later entry of the layer may have replaced the directory (by a file or a symlink,
+        // never followed): then there is nothing to set.
+        if let Ok(Some(d)) = open_dir(root, comps, false) {
+            fchmod(&d, *mode).map_err(|why| LayerError::Entry { entry: shown(&join(comps)), why })?;
+        }
     }
     Ok(())
 }
