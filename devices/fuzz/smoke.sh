@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# Fuzz smoke test: every cargo-fuzz target for SECONDS (default 60) from the committed corpus.
-# A crash fails the run (libFuzzer exits non-zero and leaves the input in fuzz/artifacts/).
+# Fuzz smoke test: every cargo-fuzz target for SECONDS (default 60) from the committed corpus,
+# in devices/fuzz and vmm/fuzz (the OCI layer unpacker).
+# A crash fails the run (libFuzzer exits non-zero and leaves the input in <crate>/fuzz/artifacts/).
 # Stable Rust: RUSTC_BOOTSTRAP lets cargo-fuzz pass -Zsanitizer=address.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 secs=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
-for t in $(cargo fuzz list); do
-  echo "== fuzz $t for ${secs}s"
-  mkdir -p "fuzz/corpus/$t"
-  log=$(mktemp)
-  if ! cargo fuzz run "$t" "fuzz/corpus/$t" -- -max_total_time="$secs" >"$log" 2>&1; then
-    tail -n 60 "$log"
-    echo "fuzz: $t crashed; the input is in devices/fuzz/artifacts/$t/"
+for crate in devices vmm; do
+  pushd "$crate" >/dev/null
+  for t in $(cargo fuzz list); do
+    echo "== fuzz $crate/$t for ${secs}s"
+    mkdir -p "fuzz/corpus/$t"
+    log=$(mktemp)
+    if ! cargo fuzz run "$t" "fuzz/corpus/$t" -- -max_total_time="$secs" >"$log" 2>&1; then
+      tail -n 60 "$log"
+      echo "fuzz: $t crashed; the input is in $crate/fuzz/artifacts/$t/"
+      rm -f "$log"
+      exit 1
+    fi
+    grep -E "^Done" "$log" || true
     rm -f "$log"
-    exit 1
-  fi
-  grep -E "^Done" "$log" || true
-  rm -f "$log"
+  done
+  popd >/dev/null
 done
