@@ -137,8 +137,7 @@ const VMM: &[i64] = &[
 /// builds the device's FUSE server again on this thread: it opens `/proc/self/fd`,
 /// `/proc/self/mountinfo` and the shared directory (Landlock bounds those opens).
 /// A vsock reset drops the device's connections (`shutdown` of its host streams) here too.
-const VCPU: &[i64] =
-    &[libc::SYS_epoll_ctl, libc::SYS_eventfd2, libc::SYS_openat, libc::SYS_umask, libc::SYS_shutdown];
+const VCPU: &[i64] = &[libc::SYS_epoll_ctl, libc::SYS_eventfd2, libc::SYS_openat, libc::SYS_umask, libc::SYS_shutdown];
 
 fn cond(arg: u8, op: Op, v: u64) -> Cond {
     // The only errors are an argument index above 5, which these constants never are.
