@@ -6,7 +6,8 @@
 #
 # Cases: echo; exit status 3; stderr; stdin piped through cat; a tty session; detached task +
 # exec + ps + SIGKILL + delete; SIGKILL of the shim then delete; (our shim only) a guest that
-# resets its VM ends the task with 255; $CYCLES (default 20) run/delete cycles; then nothing of
+# resets its VM ends the task with 255; (our shim only) guest root cannot plant links in the
+# shared tree; $CYCLES (default 20) run/delete cycles; then nothing of
 # ours may be left: no shim process, mount, shim socket, sandbox directory, task or container.
 # Setup (private containerd, image): lib.sh.
 # Needs root. Installs containerd, runc, busybox-static and python3 when missing.
@@ -105,6 +106,28 @@ if [ "$RUNTIME" = io.containerd.shoji.v2 ]; then
     'mknod /dev/port2 c 1 4 && printf "\376" | dd of=/dev/port2 bs=1 seek=100 count=1; sleep 100' 2>&1)
   rc=$?
   [ $rc = 255 ] && ok "a VM that dies ends the task with status 255" || no "VM death" "got status $rc: $out"
+fi
+
+# Guest root plants symlinks in the shared tree (Kata's CVE-2020-2026 class): a privileged
+# container (as good as guest root) mounts the sandbox's virtio-fs share itself and tries to
+# replace the shim's mount points with links to /. The guest sees only a read-only view of the
+# shim's staging tree, so every attempt fails, and the host's staging tree holds no link.
+if [ "$RUNTIME" = io.containerd.shoji.v2 ]; then
+  out=$(ctr_ run --rm --privileged $R $IMG t-plant sh -c '
+    mkdir -p /x && mount -t virtiofs shared /x || exit 9
+    ls /x | grep -qx t-plant || echo "NO-OWN-DIR"
+    ln -s / /x/planted 2>&1
+    ln -s / /x/t-plant/planted 2>&1
+    mv /x/t-plant/rootfs /x/t-plant/moved 2>/dev/null && echo "MOVED"
+    ls /x/t-plant/rootfs/bin/sh >/dev/null && echo own-rootfs-reachable' 2>&1)
+  rc=$?
+  links=$(find /run/shoji/s -path '*/staging/*' -type l 2>/dev/null | head -3)
+  if [ $rc = 0 ] && [ "$(grep -c 'Read-only file system' <<<"$out")" = 2 ] &&
+    grep -q own-rootfs-reachable <<<"$out" && ! grep -Eq 'NO-OWN-DIR|MOVED' <<<"$out" && [ -z "$links" ]; then
+    ok "guest root cannot plant links in the shared tree"
+  else
+    no "guest root plants links" "status $rc: $out" "links in staging: $links"
+  fi
 fi
 
 failed_cycles=0
