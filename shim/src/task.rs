@@ -776,6 +776,7 @@ mod tests {
     /// the way to `mounts/<n>`: refused, the victim gets no mount; then the normal case.
     #[test]
     fn spec_binds_go_to_the_share_and_never_through_a_planted_symlink() {
+        // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (mounts); CI runs as root");
         let tmp = tempfile::tempdir().unwrap();
         let (src, victim, dir) = (tmp.path().join("src"), tmp.path().join("victim"), tmp.path().join("sandbox"));

@@ -21,6 +21,7 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "these tests need root (mounts); CI runs as root");
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("src");
@@ -47,6 +48,7 @@ impl Drop for Rig {
         for _ in 0..4 {
             for m in mounts_under(self.tmp.path()) {
                 let p = CString::new(m.as_os_str().as_bytes()).unwrap();
+                // SAFETY: p is a NUL-terminated path that outlives the call.
                 unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
             }
         }
@@ -68,6 +70,7 @@ fn mode(p: &Path) -> u32 {
 
 fn tmpfs(at: &Path) {
     let (s, t) = (c"tmpfs", CString::new(at.as_os_str().as_bytes()).unwrap());
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
     assert_eq!(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), s.as_ptr(), 0, std::ptr::null()) }, 0);
 }
 
@@ -179,6 +182,7 @@ fn a_symlink_swapped_in_during_bind_redirects_nothing() {
     let racer = {
         let stop = stop.clone();
         std::thread::spawn(move || {
+            // SAFETY: renameat2 on a valid dir fd and NUL-terminated names that outlive the call.
             let xchg = |d: &OwnedFd, a: &CStr, b: &CStr| unsafe {
                 libc::renameat2(d.as_raw_fd(), a.as_ptr(), d.as_raw_fd(), b.as_ptr(), libc::RENAME_EXCHANGE)
             };
@@ -199,6 +203,7 @@ fn a_symlink_swapped_in_during_bind_redirects_nothing() {
         if !mounts_under(&r.victim).is_empty() {
             hits += 1;
             let p = CString::new(r.victim.join("t").as_os_str().as_bytes()).unwrap();
+            // SAFETY: p is a NUL-terminated path that outlives the call.
             unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
         }
         // Our mount may be under either name while the racer runs.
