@@ -3,6 +3,9 @@
 //! mount targets swapped for symlinks between planning and mounting. Needs root, /bin/busybox
 //! and a cgroup2 mount (hybrid hosts have one at /sys/fs/cgroup/unified); without them the tests
 //! fail and say why, they never skip.
+#[path = "common/container_io.rs"]
+mod container_io;
+use container_io::read_all;
 use serde_json::json;
 use shoji_agent::runtime::{ContainerConfig, ContainerRuntime, ExitStatus, LinuxRuntime};
 use std::path::{Path, PathBuf};
@@ -90,33 +93,13 @@ fn cfg(id: &str, v: serde_json::Value) -> ContainerConfig {
     ContainerConfig { id: id.into(), spec: serde_json::from_value(v).unwrap() }
 }
 
-async fn read_all(rt: &LinuxRuntime, id: &str, stderr: bool) -> String {
-    let mut out = Vec::new();
-    loop {
-        let chunk = tokio::time::timeout(LIMIT, async {
-            if stderr {
-                rt.read_stderr(id, "", 4096).await
-            } else {
-                rt.read_stdout(id, "", 4096).await
-            }
-        })
-        .await
-        .expect("read hangs")
-        .unwrap();
-        if chunk.is_empty() {
-            return String::from_utf8_lossy(&out).into_owned();
-        }
-        out.extend(chunk);
-    }
-}
-
 /// Runs a created container to the end: (exit, stdout, stderr); the container is removed.
 async fn run(rt: &LinuxRuntime, id: &str) -> (ExitStatus, String, String) {
     rt.start(id).await.unwrap();
     let (st, out, err) = tokio::join!(
         async { tokio::time::timeout(LIMIT, rt.wait(id, "")).await.expect("wait hangs").unwrap() },
-        read_all(rt, id, false),
-        read_all(rt, id, true)
+        read_all(rt, id, "", false),
+        read_all(rt, id, "", true)
     );
     rt.remove(id, 0).await.unwrap();
     (st, out, err)

@@ -2,6 +2,9 @@
 //! temporary directories. Needs root and /bin/busybox (Debian: busybox-static); without them
 //! the tests fail and say why, they never skip.
 use oci_spec::runtime::{LinuxResources, Process, Spec};
+#[path = "common/container_io.rs"]
+mod container_io;
+use container_io::read_all;
 use serde_json::json;
 use shoji_agent::runtime::{ContainerConfig, ContainerRuntime, ExitStatus, LinuxRuntime, RuntimeError};
 use std::path::{Path, PathBuf};
@@ -92,27 +95,6 @@ fn cfg(id: &str, v: serde_json::Value) -> ContainerConfig {
 
 async fn wait(rt: &LinuxRuntime, id: &str, exec_id: &str) -> ExitStatus {
     tokio::time::timeout(LIMIT, rt.wait(id, exec_id)).await.expect("wait hangs").unwrap()
-}
-
-/// Everything on stdout (or stderr) until end of stream.
-async fn read_all(rt: &LinuxRuntime, id: &str, exec_id: &str, stderr: bool) -> String {
-    let mut out = Vec::new();
-    loop {
-        let chunk = tokio::time::timeout(LIMIT, async {
-            if stderr {
-                rt.read_stderr(id, exec_id, 4096).await
-            } else {
-                rt.read_stdout(id, exec_id, 4096).await
-            }
-        })
-        .await
-        .expect("read hangs")
-        .unwrap();
-        if chunk.is_empty() {
-            return String::from_utf8_lossy(&out).into_owned();
-        }
-        out.extend(chunk);
-    }
 }
 
 /// Runs `args` as a container to the end: (exit, stdout, stderr); the container is removed.
