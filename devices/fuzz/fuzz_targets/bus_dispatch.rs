@@ -3,33 +3,20 @@
 //! device's BAR at any offset, as the MMIO bus forwards it: arbitrary reads and writes of every
 //! width at every port and offset, in any order. Nothing may panic.
 #![no_main]
+#[path = "common.rs"]
+mod common;
+use common::{disk, NoMsi};
 use libfuzzer_sys::fuzz_target;
 use shoji_devices::bus::PioBus;
 use shoji_devices::legacy::{ConsoleWriter, Serial, COM1_BASE, COM1_LEN, I8042, I8042_BASE, I8042_LEN};
-use shoji_devices::pci::msix::{MsiInterrupts, MsiMessage};
 use shoji_devices::pci::{PciDevice, PciRoot};
 use shoji_devices::virtio::block::Block;
 use shoji_devices::virtio::VirtioPciDevice;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const PCI_CONFIG_PORT: u16 = 0xcf8;
-
-struct NoMsi;
-impl MsiInterrupts for NoMsi {
-    fn set_route(&self, _: u16, _: Option<MsiMessage>) {}
-    fn fire(&self, _: u16) {}
-}
-
-fn disk() -> &'static std::path::PathBuf {
-    static DISK: OnceLock<std::path::PathBuf> = OnceLock::new();
-    DISK.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("shoji-fuzz-bus-{}", std::process::id()));
-        std::fs::write(&p, vec![0u8; 64 * 1024]).expect("fuzz disk");
-        p
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).expect("memory");

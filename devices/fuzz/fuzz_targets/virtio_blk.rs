@@ -1,10 +1,12 @@
 //! The virtio-blk request path on guest memory the fuzzer writes: descriptor table, available
 //! ring and buffers are all arbitrary bytes, as a hostile guest could make them.
 #![no_main]
+#[path = "common.rs"]
+mod common;
+use common::disk;
 use libfuzzer_sys::fuzz_target;
 use shoji_devices::virtio::block::Block;
 use shoji_devices::virtio::{Interrupt, VirtioDevice};
-use std::sync::OnceLock;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -15,15 +17,6 @@ struct NoIrq;
 impl Interrupt for NoIrq {
     fn queue(&mut self, _: u16) {}
     fn config(&mut self) {}
-}
-
-fn disk() -> &'static std::path::PathBuf {
-    static DISK: OnceLock<std::path::PathBuf> = OnceLock::new();
-    DISK.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("shoji-fuzz-blk-{}", std::process::id()));
-        std::fs::write(&p, vec![0u8; 64 * 1024]).expect("fuzz disk");
-        p
-    })
 }
 
 fuzz_target!(|data: &[u8]| {

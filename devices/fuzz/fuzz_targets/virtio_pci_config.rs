@@ -2,28 +2,15 @@
 //! writes of any width at any offset, in any order (feature negotiation, queue set-up, MSI-X
 //! table abuse, status changes, resets).
 #![no_main]
+#[path = "common.rs"]
+mod common;
+use common::{disk, NoMsi};
 use libfuzzer_sys::fuzz_target;
-use shoji_devices::pci::msix::{MsiInterrupts, MsiMessage};
 use shoji_devices::pci::PciDevice;
 use shoji_devices::virtio::block::Block;
 use shoji_devices::virtio::VirtioPciDevice;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-
-struct NoMsi;
-impl MsiInterrupts for NoMsi {
-    fn set_route(&self, _: u16, _: Option<MsiMessage>) {}
-    fn fire(&self, _: u16) {}
-}
-
-fn disk() -> &'static std::path::PathBuf {
-    static DISK: OnceLock<std::path::PathBuf> = OnceLock::new();
-    DISK.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("shoji-fuzz-pci-{}", std::process::id()));
-        std::fs::write(&p, vec![0u8; 64 * 1024]).expect("fuzz disk");
-        p
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).expect("memory");
