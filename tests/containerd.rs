@@ -25,8 +25,8 @@ fn ctr_runs_tasks_with_runc_and_with_the_shoji_shim() {
     require_kvm();
     // The guest our shim boots: prebuilt here (the shim would build it on first use too, but
     // under containerd there is nobody to show the build's progress to).
-    let kernel = shoji_vmm::artifacts::ensure_kernel().expect("guest kernel");
-    let initrd = shoji_vmm::artifacts::ensure_rootfs().expect("guest initramfs");
+    let kernel = shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
+    let initrd = shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("shim.toml");
     let toml = format!(

@@ -28,8 +28,8 @@ fn vsock_probe(dir: &Path) -> PathBuf {
 
 fn shoji_run(args: &[&str], tmp: &Path) -> (Option<i32>, String, String) {
     require_kvm();
-    shoji_vmm::artifacts::ensure_kernel().expect("guest kernel");
-    shoji_vmm::artifacts::ensure_rootfs().expect("guest initramfs");
+    shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
+    shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
     let start = Instant::now();
     let out = Command::new(shoji_bin())
         .args(["run", "--timeout", "900"])

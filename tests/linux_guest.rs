@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 fn default_guest_boots_our_agent_as_pid1_and_it_answers_over_vsock() {
     require_kvm();
     // Build (or find) the cached artifacts first, so the boot's time limit covers only the boot.
-    let kernel = shoji_vmm::artifacts::ensure_kernel().expect("guest kernel");
-    let rootfs = shoji_vmm::artifacts::ensure_rootfs().expect("guest initramfs");
+    let kernel = shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
+    let rootfs = shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
     eprintln!("kernel {}\nrootfs {}", kernel.display(), rootfs.display());
     let dir = std::env::temp_dir().join(format!("shoji-linux-agent-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -123,8 +123,8 @@ fn fnv1a(data: &[u8]) -> u32 {
 #[test]
 fn linux_guest_sees_and_uses_the_devices() {
     require_kvm();
-    shoji_vmm::artifacts::ensure_kernel().expect("guest kernel");
-    shoji_vmm::artifacts::ensure_rootfs().expect("guest initramfs");
+    shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
+    shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
     let dir = std::env::temp_dir().join(format!("shoji-linux-devices-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -226,8 +226,8 @@ fn linux_guest_sees_and_uses_the_devices() {
 #[test]
 fn shoji_run_prints_both_streams_and_exits_with_the_commands_status() {
     require_kvm();
-    shoji_vmm::artifacts::ensure_kernel().expect("guest kernel");
-    shoji_vmm::artifacts::ensure_rootfs().expect("guest initramfs");
+    shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
+    shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
     let dir = std::env::temp_dir().join(format!("shoji-linux-run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let tmp = dir.join("tmp");
@@ -268,8 +268,8 @@ fn shoji_run_prints_both_streams_and_exits_with_the_commands_status() {
 #[test]
 fn detached_sandbox_execs_is_killed_and_removed() {
     require_kvm();
-    shoji_vmm::artifacts::ensure_kernel().expect("guest kernel");
-    shoji_vmm::artifacts::ensure_rootfs().expect("guest initramfs");
+    shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
+    shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
     let runs = tempfile::Builder::new().prefix("shoji-linux-detached-").tempdir().unwrap();
     let shoji = |args: &[&str]| {
         let out = Command::new(shoji_bin())

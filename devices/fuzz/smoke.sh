@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzz smoke test: every cargo-fuzz target for SECONDS (default 60) from the committed corpus,
-# in devices/fuzz (what the guest writes), vmm/fuzz (the OCI layer unpacker) and guest-agent/fuzz
+# in devices/fuzz (what the guest writes), cli/fuzz (the OCI layer unpacker) and guest-agent/fuzz
 # (the agent's spec checks and mount options).
 # A crash fails the run (libFuzzer exits non-zero and leaves the input in <crate>/fuzz/artifacts/).
 # Stable Rust: RUSTC_BOOTSTRAP lets cargo-fuzz pass -Zsanitizer=address.
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 secs=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
-for crate in devices vmm guest-agent; do
+for crate in devices cli guest-agent; do
   pushd "$crate" >/dev/null
   for t in $(cargo fuzz list); do
     echo "== fuzz $crate/$t for ${secs}s"

@@ -5,7 +5,7 @@
 //! until containerd closes its end or sends CloseIO.
 use shoji_protocol::agent;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
-use shoji_vmm::sandbox::{ctx, rpc_msg};
+use shoji_sandbox::{ctx, rpc_msg};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;

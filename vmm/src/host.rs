@@ -14,3 +14,8 @@ pub fn memory_mib() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024)
 }
+
+/// The KVM API version `/dev/kvm` reports (12 on every kernel since 2.6.22), or why it cannot.
+pub fn kvm_api_version() -> Result<i32, String> {
+    kvm_ioctls::Kvm::new().map(|k| k.get_api_version()).map_err(|e| e.to_string())
+}

@@ -1,6 +1,5 @@
 //! Shoji's virtual machine monitor: a KVM VM with guest memory, vCPU threads and legacy devices,
 //! booted straight into a PVH or Linux 64-bit kernel entry with no firmware.
-pub mod artifacts;
 pub mod boot;
 pub mod bus;
 pub mod cmdline;
@@ -8,13 +7,12 @@ pub mod confine;
 pub mod cpuid;
 pub mod host;
 pub mod irq;
-pub mod layer;
 pub mod layout;
 pub mod logfile;
 pub mod mptable;
 pub mod pci;
 pub mod regs;
-pub mod sandbox;
+#[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod vcpu;
 pub mod vm;

@@ -238,7 +238,7 @@ fn create_memory(vm: &VmFd, mem_mib: u64) -> Result<GuestMemoryMmap, VmError> {
 
 /// The console sink. A file is capped ([`crate::logfile::CONSOLE_LOG_MAX`], a ring past it): the
 /// guest decides how much it prints.
-pub(crate) fn serial_writer(out: SerialOut) -> Result<ConsoleWriter, VmError> {
+pub fn serial_writer(out: SerialOut) -> Result<ConsoleWriter, VmError> {
     let w: Box<dyn Write + Send> = match out {
         SerialOut::Stdout => Box::new(std::io::stdout()),
         SerialOut::File(p) => Box::new(

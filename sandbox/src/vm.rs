@@ -5,10 +5,11 @@
 //! The sandbox's directory holds its vsock socket (`vsock.sock`; guest-initiated connections
 //! land on `vsock.sock_<port>`) and its serial console log (`console.log`). The caller owns the
 //! directory; [`Sandbox::stop`] stops and joins the VM but leaves files to the caller.
-use crate::{artifacts, cmdline, host, DiskConfig, KernelImage, SerialOut, ShareConfig, VmConfig, VmError};
+use crate::artifacts;
 use shoji_protocol::agent;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
 use shoji_protocol::ttrpc;
+use shoji_vmm::{cmdline, host, DiskConfig, KernelImage, SerialOut, ShareConfig, VmConfig, VmError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,9 +89,9 @@ impl SandboxConfig {
             vsock: Some(self.dir.join(VSOCK_SOCKET)),
             stop: Some(stop.clone()),
             timeout: None,
-            confine: crate::confine::default_enabled(),
+            confine: shoji_vmm::confine::default_enabled(),
         };
-        crate::vm::check(&cfg)?;
+        shoji_vmm::vm::check(&cfg)?;
         Ok((cfg, stop))
     }
 }
@@ -99,7 +100,7 @@ impl SandboxConfig {
 pub struct Sandbox {
     dir: PathBuf,
     stop: Arc<EventFd>,
-    thread: Option<std::thread::JoinHandle<Result<crate::VmOutcome, VmError>>>,
+    thread: Option<std::thread::JoinHandle<Result<shoji_vmm::VmOutcome, VmError>>>,
     stopped: watch::Receiver<Option<String>>,
 }
 
@@ -114,7 +115,7 @@ impl Sandbox {
     pub fn start_vm(dir: PathBuf, vm: VmConfig, stop: Arc<EventFd>) -> Result<Sandbox, SandboxError> {
         let (tx, stopped) = watch::channel(None);
         // The library's own thread: it confines itself once the VM runs (crate::confine).
-        let thread = crate::vm::spawn(vm, move |r| {
+        let thread = shoji_vmm::vm::spawn(vm, move |r| {
             let why = match r {
                 Ok(o) => format!("the VM stopped ({:?})", o.reason),
                 Err(e) => format!("the VM failed: {e}"),
@@ -187,10 +188,10 @@ impl Drop for Sandbox {
 /// How much of a log's end [`console_tail`] reads: lines are short, and a log may be large.
 pub const TAIL_BYTES: u64 = 64 << 10;
 
-/// The last `n` lines of a console log (a [`crate::logfile`]), indented. Reads at most
+/// The last `n` lines of a console log (a [`shoji_vmm::logfile`]), indented. Reads at most
 /// [`TAIL_BYTES`] from its end.
 pub fn console_tail(path: &Path, n: usize) -> String {
-    let bytes = crate::logfile::tail(path, TAIL_BYTES).unwrap_or_default();
+    let bytes = shoji_vmm::logfile::tail(path, TAIL_BYTES).unwrap_or_default();
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
@@ -241,7 +242,7 @@ mod tests {
     fn the_console_log_is_capped_and_its_tail_is_the_newest_output() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join(CONSOLE_LOG);
-        let mut w = crate::vm::serial_writer(crate::SerialOut::File(p.clone())).unwrap();
+        let mut w = shoji_vmm::vm::serial_writer(shoji_vmm::SerialOut::File(p.clone())).unwrap();
         let (mut written, mut i) = (0u64, 0u64);
         while written < 100 << 20 {
             let line = format!("console line {i:09} {}\n", "x".repeat(100));
@@ -249,13 +250,13 @@ mod tests {
             written += line.len() as u64;
             i += 1;
             if i % 100_000 == 0 {
-                assert!(std::fs::metadata(&p).unwrap().len() <= crate::logfile::CONSOLE_LOG_MAX);
+                assert!(std::fs::metadata(&p).unwrap().len() <= shoji_vmm::logfile::CONSOLE_LOG_MAX);
             }
         }
         w.finish();
         drop(w);
         let len = std::fs::metadata(&p).unwrap().len();
-        assert!(len <= crate::logfile::CONSOLE_LOG_MAX && len > crate::logfile::CONSOLE_LOG_MAX / 2, "{len}");
+        assert!(len <= shoji_vmm::logfile::CONSOLE_LOG_MAX && len > shoji_vmm::logfile::CONSOLE_LOG_MAX / 2, "{len}");
         let tail = console_tail(&p, 3);
         let want: Vec<String> = (i - 3..i).map(|k| format!("  console line {k:09} {}", "x".repeat(100))).collect();
         assert_eq!(tail, want.join("\n"));

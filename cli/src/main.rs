@@ -7,9 +7,8 @@ mod setup;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
-use shoji_vmm::{
-    artifacts, cmdline, host, testkit, DiskConfig, KernelImage, SerialOut, ShareConfig, StopReason, VmConfig,
-};
+use shoji_sandbox::artifacts;
+use shoji_vmm::{cmdline, host, testkit, DiskConfig, KernelImage, SerialOut, ShareConfig, StopReason, VmConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

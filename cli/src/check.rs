@@ -1,6 +1,7 @@
 //! `shoji check`: what this host offers and lacks for Shoji, one line each, with the fix.
 use crate::run::rootfs::is_static_elf;
-use shoji_vmm::{artifacts, host};
+use shoji_sandbox::artifacts;
+use shoji_vmm::host;
 use std::path::Path;
 
 /// One finding: `ok` lines are informational; a failed essential makes the command exit 1.
@@ -29,8 +30,8 @@ fn findings() -> Vec<Line> {
         "hardware virtualization"
     };
     match std::fs::OpenOptions::new().read(true).write(true).open(kvm) {
-        Ok(_) => match kvm_ioctls::Kvm::new() {
-            Ok(k) => v.push(line(true, true, "kvm", format!("/dev/kvm usable, API {}, {kind}", k.get_api_version()))),
+        Ok(_) => match host::kvm_api_version() {
+            Ok(api) => v.push(line(true, true, "kvm", format!("/dev/kvm usable, API {api}, {kind}"))),
             Err(e) => v.push(line(false, true, "kvm", format!("/dev/kvm: {e}"))),
         },
         Err(e) if kvm.exists() => v.push(line(

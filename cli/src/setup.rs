@@ -4,7 +4,7 @@
 //! its script wrote on stderr); otherwise the script's lines as they come.
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use shoji_vmm::artifacts::{self, BuildProgress};
+use shoji_sandbox::artifacts::{self, BuildProgress};
 use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::path::Path;

@@ -21,8 +21,8 @@ use anyhow::{anyhow, Context, Result};
 use shoji_protocol::agent;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
 use shoji_protocol::ttrpc;
-use shoji_vmm::sandbox::{
-    self, console_tail, ctx, rpc_msg, virtiofs_storage, Sandbox, SandboxConfig, SandboxError, AGENT_TIMEOUT,
+use shoji_sandbox::{
+    console_tail, ctx, rpc_msg, virtiofs_storage, Sandbox, SandboxConfig, SandboxError, AGENT_TIMEOUT,
 };
 use shoji_vmm::{host, testkit, DiskConfig, ShareConfig, VmConfig, VmError};
 use std::io::Write;
@@ -310,7 +310,7 @@ pub(crate) fn root_dir(p: &Plan) -> Result<(PathBuf, bool)> {
     Ok(match &p.rootfs {
         Rootfs::BuiltIn => (rootfs::ensure()?, true),
         Rootfs::Image => {
-            let cache = shoji_vmm::artifacts::cache_dir()
+            let cache = shoji_sandbox::artifacts::cache_dir()
                 .ok_or_else(|| anyhow!("image: no cache directory: set SHOJI_CACHE or HOME"))?;
             let image = p.image.as_ref().ok_or_else(|| anyhow!("image: missing"))?;
             (image.rootfs(&cache)?, true)
@@ -372,7 +372,7 @@ fn run(a: RunArgs) -> Result<u8> {
                 msg.push_str(&format!(" (VM: {why})"));
             }
             eprintln!("shoji: error: {msg}");
-            let tail = console_tail(&dir.path().join(sandbox::CONSOLE_LOG), 20);
+            let tail = console_tail(&dir.path().join(shoji_sandbox::CONSOLE_LOG), 20);
             if !tail.is_empty() {
                 eprintln!("shoji: the guest console's last lines:\n{tail}");
             }

@@ -12,7 +12,8 @@
 use super::{command_line, machine, shell_quote, Machine, Peer, Scratch, QEMU};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
-use shoji_vmm::{artifacts, cmdline, host, testkit};
+use shoji_sandbox::artifacts;
+use shoji_vmm::{cmdline, host, testkit};
 use std::fmt::Write as _;
 use std::fs::File;
 use std::path::{Path, PathBuf};

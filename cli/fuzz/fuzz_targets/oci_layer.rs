@@ -9,7 +9,7 @@
 //! not empty). Shorter than 4 bytes: the whole input is one layer.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use shoji_vmm::layer::{apply, Budget, Rootfs};
+use shoji_cli::layer::{apply, Budget, Rootfs};
 use std::io::Cursor;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -85,7 +85,7 @@ fn cache_key(busybox: &[u8]) -> String {
 
 /// The built-in rootfs directory, built first when it is not cached.
 pub fn ensure() -> Result<PathBuf> {
-    let cache = shoji_vmm::artifacts::cache_dir()
+    let cache = shoji_sandbox::artifacts::cache_dir()
         .ok_or_else(|| anyhow!("rootfs: no cache directory: set SHOJI_CACHE or HOME"))?;
     let busybox = static_busybox()?;
     let base = cache.join("run-rootfs");

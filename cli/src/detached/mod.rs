@@ -13,8 +13,8 @@ use crate::run::{self, Failure, Io, RunArgs, CONTAINER_ID, EXIT_SHOJI_ERROR, RPC
 use anyhow::{anyhow, Context};
 use shoji_protocol::agent;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
+use shoji_sandbox::{console_tail, ctx, rpc_msg, Sandbox, SandboxConfig};
 use shoji_vmm::logfile::{self, CappedLog, OUTPUT_LOG_MAX};
-use shoji_vmm::sandbox::{self, console_tail, ctx, rpc_msg, Sandbox, SandboxConfig};
 use shoji_vmm::ShareConfig;
 use state::{Shown, State, StateError, Status};
 use std::io::{BufRead, Read, Write};
@@ -412,7 +412,7 @@ fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Resul
                     if let Err(why) = stopped {
                         msg.push_str(&format!(" (VM: {why})"));
                     }
-                    let tail = console_tail(&dir.join(sandbox::CONSOLE_LOG), 20);
+                    let tail = console_tail(&dir.join(shoji_sandbox::CONSOLE_LOG), 20);
                     let detail =
                         if tail.is_empty() { tail } else { format!("shoji: the guest console's last lines:\n{tail}") };
                     Fail { msg, detail, code: EXIT_SHOJI_ERROR }
@@ -577,7 +577,7 @@ fn command_column(command: &[String]) -> String {
 
 fn logs(a: LogsArgs) -> Result<u8, Fail> {
     state::load(&a.name)?;
-    let file = if a.console { sandbox::CONSOLE_LOG } else { state::OUTPUT_LOG };
+    let file = if a.console { shoji_sandbox::CONSOLE_LOG } else { state::OUTPUT_LOG };
     let path = state::dir_of(&a.name).join(file);
     // Both logs are capped rings (shoji_vmm::logfile): read back in order.
     match logfile::read(&path) {
@@ -623,7 +623,7 @@ fn running_state(name: &str) -> Result<State, Fail> {
 }
 
 async fn connect(name: &str) -> Result<AgentServiceClient, Fail> {
-    let sock = state::dir_of(name).join(sandbox::VSOCK_SOCKET);
+    let sock = state::dir_of(name).join(shoji_sandbox::VSOCK_SOCKET);
     let port = shoji_devices::model::AGENT_VSOCK_PORT;
     let c = shoji_protocol::client::connect(&sock, port, CONNECT_TIMEOUT)
         .await

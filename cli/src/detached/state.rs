@@ -141,7 +141,7 @@ fn claim_in(root: &Path, name: &str) -> Result<PathBuf, StateError> {
         .map_err(|e| StateError::Io(root.display().to_string(), e))?;
     let dir = root.join(name);
     // Private: it holds the agent's socket and the logs.
-    match shoji_vmm::sandbox::create_private_dir(&dir) {
+    match shoji_sandbox::create_private_dir(&dir) {
         Ok(()) => Ok(dir),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StateError::InUse(name.into())),
         Err(e) => Err(StateError::Io(dir.display().to_string(), e)),

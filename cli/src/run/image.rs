@@ -4,14 +4,14 @@
 //! Every blob is checked against its sha256 digest before use, and its size against a cap
 //! ([`MAX_META_BYTES`] for the index, manifests and config, [`MAX_LAYER_BYTES`] for a layer).
 //! Layers (tar, tar+gzip) are applied in order with the OCI whiteouts by
-//! [`shoji_vmm::layer`], which resolves every entry beneath the rootfs by fd (never through a
+//! [`shoji_cli::layer`], which resolves every entry beneath the rootfs by fd (never through a
 //! symlink) and caps what an image unpacks to. The result is cached by manifest digest under
 //! `<cache>/images/` (0700: images may hold setuid files), shared read-only with the sandbox
 //! like the built-in rootfs.
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use shoji_vmm::layer;
+use shoji_cli::layer;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
