@@ -6,6 +6,7 @@
 //! so that the code runs on a host in a temporary directory.
 
 mod options;
+mod overlay;
 
 use std::io;
 use std::path::{Component, Path, PathBuf};
@@ -95,6 +96,8 @@ pub enum Driver {
     Blk,
     Tmpfs,
     Bind,
+    /// A writable overlay (upper on a private tmpfs) over an earlier storage: `overlay.rs`.
+    Overlay,
 }
 
 impl Driver {
@@ -106,6 +109,7 @@ impl Driver {
             "blk" | "virtio-blk" => Driver::Blk,
             "tmpfs" => Driver::Tmpfs,
             "bind" => Driver::Bind,
+            "overlay" => Driver::Overlay,
             _ => return None,
         })
     }
@@ -116,6 +120,7 @@ impl Driver {
             Driver::Blk => "blk",
             Driver::Tmpfs => "tmpfs",
             Driver::Bind => "bind",
+            Driver::Overlay => "overlay",
         }
     }
 }
@@ -216,6 +221,7 @@ pub fn mount_storage(
             expect_fstype(req, "tmpfs").map_err(invalid)?;
             (PathBuf::from("tmpfs"), Some("tmpfs"), false)
         }
+        Driver::Overlay => return overlay::mount(req, ctx, target, &opts),
         Driver::Bind => {
             let src = ctx.resolve(&req.source).map_err(|e| StorageError::Invalid {
                 driver: name,
