@@ -1,7 +1,7 @@
 //! Shoji's device model.
 //!
-//! - [`model`]: names shared by host and guest (PCI paths, device kinds, vsock ports). It has no
-//!   KVM or VMM dependency, so the guest agent links it.
+//! - [`model`]: the host<->guest contract (PCI paths and slot plan, vsock ports, share tags, mount
+//!   options). It has no KVM or VMM dependency, so the guest agent links it.
 //! - [`legacy`]: the port-I/O devices a Linux guest expects on a PC: 8250 serial, i8042 reset.
 //! - [`bus`]: the trait port-I/O devices implement; the VMM dispatches vCPU exits through it.
 #[cfg(feature = "emulation")]

@@ -7,7 +7,7 @@ use crate::layout::{IOAPIC_ADDR, MMIO_GAP_START};
 use crate::vcpu::ExitSignal;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use shoji_devices::model::PciPath;
+use shoji_devices::model::{DeviceKind, PciPath, PciPlanError, PciSlotPlan};
 use shoji_devices::pci::{PciRoot, SharedPciDevice};
 use shoji_devices::virtio::block::Block;
 use shoji_devices::virtio::fs::Fs;
@@ -29,11 +29,15 @@ pub enum PciSetupError {
     #[error("PCI: {0}")]
     Bus(#[from] shoji_devices::pci::PciError),
     #[error("PCI: {0}")]
+    Plan(#[from] PciPlanError),
+    #[error("PCI: {0}")]
     Irq(#[from] crate::irq::IrqError),
     #[error("PCI device {0}: {1}")]
     Transport(String, shoji_devices::virtio::transport::TransportError),
     #[error("PCI: KVM ioeventfd: {0}")]
     IoEvent(kvm_ioctls::Error),
+    #[error("PCI: the slot plan has no {0} #{1}")]
+    Unplanned(DeviceKind, usize),
     #[error("PCI: event loop: {0}")]
     EventLoop(String),
 }
@@ -133,8 +137,9 @@ pub struct DeviceSet {
     pub vsock: Option<Vsock>,
 }
 
-/// Builds the bus and wires each device to KVM. Slots are assigned from 01 in a fixed order:
-/// disks (as given), then shares (as given), then vsock.
+/// Builds the bus and wires each device to KVM. Each device goes to the slot
+/// [`PciSlotPlan`] gives it (disks as given from 01, then shares, then vsock): the plan the host
+/// side also names devices to the guest by.
 pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, set: DeviceSet) -> Result<PciDevices, PciSetupError> {
     let routing = Arc::new(IrqRouting::new(vm.clone()));
     let mut alloc = AddressAllocator::new(MMIO_GAP_START, u64::from(IOAPIC_ADDR) - MMIO_GAP_START)
@@ -143,36 +148,39 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, set: DeviceSet) -> Result<Pc
     let mut mmio = MmioBus::default();
     let mut attached = Vec::new();
     let mut virtio = Vec::new();
-    let mut add = |name: String, kind: &'static str, dev: Box<dyn VirtioDevice>| -> Result<(), PciSetupError> {
-        let bar = alloc
-            .allocate(u64::from(BAR_SIZE), u64::from(BAR_SIZE), AllocPolicy::FirstMatch)
-            .map_err(|_| PciSetupError::NoMmio)?;
-        let vectors = dev.queue_max_sizes().len() as u16 + 1;
-        let msi = routing.device(vectors)?;
-        let t = VirtioPciDevice::new(&name, dev, mem.clone(), bar.start() as u32, msi)
-            .map_err(|e| PciSetupError::Transport(name.clone(), e))?;
-        for (addr, evt) in t.notify_eventfds() {
-            vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(PciSetupError::IoEvent)?;
-        }
-        let t = Arc::new(Mutex::new(t));
-        let shared: SharedPciDevice = t.clone();
-        let path = root.add(shared.clone())?;
-        mmio.ranges.push(MmioRange { start: bar.start(), len: u64::from(BAR_SIZE), dev: shared, bar: 0 });
-        attached.push(AttachedDevice { kind, path, what: name });
-        virtio.push(t);
-        Ok(())
-    };
-    for (cfg, block) in set.disks {
+    let plan = PciSlotPlan::new(set.disks.len(), set.shares.len(), set.vsock.is_some())?;
+    let mut add =
+        |name: String, kind: DeviceKind, index: usize, dev: Box<dyn VirtioDevice>| -> Result<(), PciSetupError> {
+            let path = plan.path(kind, index).ok_or(PciSetupError::Unplanned(kind, index))?;
+            let bar = alloc
+                .allocate(u64::from(BAR_SIZE), u64::from(BAR_SIZE), AllocPolicy::FirstMatch)
+                .map_err(|_| PciSetupError::NoMmio)?;
+            let vectors = dev.queue_max_sizes().len() as u16 + 1;
+            let msi = routing.device(vectors)?;
+            let t = VirtioPciDevice::new(&name, dev, mem.clone(), bar.start() as u32, msi)
+                .map_err(|e| PciSetupError::Transport(name.clone(), e))?;
+            for (addr, evt) in t.notify_eventfds() {
+                vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(PciSetupError::IoEvent)?;
+            }
+            let t = Arc::new(Mutex::new(t));
+            let shared: SharedPciDevice = t.clone();
+            root.place(&path, shared.clone())?;
+            mmio.ranges.push(MmioRange { start: bar.start(), len: u64::from(BAR_SIZE), dev: shared, bar: 0 });
+            attached.push(AttachedDevice { kind: kind.name(), path, what: name });
+            virtio.push(t);
+            Ok(())
+        };
+    for (i, (cfg, block)) in set.disks.into_iter().enumerate() {
         let what = format!("{}{}", cfg.path.display(), if cfg.read_only { " (ro)" } else { "" });
-        add(what, "virtio-blk", Box::new(block))?;
+        add(what, DeviceKind::Block, i, Box::new(block))?;
     }
-    for (cfg, fs) in set.shares {
+    for (j, (cfg, fs)) in set.shares.into_iter().enumerate() {
         let what = format!("{} tag={}{}", cfg.dir.display(), cfg.tag, if cfg.read_only { " (ro)" } else { "" });
-        add(what, "virtio-fs", Box::new(fs))?;
+        add(what, DeviceKind::Fs, j, Box::new(fs))?;
     }
     if let Some(v) = set.vsock {
         let what = format!("cid={} {}", v.guest_cid(), v.uds_path().display());
-        add(what, "virtio-vsock", Box::new(v))?;
+        add(what, DeviceKind::Vsock, 0, Box::new(v))?;
     }
     mmio.ranges.sort_by_key(|r| r.start);
     Ok(PciDevices { root: Arc::new(Mutex::new(root)), mmio: Arc::new(mmio), attached, virtio })

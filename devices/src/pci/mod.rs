@@ -1,7 +1,7 @@
 //! PCI: root bus 0 reached through the configuration-mechanism-1 ports 0xCF8/0xCFC, a host
 //! bridge in slot 0, and the device interface the VMM dispatches config and BAR accesses to.
-//! Slots are assigned in order of addition, so a sandbox's device paths are deterministic and
-//! described by [`crate::model::PciPath`].
+//! The VMM puts each device in the slot [`crate::model::PciSlotPlan`] gives it
+//! ([`PciRoot::place`]), the plan the host also names devices to the guest by.
 pub mod config;
 pub mod msix;
 
@@ -51,6 +51,10 @@ impl PciDevice for HostBridge {
 pub enum PciError {
     #[error("PCI bus 0 is full ({PCI_SLOTS} slots)")]
     BusFull,
+    #[error("PCI slot {0} is taken")]
+    SlotTaken(PciPath),
+    #[error("PCI path {0} is not a device slot on bus 0")]
+    NotOnRootBus(PciPath),
 }
 
 pub struct PciRoot {
@@ -84,6 +88,19 @@ impl PciRoot {
         let slot = self.slots.iter().position(Option::is_none).ok_or(PciError::BusFull)?;
         self.slots[slot] = Some(dev);
         PciPath::new(vec![slot as u8]).map_err(|_| PciError::BusFull)
+    }
+
+    /// Puts `dev` at `path`, a free slot of bus 0 (the host bridge has slot 0).
+    pub fn place(&mut self, path: &PciPath, dev: SharedPciDevice) -> Result<(), PciError> {
+        let &[slot] = path.slots() else { return Err(PciError::NotOnRootBus(path.clone())) };
+        match self.slots.get_mut(usize::from(slot)) {
+            Some(s @ None) => {
+                *s = Some(dev);
+                Ok(())
+            }
+            Some(Some(_)) => Err(PciError::SlotTaken(path.clone())),
+            None => Err(PciError::NotOnRootBus(path.clone())),
+        }
     }
 
     /// The device the current CONFIG_ADDRESS selects and the register offset, if any.
@@ -198,28 +215,43 @@ mod tests {
         root.read(7, &mut b[..1]);
     }
 
-    #[test]
-    fn slots_are_assigned_in_order() {
-        let mut root = PciRoot::new();
-        for want in 1..PCI_SLOTS {
-            let d: SharedPciDevice = Arc::new(Mutex::new(HostBridge(PciConfig::new(PciIds {
-                vendor: 1,
-                device: 2,
-                revision: 0,
-                class: 0,
-                subsystem_vendor: 0,
-                subsystem: 0,
-            }))));
-            assert_eq!(root.add(d).unwrap().to_string(), format!("{want:02x}"));
-        }
-        let d: SharedPciDevice = Arc::new(Mutex::new(HostBridge(PciConfig::new(PciIds {
+    fn dummy(device: u16) -> SharedPciDevice {
+        Arc::new(Mutex::new(HostBridge(PciConfig::new(PciIds {
             vendor: 1,
-            device: 2,
+            device,
             revision: 0,
             class: 0,
             subsystem_vendor: 0,
             subsystem: 0,
-        }))));
-        assert_eq!(root.add(d), Err(PciError::BusFull));
+        }))))
+    }
+
+    #[test]
+    fn slots_are_assigned_in_order() {
+        let mut root = PciRoot::new();
+        for want in 1..PCI_SLOTS {
+            assert_eq!(root.add(dummy(2)).unwrap().to_string(), format!("{want:02x}"));
+        }
+        assert_eq!(root.add(dummy(2)), Err(PciError::BusFull));
+    }
+
+    #[test]
+    fn devices_go_where_the_plan_says() {
+        let plan = crate::model::PciSlotPlan::new(2, 1, true).unwrap();
+        let mut root = PciRoot::new();
+        // Placed out of order: the slot is the plan's, not the order of placement.
+        for (n, (_, _, path)) in plan.devices().enumerate().collect::<Vec<_>>().into_iter().rev() {
+            root.place(&path, dummy(0x100 + n as u16)).unwrap();
+        }
+        for (n, (_, _, path)) in plan.devices().enumerate() {
+            let slot = u32::from(path.slots()[0]);
+            assert_eq!(cfg_read32(&mut root, slot, 0) >> 16, 0x100 + n as u32, "{path}");
+        }
+        let p = |s: &str| s.parse::<PciPath>().unwrap();
+        assert_eq!(root.place(&p("01"), dummy(9)), Err(PciError::SlotTaken(p("01"))));
+        assert_eq!(root.place(&p("00"), dummy(9)), Err(PciError::SlotTaken(p("00"))));
+        assert_eq!(root.place(&p("02/01"), dummy(9)), Err(PciError::NotOnRootBus(p("02/01"))));
+        // The next free slot after the plan's devices.
+        assert_eq!(root.add(dummy(9)).unwrap(), p("05"));
     }
 }

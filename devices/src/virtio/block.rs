@@ -2,7 +2,9 @@
 //! write-zeroes (where the file system supports hole punching), read-only disks, and bounded
 //! request sizes. Malformed requests complete with an error status; only a broken queue (bad
 //! ring indices) stops the device.
-use super::{read_config_bytes, DeviceResult, ErrorCounter, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, DeviceError, DeviceResult, ErrorCounter, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
@@ -329,7 +331,7 @@ impl VirtioDevice for Block {
     }
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, _features: u64) -> DeviceResult {
         if queues.len() != 1 {
-            return Err(format!("expected 1 queue, got {}", queues.len()));
+            return Err(DeviceError::QueueCount { expected: 1, got: queues.len() });
         }
         self.mem = Some(mem);
         self.queues = queues;
@@ -364,12 +366,12 @@ impl Block {
         // Heads are collected first because the iterator borrows the queue.
         let chains: Vec<DescriptorChain<&GuestMemoryMmap>> = match queue.iter(mem) {
             Ok(it) => it.collect(),
-            Err(e) => return Err(format!("available ring: {e}")),
+            Err(source) => return Err(DeviceError::AvailableRing { queue: "request", source }),
         };
         for chain in chains {
             let head = chain.head_index();
             let len = self.handle(mem, chain);
-            queue.add_used(mem, head, len).map_err(|e| format!("used ring: {e}"))?;
+            queue.add_used(mem, head, len).map_err(|source| DeviceError::UsedRing { queue: "request", source })?;
             used_any = true;
         }
         if used_any && queue.needs_notification(mem).unwrap_or(true) {

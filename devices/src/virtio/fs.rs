@@ -22,7 +22,9 @@
 //! consuming it) and every request in [`READ_ONLY_DENIED`], as well as OPEN/OPENDIR asking for
 //! write access, truncation or creation (see [`open_modifies`]), is answered with `EROFS` without
 //! reaching the passthrough file system.
-use super::{read_config_bytes, DeviceResult, ErrorCounter, Interrupt, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, DeviceError, DeviceResult, ErrorCounter, Interrupt, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1,
+};
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OpenIn, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
@@ -143,7 +145,7 @@ enum Outcome {
     /// Bytes written to the guest (the used length).
     Used(u32),
     /// The FUSE server panicked: its state can no longer be trusted.
-    Panicked(String),
+    Panicked(DeviceError),
 }
 
 thread_local! {
@@ -376,7 +378,7 @@ impl Fs {
                 self.errors.record(DEVICE, &format_args!("opcode {}: {e}", header.opcode));
                 Outcome::Used(written_reply(mem, &chain, header.unique, capacity))
             }
-            Err(_) => Outcome::Panicked(format!("FUSE server panicked on opcode {}", header.opcode)),
+            Err(_) => Outcome::Panicked(DeviceError::FuseServerPanic { opcode: header.opcode }),
         }
     }
 
@@ -392,7 +394,7 @@ impl Fs {
         // Heads are collected first because the iterator borrows the queue.
         let chains: Vec<DescriptorChain<&GuestMemoryMmap>> = match queue.iter(mem) {
             Ok(it) => it.collect(),
-            Err(e) => return Err(format!("available ring: {e}")),
+            Err(source) => return Err(DeviceError::AvailableRing { queue: "request", source }),
         };
         let mut fatal = None;
         for chain in chains {
@@ -404,7 +406,7 @@ impl Fs {
                     0
                 }
             };
-            queue.add_used(mem, head, len).map_err(|e| format!("used ring: {e}"))?;
+            queue.add_used(mem, head, len).map_err(|source| DeviceError::UsedRing { queue: "request", source })?;
             used_any = true;
             if fatal.is_some() {
                 break;
@@ -474,7 +476,7 @@ impl VirtioDevice for Fs {
     }
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, _features: u64) -> DeviceResult {
         if queues.len() != NUM_QUEUES {
-            return Err(format!("expected {NUM_QUEUES} queues, got {}", queues.len()));
+            return Err(DeviceError::QueueCount { expected: NUM_QUEUES, got: queues.len() });
         }
         self.mem = Some(mem);
         self.queues = queues;

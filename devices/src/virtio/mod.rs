@@ -55,8 +55,24 @@ impl ErrorCounter {
     }
 }
 
+/// Why a device cannot go on: the transport marks it broken (DEVICE_NEEDS_RESET) until the
+/// driver resets it. Malformed requests are no such error: devices count and answer those.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("expected {expected} queue(s), got {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("{queue} available ring: {source}")]
+    AvailableRing { queue: &'static str, source: virtio_queue::Error },
+    #[error("{queue} used ring: {source}")]
+    UsedRing { queue: &'static str, source: virtio_queue::Error },
+    #[error("cannot make a queue of size {size}: {source}")]
+    NewQueue { size: u16, source: virtio_queue::Error },
+    #[error("FUSE server panicked on opcode {opcode}")]
+    FuseServerPanic { opcode: u32 },
+}
+
 /// Result of device processing: `Err` marks the device broken until the driver resets it.
-pub type DeviceResult = Result<(), String>;
+pub type DeviceResult = Result<(), DeviceError>;
 
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
@@ -93,11 +109,12 @@ pub fn read_config_bytes(bytes: &[u8], offset: u64, data: &mut [u8]) {
 
 /// Takes ready queue `index` out of `queues` (an unready placeholder stays in its place) so a
 /// device can process it while borrowing itself mutably; the caller puts it back.
-pub fn take_ready_queue(queues: &mut [Queue], index: usize) -> Result<Option<Queue>, String> {
+pub fn take_ready_queue(queues: &mut [Queue], index: usize) -> Result<Option<Queue>, DeviceError> {
     match queues.get_mut(index) {
         Some(q) if q.ready() => {
-            let max = q.max_size();
-            Ok(Some(std::mem::replace(q, Queue::new(max).map_err(|e| format!("{e:?}"))?)))
+            let size = q.max_size();
+            let placeholder = Queue::new(size).map_err(|source| DeviceError::NewQueue { size, source })?;
+            Ok(Some(std::mem::replace(q, placeholder)))
         }
         _ => Ok(None),
     }

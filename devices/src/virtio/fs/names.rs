@@ -130,6 +130,21 @@ pub(super) fn check_names(opcode: u32, body: &mut Reader<'_>, body_len: usize) -
     Ok(Some(buf))
 }
 
+/// Why a checked request could not be copied into the snapshot (a device bug, not the guest's).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SnapshotError {
+    #[error("request of {0} bytes is too long")]
+    TooLong(usize),
+    #[error("writing the copy: {0}")]
+    Write(vm_memory::GuestMemoryError),
+    #[error("snapshot queue: {0}")]
+    Queue(virtio_queue::Error),
+    #[error("no chain in the snapshot queue")]
+    NoChain,
+    #[error("reading the copy: {0}")]
+    Reader(fuse_backend_rs::transport::Error),
+}
+
 /// Device-private guest memory holding a copy of one checked request, with a one-descriptor
 /// split queue around it so fuse-backend-rs' [`Reader`] can read it like any request.
 pub(super) struct Snapshot {
@@ -149,10 +164,10 @@ impl Snapshot {
     }
 
     /// Stores `request` (header and body) and returns a reader over the copy.
-    pub(super) fn reader(&self, request: &[u8]) -> Result<Reader<'_>, String> {
-        let len = u32::try_from(request.len()).map_err(|_| "request too long".to_string())?;
+    pub(super) fn reader(&self, request: &[u8]) -> Result<Reader<'_>, SnapshotError> {
+        let len = u32::try_from(request.len()).map_err(|_| SnapshotError::TooLong(request.len()))?;
         let mem = &self.mem;
-        let w = |addr: u64, b: &[u8]| mem.write_slice(b, GuestAddress(addr)).map_err(|e| e.to_string());
+        let w = |addr: u64, b: &[u8]| mem.write_slice(b, GuestAddress(addr)).map_err(SnapshotError::Write);
         w(DATA, request)?;
         // Descriptor 0: DATA, len, device-readable, no next.
         let mut desc = [0u8; 16];
@@ -161,13 +176,13 @@ impl Snapshot {
         w(DESC_TABLE, &desc)?;
         // Available ring: flags 0, idx 1, ring[0] = descriptor 0.
         w(AVAIL_RING, &[0, 0, 1, 0, 0, 0])?;
-        let mut q = Queue::new(2).map_err(|e| e.to_string())?;
+        let mut q = Queue::new(2).map_err(SnapshotError::Queue)?;
         q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
         q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
         q.set_used_ring_address(Some(USED_RING as u32), Some(0));
         q.set_ready(true);
         let chain: DescriptorChain<&GuestMemoryMmap> =
-            q.iter(mem).map_err(|e| e.to_string())?.next().ok_or("no chain in the snapshot queue")?;
-        Reader::from_descriptor_chain(mem, chain).map_err(|e| e.to_string())
+            q.iter(mem).map_err(SnapshotError::Queue)?.next().ok_or(SnapshotError::NoChain)?;
+        Reader::from_descriptor_chain(mem, chain).map_err(SnapshotError::Reader)
     }
 }

@@ -21,7 +21,9 @@ mod connection;
 mod muxer;
 pub mod packet;
 
-use super::{read_config_bytes, DeviceResult, ErrorCounter, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, DeviceError, DeviceResult, ErrorCounter, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
 use event_manager::{EventOps, Events};
 use muxer::{Muxer, DEV, LISTENER_EVENT, TIMER_EVENT, WAKE_EVENT};
 use packet::{Header, MAX_PKT_DATA};
@@ -148,7 +150,7 @@ impl Vsock {
             Ok(it) => it.collect(),
             Err(e) => {
                 self.broken = true;
-                return Err(format!("tx available ring: {e}"));
+                return Err(DeviceError::AvailableRing { queue: "tx", source: e });
             }
         };
         let used_any = !chains.is_empty();
@@ -160,7 +162,7 @@ impl Vsock {
             }
             if let Err(e) = queue.add_used(&mem, head, 0) {
                 self.broken = true;
-                return Err(format!("tx used ring: {e}"));
+                return Err(DeviceError::UsedRing { queue: "tx", source: e });
             }
         }
         if used_any && queue.needs_notification(&mem).unwrap_or(true) {
@@ -183,7 +185,7 @@ impl Vsock {
                 },
                 Err(e) => {
                     self.broken = true;
-                    result = Err(format!("rx available ring: {e}"));
+                    result = Err(DeviceError::AvailableRing { queue: "rx", source: e });
                     break;
                 }
             };
@@ -209,7 +211,7 @@ impl Vsock {
             };
             if let Err(e) = queue.add_used(&mem, head, len) {
                 self.broken = true;
-                result = Err(format!("rx used ring: {e}"));
+                result = Err(DeviceError::UsedRing { queue: "rx", source: e });
                 break;
             }
             used_any = true;
@@ -249,7 +251,7 @@ impl VirtioDevice for Vsock {
     }
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, _features: u64) -> DeviceResult {
         if queues.len() != 3 {
-            return Err(format!("expected 3 queues, got {}", queues.len()));
+            return Err(DeviceError::QueueCount { expected: 3, got: queues.len() });
         }
         self.mem = Some(mem);
         self.queues = queues;

@@ -85,22 +85,37 @@ impl Header {
     }
 }
 
-/// Checks a guest (TX) packet header. `Err` says why the packet is dropped.
-pub fn check_tx(h: &Header, guest_cid: u64) -> Result<(), String> {
+/// Why a guest (TX) packet is dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxPacketError {
+    #[error("source CID {src} is not the guest's ({guest})")]
+    SourceCid { src: u64, guest: u64 },
+    #[error("socket type {0} is not STREAM")]
+    SocketType(u16),
+    #[error("unknown operation {0}")]
+    UnknownOp(u16),
+    #[error("operation {op} with {len} bytes of payload")]
+    PayloadOnControl { op: u16, len: u32 },
+    #[error("payload of {0} bytes is over {MAX_PKT_DATA}")]
+    TooLong(u32),
+}
+
+/// Checks a guest (TX) packet header.
+pub fn check_tx(h: &Header, guest_cid: u64) -> Result<(), TxPacketError> {
     if h.src_cid != guest_cid {
-        return Err(format!("source CID {} is not the guest's ({guest_cid})", h.src_cid));
+        return Err(TxPacketError::SourceCid { src: h.src_cid, guest: guest_cid });
     }
     if h.type_ != TYPE_STREAM {
-        return Err(format!("socket type {} is not STREAM", h.type_));
+        return Err(TxPacketError::SocketType(h.type_));
     }
     if !(OP_REQUEST..=OP_CREDIT_REQUEST).contains(&h.op) {
-        return Err(format!("unknown operation {}", h.op));
+        return Err(TxPacketError::UnknownOp(h.op));
     }
     if h.op != OP_RW && h.len != 0 {
-        return Err(format!("operation {} with {} bytes of payload", h.op, h.len));
+        return Err(TxPacketError::PayloadOnControl { op: h.op, len: h.len });
     }
     if h.len > MAX_PKT_DATA {
-        return Err(format!("payload of {} bytes is over {MAX_PKT_DATA}", h.len));
+        return Err(TxPacketError::TooLong(h.len));
     }
     Ok(())
 }
@@ -116,11 +131,17 @@ mod tests {
     #[test]
     fn header_checks() {
         assert!(check_tx(&good(), 3).is_ok());
-        assert!(check_tx(&good(), 4).unwrap_err().contains("source CID"));
-        assert!(check_tx(&Header { type_: 2, ..good() }, 3).unwrap_err().contains("type"));
-        assert!(check_tx(&Header { op: 0, ..good() }, 3).unwrap_err().contains("unknown"));
-        assert!(check_tx(&Header { op: 8, ..good() }, 3).unwrap_err().contains("unknown"));
-        assert!(check_tx(&Header { op: OP_REQUEST, ..good() }, 3).unwrap_err().contains("payload"));
-        assert!(check_tx(&Header { len: MAX_PKT_DATA + 1, ..good() }, 3).unwrap_err().contains("over"));
+        assert_eq!(check_tx(&good(), 4), Err(TxPacketError::SourceCid { src: 3, guest: 4 }));
+        assert_eq!(check_tx(&good(), 4).unwrap_err().to_string(), "source CID 3 is not the guest's (4)");
+        assert_eq!(check_tx(&Header { type_: 2, ..good() }, 3), Err(TxPacketError::SocketType(2)));
+        assert_eq!(check_tx(&Header { op: 0, ..good() }, 3), Err(TxPacketError::UnknownOp(0)));
+        assert_eq!(check_tx(&Header { op: 8, ..good() }, 3), Err(TxPacketError::UnknownOp(8)));
+        assert_eq!(
+            check_tx(&Header { op: OP_REQUEST, ..good() }, 3),
+            Err(TxPacketError::PayloadOnControl { op: OP_REQUEST, len: 10 })
+        );
+        let long = MAX_PKT_DATA + 1;
+        assert_eq!(check_tx(&Header { len: long, ..good() }, 3), Err(TxPacketError::TooLong(long)));
+        assert!(check_tx(&Header { len: long, ..good() }, 3).unwrap_err().to_string().contains("over"));
     }
 }

@@ -1,0 +1,51 @@
+//! The host<->guest contract, in one place: the host (VMM, sandbox, shim, CLI) and the guest
+//! agent both link this module, so what one side sets up the other finds. No KVM here: it
+//! builds with `default-features = false`.
+//!
+//! - [`pci`]: PCI paths and the slot plan (which slot each disk, share and the vsock get).
+//! - [`mount`]: the mount-option table and parser.
+//! - here: vsock addressing and virtio-fs share tags and where the guest mounts them.
+pub mod mount;
+pub mod pci;
+
+pub use mount::{MountOptionError, MountOptions};
+pub use pci::{
+    DeviceKind, PciPath, PciPathError, PciPlanError, PciSlotPlan, FIRST_DEVICE_SLOT, PCI_PATH_MAX_DEPTH, PCI_SLOTS,
+};
+
+/// The vsock port the agent's ttrpc server listens on in the guest.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// The guest's vsock context id (2 is the host).
+pub const GUEST_CID: u64 = 3;
+
+/// The virtio-fs tag of the share that holds a `shoji run` / `shoji create` container's root
+/// file system.
+pub const ROOTFS_TAG: &str = "rootfs";
+/// The virtio-fs tag of the containerd shim's one shared tree (every task's rootfs and binds).
+pub const SANDBOX_SHARED_TAG: &str = "shared";
+/// The directory under which the guest mounts shares: the share tagged T is at
+/// `/run/shoji/T` (see [`guest_share_dir`]).
+pub const GUEST_SHARES_DIR: &str = "/run/shoji";
+
+/// The tag of extra share `i` (`--share`) when the user names none: "share0", "share1", ...
+pub fn share_tag(i: usize) -> String {
+    format!("share{i}")
+}
+
+/// Where the guest mounts the share tagged `tag`: "/run/shoji/<tag>".
+pub fn guest_share_dir(tag: &str) -> String {
+    format!("{GUEST_SHARES_DIR}/{tag}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_names() {
+        assert_eq!(share_tag(0), "share0");
+        assert_eq!(guest_share_dir(ROOTFS_TAG), "/run/shoji/rootfs");
+        assert_eq!(guest_share_dir(SANDBOX_SHARED_TAG), "/run/shoji/shared");
+        assert_eq!(guest_share_dir(&share_tag(2)), "/run/shoji/share2");
+    }
+}
