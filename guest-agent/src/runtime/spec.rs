@@ -393,90 +393,12 @@ pub(crate) fn secure_join(root: &Path, unsafe_path: &Path) -> std::io::Result<Pa
     Ok(root.join(resolved))
 }
 
-/// Parsed mount options.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct MountOptions {
-    pub flags: c_ulong,
-    pub propagation: Vec<c_ulong>,
-    pub bind: bool,
-    pub data: Vec<String>,
-}
+/// Mount options, by the one table host and guest share (`shoji_devices::model::mount`).
+pub use shoji_devices::model::MountOptions;
 
+/// Parses OCI `mounts[].options` (or any option list); errors name `field`.
 pub fn parse_mount_options(field: &str, opts: &[String]) -> Result<MountOptions> {
-    let mut m = MountOptions::default();
-    for o in opts {
-        let (set, clear): (c_ulong, c_ulong) = match o.as_str() {
-            "defaults" => (0, 0),
-            "ro" => (libc::MS_RDONLY, 0),
-            "rw" => (0, libc::MS_RDONLY),
-            "nosuid" => (libc::MS_NOSUID, 0),
-            "suid" => (0, libc::MS_NOSUID),
-            "nodev" => (libc::MS_NODEV, 0),
-            "dev" => (0, libc::MS_NODEV),
-            "noexec" => (libc::MS_NOEXEC, 0),
-            "exec" => (0, libc::MS_NOEXEC),
-            "sync" => (libc::MS_SYNCHRONOUS, 0),
-            "async" => (0, libc::MS_SYNCHRONOUS),
-            "dirsync" => (libc::MS_DIRSYNC, 0),
-            "remount" => (libc::MS_REMOUNT, 0),
-            "mand" => (libc::MS_MANDLOCK, 0),
-            "nomand" => (0, libc::MS_MANDLOCK),
-            "atime" => (0, libc::MS_NOATIME),
-            "noatime" => (libc::MS_NOATIME, 0),
-            "diratime" => (0, libc::MS_NODIRATIME),
-            "nodiratime" => (libc::MS_NODIRATIME, 0),
-            "relatime" => (libc::MS_RELATIME, 0),
-            "norelatime" => (0, libc::MS_RELATIME),
-            "strictatime" => (libc::MS_STRICTATIME, 0),
-            "nostrictatime" => (0, libc::MS_STRICTATIME),
-            "lazytime" => (libc::MS_LAZYTIME, 0),
-            "nolazytime" => (0, libc::MS_LAZYTIME),
-            "iversion" => (libc::MS_I_VERSION, 0),
-            "noiversion" => (0, libc::MS_I_VERSION),
-            "silent" => (libc::MS_SILENT, 0),
-            "loud" => (0, libc::MS_SILENT),
-            "nosymfollow" => (256, 0),
-            "symfollow" => (0, 256),
-            "bind" => {
-                m.bind = true;
-                (0, 0)
-            }
-            "rbind" => {
-                m.bind = true;
-                (libc::MS_REC, 0)
-            }
-            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable" | "runbindable" => {
-                let base = match o.trim_start_matches('r') {
-                    "private" => libc::MS_PRIVATE,
-                    "shared" => libc::MS_SHARED,
-                    "slave" => libc::MS_SLAVE,
-                    _ => libc::MS_UNBINDABLE,
-                };
-                let rec = if o.starts_with('r') { libc::MS_REC } else { 0 };
-                m.propagation.push(base | rec);
-                (0, 0)
-            }
-            "tmpcopyup" => {
-                tracing::debug!("{field}: tmpcopyup is not supported; ignored");
-                (0, 0)
-            }
-            "idmap" | "ridmap" => return Err(invalid(field, format!("{o:?}: id-mapped mounts are not supported"))),
-            "rro" | "rrw" | "rnosuid" | "rsuid" | "rnodev" | "rdev" | "rnoexec" | "rexec" | "rnoatime" | "ratime"
-            | "rnodiratime" | "rdiratime" | "rrelatime" | "rnorelatime" | "rstrictatime" | "rnostrictatime"
-            | "rnosymfollow" | "rsymfollow" => {
-                return Err(invalid(field, format!("{o:?}: recursive mount attributes are not supported")))
-            }
-            other => {
-                if other.contains('\0') {
-                    return Err(invalid(field, "contains a NUL byte"));
-                }
-                m.data.push(other.to_string());
-                (0, 0)
-            }
-        };
-        m.flags = (m.flags | set) & !clear;
-    }
-    Ok(m)
+    MountOptions::parse(opts).map_err(|e| invalid(field, e.to_string()))
 }
 
 fn propagation_flags(field: &str, s: Option<&str>) -> Result<c_ulong> {
@@ -840,6 +762,10 @@ mod tests {
         let e = o(&["idmap"]).unwrap_err().to_string();
         assert!(e.starts_with("m: "), "{e}");
         assert!(o(&["rro"]).is_err());
+        assert!(o(&["a\0b"]).unwrap_err().to_string().contains("NUL"));
+        // One entry may hold several words (containerd's lists do).
+        let m = o(&["ro,nosuid", "size=1m"]).unwrap();
+        assert_eq!((m.flags, m.data), (libc::MS_RDONLY | libc::MS_NOSUID, vec!["size=1m".to_string()]));
     }
 
     #[test]

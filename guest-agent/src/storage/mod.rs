@@ -5,14 +5,13 @@
 //! relative to [`StorageContext::root`] ("/" in the guest), and sysfs and /dev are parameters,
 //! so that the code runs on a host in a temporary directory.
 
-mod options;
 mod overlay;
 
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use options::{parse_mount_options, MountOptions};
+pub use shoji_devices::model::MountOptions;
 
 use crate::device::blk::wait_for_virtio_blk;
 use crate::device::{DeviceContext, DeviceError, UeventSource, DEFAULT_HOTPLUG_TIMEOUT};
@@ -189,8 +188,8 @@ pub fn mount_storage(
         src: req.source.clone(),
         err,
     })?;
-    let opts = parse_mount_options(&req.options);
-    if opts.is_bind() && driver != Driver::Bind {
+    let opts = MountOptions::parse(&req.options).map_err(|e| invalid(format!("options: {e}")))?;
+    if opts.bind && driver != Driver::Bind {
         return Err(invalid("bind options are only for the bind driver".into()));
     }
 
@@ -331,7 +330,7 @@ fn do_mount(driver: Driver, source: &Path, target: &Path, fstype: Option<&str>, 
         let rec = opts.flags & libc::MS_REC;
         sys::mount(Some(source), target, None, libc::MS_BIND | rec, None)?;
         // Bind mounts take their other flags (ro, nosuid, ...) only by a remount.
-        let rest = opts.flags & !(libc::MS_BIND | libc::MS_REC);
+        let rest = opts.flags & !libc::MS_REC;
         if rest != 0 {
             if let Err(e) = sys::mount(None, target, None, libc::MS_REMOUNT | libc::MS_BIND | rest, None) {
                 let _ = sys::umount2(target, libc::MNT_DETACH);
@@ -339,9 +338,9 @@ fn do_mount(driver: Driver, source: &Path, target: &Path, fstype: Option<&str>, 
             }
         }
     } else {
-        sys::mount(Some(source), target, fstype, opts.flags, Some(&opts.data))?;
+        sys::mount(Some(source), target, fstype, opts.flags, Some(&opts.data_string()))?;
     }
-    if let Some(p) = opts.propagation {
+    for &p in &opts.propagation {
         if let Err(e) = sys::mount(None, target, None, p, None) {
             let _ = sys::umount2(target, libc::MNT_DETACH);
             return Err(e);

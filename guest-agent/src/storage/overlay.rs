@@ -77,7 +77,8 @@ pub(super) fn mount(
     let src = || req.source.clone();
     let invalid = |msg: String| StorageError::Invalid { driver: name, src: src(), msg };
     expect_fstype(req, OVERLAY_FSTYPE).map_err(invalid)?;
-    let lower = lowerdir(&opts.data).map_err(invalid)?;
+    let data = opts.data_string();
+    let lower = lowerdir(&data).map_err(invalid)?;
     let lower = ctx.resolve(lower).map_err(|e| invalid(format!("lowerdir: {e}")))?;
     let lower_str = plain(&lower).map_err(|e| invalid(format!("lowerdir {e}")))?.to_owned();
     if target == ctx.root {
@@ -108,7 +109,7 @@ pub(super) fn mount(
             Path::new(OVERLAY_FSTYPE),
             &mounted.mount_point,
             Some(OVERLAY_FSTYPE),
-            &MountOptions { data, ..opts.clone() },
+            &MountOptions { data: vec![data], ..opts.clone() },
         );
         // The overlay holds its own reference to the tmpfs; this name for it goes.
         drop_scratch(&scratch, true);
@@ -250,7 +251,7 @@ mod tests {
         let (_tx, mut ev) = ChannelUevents::new();
         let cases: &[(StorageRequest, &str)] = &[
             (req("/run/c/root", &[]), "lack lowerdir"),
-            // Comma injection: parse_mount_options splits it into a second data option.
+            // Comma injection: MountOptions::parse splits it into a second data option.
             (req("/run/c/root", &["lowerdir=/run/img,upperdir=/etc"]), "\"upperdir=/etc\""),
             (req("/run/c/root", &["lowerdir=/run/img", "workdir=/etc"]), "\"workdir=/etc\""),
             (req("/run/c/root", &["lowerdir=/run/../etc"]), "\"..\""),

@@ -69,6 +69,10 @@ fn unknown_driver_and_bad_mount_point_are_named() {
     let mut r = req("tmpfs", "", "/mnt");
     r.options = vec!["bind".into()];
     assert!(matches!(mount_storage(&r, &ctx(dir.path()), &mut ev), Err(StorageError::Invalid { .. })));
+    // Options go through the model's table: a word it refuses is refused, by name.
+    r.options = vec!["size=1m,idmap".into()];
+    let err = mount_storage(&r, &ctx(dir.path()), &mut ev).unwrap_err();
+    assert!(matches!(err, StorageError::Invalid { .. }) && err.to_string().contains("\"idmap\""), "{err}");
     // Nothing was created for a refused storage.
     assert!(!dir.path().join("root").exists());
 }
