@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use shoji_cli::layer;
+use shoji_sandbox::Storage;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -190,6 +191,31 @@ impl Image {
         std::fs::rename(tmp.path(), &dir).context("image: moving the rootfs into the cache")?;
         Ok(root)
     }
+}
+
+/// The agent storages that give an image's container a writable root while the cached rootfs
+/// (shared by every run) stays unmodified: the share with tag `lower_tag`, mounted read-only at
+/// [`image_mount_point`]`(guest_root)`, then an overlay of it at `guest_root`, the container
+/// root. The overlay's upper directory is a tmpfs in the guest, so writes go with the sandbox;
+/// images without `/proc`, `/dev` or `/sys` (`FROM scratch`) get their mount points there.
+pub fn rootfs_storages(lower_tag: &str, guest_root: &str) -> Vec<Storage> {
+    let lower = image_mount_point(guest_root);
+    vec![
+        shoji_sandbox::virtiofs_storage(lower_tag, &lower, true),
+        Storage {
+            driver: "overlay".into(),
+            source: lower_tag.into(),
+            fstype: "overlay".into(),
+            options: vec![format!("lowerdir={lower}")],
+            mount_point: guest_root.into(),
+            ..Default::default()
+        },
+    ]
+}
+
+/// Where [`rootfs_storages`] mounts the read-only image in the guest: `<guest_root>.image`.
+pub fn image_mount_point(guest_root: &str) -> String {
+    format!("{}.image", guest_root.trim_end_matches('/'))
 }
 
 /// `index.json` (or a layout tar's entry) read whole, at most [`MAX_META_BYTES`].
@@ -545,6 +571,31 @@ mod tests {
             v.assert_untouched();
             assert!(e.contains("layer 2") && e.contains(&d[1]) && e.contains(name), "{name}: {e}");
         }
+    }
+
+    #[test]
+    fn image_roots_are_an_overlay_over_the_read_only_share() {
+        let st = rootfs_storages("rootfs", "/run/shoji/rootfs");
+        let got: Vec<_> = st
+            .iter()
+            .map(|s| {
+                (s.driver.as_str(), s.source.as_str(), s.fstype.as_str(), s.options.clone(), s.mount_point.as_str())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("virtio-fs", "rootfs", "virtiofs", vec!["ro".to_string()], "/run/shoji/rootfs.image"),
+                (
+                    "overlay",
+                    "rootfs",
+                    "overlay",
+                    vec!["lowerdir=/run/shoji/rootfs.image".to_string()],
+                    "/run/shoji/rootfs"
+                ),
+            ]
+        );
+        assert_eq!(image_mount_point("/run/x/"), "/run/x.image");
     }
 
     #[test]
