@@ -1,9 +1,17 @@
 //! One Shoji sandbox: our Linux guest with the agent as PID 1, booted on a thread of the calling
-//! process, and the agent session on it. `shoji run`, the detached sandboxes and the containerd
-//! shim all stand on this crate; it knows no command line and builds nothing (see
-//! [`artifacts`]: the guest kernel and initramfs are looked up in the cache `shoji setup` fills).
+//! process ([`Sandbox`]), and the agent session on it ([`Session`], [`Process`]). `shoji run`,
+//! the detached sandboxes, `shoji exec` and the containerd shim all stand on this crate and
+//! speak to the agent only through it. It knows no command line and builds nothing: the guest
+//! kernel and initramfs are looked up ([`artifacts`]) in the cache `shoji setup` fills.
 pub mod artifacts;
-pub mod vm;
+mod error;
+mod session;
+mod vm;
 
+pub use error::{RpcCode, SandboxError, StartFailure, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND};
+pub use session::{
+    virtiofs_storage, ContainerSpec, Device, ExitStatus, Process, Session, SessionConfig, StatsContainerResponse,
+    Storage, Stream, AGENT_TIMEOUT, RPC_TIMEOUT,
+};
 pub use shoji_vmm::{DiskConfig, ShareConfig};
 pub use vm::*;

@@ -1,14 +1,12 @@
-//! A sandbox: our Linux guest with the agent as PID 1, booted on a thread of the calling process,
-//! and the agent's client. The one code path `shoji run`, the detached sandboxes and the
-//! containerd shim share (one process per sandbox, no VMM daemon).
+//! The sandbox VM: our Linux guest with the agent as PID 1, booted on a thread of the calling
+//! process (one process per sandbox, no VMM daemon); [`crate::Session`] talks to its agent.
 //!
 //! The sandbox's directory holds its vsock socket (`vsock.sock`; guest-initiated connections
 //! land on `vsock.sock_<port>`) and its serial console log (`console.log`). The caller owns the
 //! directory; [`Sandbox::stop`] stops and joins the VM but leaves files to the caller.
 use crate::artifacts;
-use shoji_protocol::agent;
+use crate::error::SandboxError;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
-use shoji_protocol::ttrpc;
 use shoji_vmm::{cmdline, host, DiskConfig, KernelImage, SerialOut, ShareConfig, VmConfig, VmError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,24 +14,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use vmm_sys_util::eventfd::EventFd;
 
-/// How long the agent may take to answer after the VM starts (a PVM host boots in ~20 s).
-pub const AGENT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Name of the vsock socket in the sandbox directory.
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 /// Name of the console log in the sandbox directory.
 pub const CONSOLE_LOG: &str = "console.log";
-
-#[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
-    #[error(transparent)]
-    Artifacts(#[from] artifacts::ArtifactError),
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    #[error("sandbox: {0}")]
-    Io(String),
-    #[error("agent: {0}")]
-    Agent(String),
-}
 
 /// What a sandbox is made of.
 #[derive(Debug, Clone)]
@@ -69,11 +53,11 @@ impl SandboxConfig {
     pub fn vm_config(&self) -> Result<(VmConfig, Arc<EventFd>), SandboxError> {
         let kernel = match &self.kernel {
             Some(k) => k.clone(),
-            None => artifacts::ensure_kernel()?,
+            None => artifacts::kernel()?,
         };
         let initrd = match &self.initrd {
             Some(i) => i.clone(),
-            None => artifacts::ensure_rootfs()?,
+            None => artifacts::initramfs()?,
         };
         let pvm = host::is_pvm();
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| SandboxError::Io(format!("eventfd: {e}")))?);
@@ -135,7 +119,7 @@ impl Sandbox {
     }
 
     /// Connects to the agent, waiting for the guest to boot (up to `timeout`).
-    pub async fn agent(&self, timeout: Duration) -> Result<AgentServiceClient, SandboxError> {
+    pub(crate) async fn agent(&self, timeout: Duration) -> Result<AgentServiceClient, SandboxError> {
         let port = shoji_devices::model::AGENT_VSOCK_PORT;
         let sock = self.vsock_socket();
         tokio::select! {
@@ -206,30 +190,8 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
-/// A ttrpc context with a time limit (zero: none, for the calls that wait on a process).
-pub fn ctx(limit: Duration) -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(limit.as_nanos().min(i64::MAX as u128) as i64)
-}
 
-/// The message of an agent error (its status message, not the whole RPC status).
-pub fn rpc_msg(e: &ttrpc::Error) -> String {
-    match e {
-        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
-        e => e.to_string(),
-    }
-}
 
-/// The agent storage that mounts virtio-fs share `tag` at `mount_point` in the guest.
-pub fn virtiofs_storage(tag: &str, mount_point: &str, read_only: bool) -> agent::Storage {
-    agent::Storage {
-        driver: "virtio-fs".into(),
-        source: tag.into(),
-        fstype: "virtiofs".into(),
-        options: vec![if read_only { "ro" } else { "rw" }.into()],
-        mount_point: mount_point.into(),
-        ..Default::default()
-    }
-}
 
 #[cfg(test)]
 mod tests {

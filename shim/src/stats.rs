@@ -4,7 +4,7 @@ use containerd_shim::protos::cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, 
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::{Message, MessageField};
 use containerd_shim::protos::ttrpc::{self, Code};
-use shoji_protocol::agent::StatsContainerResponse;
+use shoji_sandbox::StatsContainerResponse;
 
 pub const METRICS_TYPE_URL: &str = "io.containerd.cgroups.v1.Metrics";
 

@@ -3,9 +3,7 @@
 //! Output is copied until the agent's stream ends (the process and every other writer are gone),
 //! so the tail of the output is never lost; the exit is reported only after that. Stdin is copied
 //! until containerd closes its end or sends CloseIO.
-use shoji_protocol::agent;
-use shoji_protocol::agent_ttrpc::AgentServiceClient;
-use shoji_sandbox::{ctx, rpc_msg};
+use shoji_sandbox::{Process, Stream};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -13,11 +11,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 use tokio::runtime::Handle;
 
-const CHUNK: u32 = 64 * 1024;
-const RPC_TIMEOUT: Duration = Duration::from_secs(60);
+const CHUNK: usize = 64 * 1024;
 
 /// Which process of which container.
 #[derive(Debug, Clone)]
@@ -28,13 +24,7 @@ pub struct Target {
 
 /// Copies the process's stdout (or stderr) into the FIFO at `path` until the stream ends.
 /// An empty path: the output is still read (so the process never blocks on it) and dropped.
-pub fn spawn_output(
-    rt: Handle,
-    client: AgentServiceClient,
-    t: Target,
-    path: String,
-    stderr: bool,
-) -> Option<JoinHandle<()>> {
+pub fn spawn_output(rt: Handle, p: Process, path: String, stderr: bool) -> Option<JoinHandle<()>> {
     let name = if stderr { "stderr" } else { "stdout" };
     let spawned = std::thread::Builder::new().name(format!("shim-{name}")).spawn(move || {
         // O_RDWR: opening never blocks and a reader that goes away never gives us SIGPIPE.
@@ -44,29 +34,17 @@ pub fn spawn_output(
             match std::fs::OpenOptions::new().read(true).write(true).open(&path) {
                 Ok(f) => Some(f),
                 Err(e) => {
-                    tracing::warn!("{}: opening {name} {path}: {e}", t.container_id);
+                    tracing::warn!("{}: opening {name} {path}: {e}", p.container_id());
                     None
                 }
             }
         };
-        let req = agent::ReadStreamRequest {
-            container_id: t.container_id.clone(),
-            exec_id: t.exec_id.clone(),
-            len: CHUNK,
-            ..Default::default()
-        };
+        let stream = if stderr { Stream::Stderr } else { Stream::Stdout };
         loop {
-            let r = rt.block_on(async {
-                if stderr {
-                    client.read_stderr(ctx(Duration::ZERO), &req).await
-                } else {
-                    client.read_stdout(ctx(Duration::ZERO), &req).await
-                }
-            });
-            let data = match r {
-                Ok(r) => r.data,
+            let data = match rt.block_on(p.read(stream)) {
+                Ok(data) => data,
                 Err(e) => {
-                    tracing::debug!("{}/{}: {name}: {}", t.container_id, t.exec_id, rpc_msg(&e));
+                    tracing::debug!("{}/{}: {name}: {e}", p.container_id(), p.exec_id());
                     break;
                 }
             };
@@ -75,7 +53,7 @@ pub fn spawn_output(
             }
             if let Some(f) = &mut fifo {
                 if let Err(e) = f.write_all(&data) {
-                    tracing::warn!("{}: writing {name}: {e}; dropping the rest", t.container_id);
+                    tracing::warn!("{}: writing {name}: {e}; dropping the rest", p.container_id());
                     fifo = None;
                 }
             }
@@ -136,9 +114,9 @@ fn poll_fifo(f: &File, timeout_ms: i32) -> Ready {
 }
 
 /// Copies the stdin FIFO into the process's stdin; CloseStdin at its end.
-pub fn spawn_input(rt: Handle, client: AgentServiceClient, t: Target, mut f: File, closed: Arc<AtomicBool>) {
+pub fn spawn_input(rt: Handle, p: Process, mut f: File, closed: Arc<AtomicBool>) {
     let spawned = std::thread::Builder::new().name("shim-stdin".into()).spawn(move || {
-        let mut buf = vec![0u8; CHUNK as usize];
+        let mut buf = vec![0u8; CHUNK];
         loop {
             let closing = closed.load(Ordering::Acquire);
             match poll_fifo(&f, if closing { 0 } else { 200 }) {
@@ -154,22 +132,16 @@ pub fn spawn_input(rt: Handle, client: AgentServiceClient, t: Target, mut f: Fil
                     continue
                 }
                 Err(e) => {
-                    tracing::debug!("{}: reading stdin: {e}", t.container_id);
+                    tracing::debug!("{}: reading stdin: {e}", p.container_id());
                     break;
                 }
             };
-            let req = agent::WriteStreamRequest {
-                container_id: t.container_id.clone(),
-                exec_id: t.exec_id.clone(),
-                data: buf[..n].to_vec(),
-                ..Default::default()
-            };
-            if let Err(e) = rt.block_on(client.write_stdin(ctx(Duration::ZERO), &req)) {
-                tracing::debug!("{}: WriteStdin: {}", t.container_id, rpc_msg(&e));
+            if let Err(e) = rt.block_on(p.write_stdin(buf[..n].to_vec())) {
+                tracing::debug!("{}: {e}", p.container_id());
                 return;
             }
         }
-        close_stdin(&rt, &client, &t);
+        close_stdin(&rt, &p);
     });
     if let Err(e) = spawned {
         tracing::error!("cannot start the stdin copier: {e}");
@@ -177,13 +149,8 @@ pub fn spawn_input(rt: Handle, client: AgentServiceClient, t: Target, mut f: Fil
 }
 
 /// Ends the process's stdin in the guest.
-pub fn close_stdin(rt: &Handle, client: &AgentServiceClient, t: &Target) {
-    let req = agent::CloseStdinRequest {
-        container_id: t.container_id.clone(),
-        exec_id: t.exec_id.clone(),
-        ..Default::default()
-    };
-    if let Err(e) = rt.block_on(client.close_stdin(ctx(RPC_TIMEOUT), &req)) {
-        tracing::debug!("{}: CloseStdin: {}", t.container_id, rpc_msg(&e));
+pub fn close_stdin(rt: &Handle, p: &Process) {
+    if let Err(e) = rt.block_on(p.close_stdin()) {
+        tracing::debug!("{}: {e}", p.container_id());
     }
 }

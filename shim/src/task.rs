@@ -19,10 +19,10 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code, TtrpcContext};
 use containerd_shim::ExitSignal;
-use shoji_protocol::agent;
-use shoji_protocol::agent_ttrpc::AgentServiceClient;
-use shoji_sandbox::ShareConfig;
-use shoji_sandbox::{ctx, rpc_msg, virtiofs_storage, Sandbox, SandboxConfig, AGENT_TIMEOUT};
+use shoji_sandbox::{
+    virtiofs_storage, ContainerSpec, RpcCode, Sandbox, SandboxConfig, SandboxError, Session, SessionConfig,
+    ShareConfig, EXIT_NOT_EXECUTABLE,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -32,7 +32,6 @@ use std::time::Duration;
 /// The virtio-fs tag of the sandbox's shared directory and where the guest mounts it.
 const SHARED_TAG: &str = "shared";
 const GUEST_SHARED: &str = "/run/shoji/shared";
-const RPC_TIMEOUT: Duration = Duration::from_secs(60);
 /// The exit status of a process whose sandbox VM stopped under it.
 pub const EXIT_SANDBOX_GONE: u32 = 255;
 
@@ -92,7 +91,7 @@ struct Container {
 /// The shim's one sandbox.
 struct Vm {
     sandbox: Sandbox,
-    client: AgentServiceClient,
+    session: Session,
 }
 
 pub struct Service {
@@ -175,26 +174,21 @@ impl Inner {
         tracing::info!("sandbox: booting ({} vCPU, {} MiB) in {}", cfg.vcpus, cfg.memory_mib, self.dir.display());
         let started = std::time::Instant::now();
         let sandbox = Sandbox::start(&cfg).map_err(|e| status(Code::INTERNAL, format!("sandbox: {e}")))?;
-        let client = match self.rt.block_on(sandbox.agent(AGENT_TIMEOUT)) {
-            Ok(c) => c,
+        let session_cfg = SessionConfig {
+            hostname: "shoji".into(),
+            sandbox_id: self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            storages: vec![virtiofs_storage(SHARED_TAG, GUEST_SHARED, false)],
+        };
+        let session = match self.rt.block_on(Session::create(&sandbox, session_cfg)) {
+            Ok(s) => s,
             Err(e) => {
                 let tail = sandbox.console_tail(20);
                 let _ = sandbox.stop();
                 return Err(status(Code::UNAVAILABLE, format!("sandbox: {e}; guest console:\n{tail}")));
             }
         };
-        let req = agent::CreateSandboxRequest {
-            hostname: "shoji".into(),
-            sandbox_id: self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            storages: vec![virtiofs_storage(SHARED_TAG, GUEST_SHARED, false)],
-            ..Default::default()
-        };
-        if let Err(e) = self.rt.block_on(client.create_sandbox(ctx(RPC_TIMEOUT), &req)) {
-            let _ = sandbox.stop();
-            return Err(status(Code::INTERNAL, format!("agent: CreateSandbox: {}", rpc_msg(&e))));
-        }
         tracing::info!("sandbox: agent ready after {:.1} s", started.elapsed().as_secs_f64());
-        let vm = Arc::new(Vm { sandbox, client });
+        let vm = Arc::new(Vm { sandbox, session });
         *slot = Some(vm.clone());
         Ok(vm)
     }
@@ -202,13 +196,8 @@ impl Inner {
     /// Stops the sandbox VM (when no container is left).
     fn stop_vm(&self) {
         let Some(vm) = lock(&self.vm).take() else { return };
-        let req = agent::DestroySandboxRequest::new();
-        let destroy = self.rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), vm.client.destroy_sandbox(ctx(Duration::from_secs(10)), &req))
-                .await
-        });
-        if let Ok(Err(e)) = destroy {
-            tracing::debug!("DestroySandbox: {}", rpc_msg(&e));
+        if let Err(e) = self.rt.block_on(vm.session.destroy(Duration::from_secs(10))) {
+            tracing::debug!("{e}");
         }
         if lock(&self.config).debug_console {
             tracing::info!("sandbox: guest console:\n{}", vm.sandbox.console_tail(200));
@@ -225,10 +214,10 @@ impl Inner {
         tracing::info!("sandbox: stopped");
     }
 
-    fn client(&self) -> RpcResult<AgentServiceClient> {
+    fn session(&self) -> RpcResult<Session> {
         lock(&self.vm)
             .as_ref()
-            .map(|v| v.client.clone())
+            .map(|v| v.session.clone())
             .ok_or_else(|| status(Code::UNAVAILABLE, "sandbox: not running"))
     }
 
@@ -263,14 +252,10 @@ impl Inner {
     fn watch(self: &Arc<Self>, vm: Arc<Vm>, t: Target, outputs: Vec<JoinHandle<()>>) {
         let inner = self.clone();
         let spawned = std::thread::Builder::new().name("shim-wait".into()).spawn(move || {
-            let req = agent::WaitProcessRequest {
-                container_id: t.container_id.clone(),
-                exec_id: t.exec_id.clone(),
-                ..Default::default()
-            };
+            let process = vm.session.process(&t.container_id, &t.exec_id);
             let r = inner.rt.block_on(async {
                 tokio::select! {
-                    r = vm.client.wait_process(ctx(Duration::ZERO), &req) => r.map_err(|e| rpc_msg(&e)),
+                    r = process.wait() => r.map_err(|e| e.to_string()),
                     why = vm.sandbox.stopped() => Err(format!("sandbox: {why}")),
                 }
             });
@@ -389,16 +374,16 @@ impl Inner {
                 .bind(&Path::new(&id).join("rootfs"), &rootfs, false)
                 .map_err(|e| status(Code::INTERNAL, format!("rootfs: sharing {}: {e}", rootfs.display())))?;
             share_binds(&mut spec, &id, &share)?;
-            let create = agent::CreateContainerRequest {
-                container_id: id.clone(),
-                oci_spec_json: serde_json::to_vec(&spec).map_err(|e| status(Code::INTERNAL, e.to_string()))?,
+            let create = ContainerSpec {
+                id: id.clone(),
+                spec_json: serde_json::to_vec(&spec).map_err(|e| status(Code::INTERNAL, e.to_string()))?,
                 rootfs: format!("{GUEST_SHARED}/{id}/rootfs"),
                 terminal: req.terminal,
                 ..Default::default()
             };
             self.rt
-                .block_on(vm.client.create_container(ctx(RPC_TIMEOUT), &create))
-                .map_err(|e| status(Code::INVALID_ARGUMENT, format!("container {id}: {}", rpc_msg(&e))))?;
+                .block_on(vm.session.create_container(create))
+                .map_err(|e| agent_status(&e, format!("container {id}")))?;
             Ok::<_, ttrpc::Error>(())
         })();
         if let Err(e) = prepared {
@@ -448,37 +433,33 @@ impl Inner {
         };
         let vm = lock(&self.vm).clone().ok_or_else(|| status(Code::UNAVAILABLE, "sandbox: not running"))?;
         let started = if t.exec_id.is_empty() {
-            let r = agent::StartContainerRequest { container_id: t.container_id.clone(), ..Default::default() };
-            self.rt.block_on(vm.client.start_container(ctx(RPC_TIMEOUT), &r))
+            let p = vm.session.process(&t.container_id, "");
+            self.rt.block_on(p.start()).map(|()| p)
         } else {
-            let r = agent::ExecProcessRequest {
-                container_id: t.container_id.clone(),
-                exec_id: t.exec_id.clone(),
-                process_json: spec,
-                ..Default::default()
-            };
-            self.rt.block_on(vm.client.exec_process(ctx(RPC_TIMEOUT), &r))
+            self.rt.block_on(vm.session.exec(&t.container_id, &t.exec_id, spec))
         };
-        if let Err(e) = started {
-            let msg = rpc_msg(&e);
-            // Docker's statuses for a command that is missing or cannot run; Wait may already
-            // be waiting (it comes before Start).
-            let code = if msg.contains("not found") { 127 } else { 126 };
-            self.set_exited(&t, code);
-            return Err(status(Code::FAILED_PRECONDITION, format!("{}: {msg}", name(&t))));
-        }
+        let process = match started {
+            Ok(p) => p,
+            Err(e) => {
+                // Docker's statuses for a command that is missing (127) or cannot run (126), as
+                // the agent typed them; Wait may already be waiting (it comes before Start).
+                let code = e.exit_status().unwrap_or(EXIT_NOT_EXECUTABLE);
+                self.set_exited(&t, u32::from(code));
+                return Err(status(Code::FAILED_PRECONDITION, format!("{}: {e}", name(&t))));
+            }
+        };
         if let Some(p) = lock(&self.containers).get_mut(&t.container_id).and_then(|c| c.procs.get_mut(&t.exec_id)) {
             p.state = State::Running;
         }
         let handle = self.rt.handle().clone();
         let mut outputs = Vec::new();
-        outputs.extend(stdio::spawn_output(handle.clone(), vm.client.clone(), t.clone(), stdout, false));
+        outputs.extend(stdio::spawn_output(handle.clone(), process.clone(), stdout, false));
         if !terminal {
-            outputs.extend(stdio::spawn_output(handle.clone(), vm.client.clone(), t.clone(), stderr, true));
+            outputs.extend(stdio::spawn_output(handle.clone(), process.clone(), stderr, true));
         }
         match stdin {
-            Some((reader, closed)) => stdio::spawn_input(handle, vm.client.clone(), t.clone(), reader, closed),
-            None if !terminal => stdio::close_stdin(&handle, &vm.client, &t),
+            Some((reader, closed)) => stdio::spawn_input(handle, process.clone(), reader, closed),
+            None if !terminal => stdio::close_stdin(&handle, &process),
             None => {}
         }
         self.watch(vm, t.clone(), outputs);
@@ -518,10 +499,9 @@ impl Inner {
         if process(&lock(&self.containers), &t)?.state == State::Running {
             return Err(status(Code::FAILED_PRECONDITION, format!("{}: still running", name(&t))));
         }
-        if let Ok(client) = self.client() {
-            let r = agent::RemoveContainerRequest { container_id: t.container_id.clone(), ..Default::default() };
-            if let Err(e) = self.rt.block_on(client.remove_container(ctx(RPC_TIMEOUT), &r)) {
-                tracing::debug!("{}: RemoveContainer: {}", t.container_id, rpc_msg(&e));
+        if let Ok(session) = self.session() {
+            if let Err(e) = self.rt.block_on(session.remove_container(&t.container_id)) {
+                tracing::debug!("{}: {e}", t.container_id);
             }
         }
         let Some(c) = lock(&self.containers).remove(&t.container_id) else { return Err(not_found(&t)) };
@@ -556,6 +536,19 @@ fn name(t: &Target) -> String {
     } else {
         format!("container {} exec {}", t.container_id, t.exec_id)
     }
+}
+
+/// An agent failure as containerd sees it: the agent's status class, prefixed with `what`.
+fn agent_status(e: &SandboxError, what: String) -> ttrpc::Error {
+    let code = match e.rpc_code() {
+        Some(RpcCode::Invalid) => Code::INVALID_ARGUMENT,
+        Some(RpcCode::NotFound) => Code::NOT_FOUND,
+        Some(RpcCode::AlreadyExists) => Code::ALREADY_EXISTS,
+        Some(RpcCode::FailedPrecondition) => Code::FAILED_PRECONDITION,
+        Some(RpcCode::Other) => Code::INTERNAL,
+        None => Code::UNAVAILABLE,
+    };
+    status(code, format!("{what}: {e}"))
 }
 
 fn not_found(t: &Target) -> ttrpc::Error {
@@ -654,10 +647,8 @@ impl containerd_shim::Task for Service {
             State::Stopped => return Err(status(Code::NOT_FOUND, format!("{}: process already finished", name(&t)))),
             State::Created if t.exec_id.is_empty() => {
                 // Never started: end it without starting it.
-                if let Ok(client) = self.inner.client() {
-                    let r =
-                        agent::RemoveContainerRequest { container_id: t.container_id.clone(), ..Default::default() };
-                    let _ = self.inner.rt.block_on(client.remove_container(ctx(RPC_TIMEOUT), &r));
+                if let Ok(session) = self.inner.session() {
+                    let _ = self.inner.rt.block_on(session.remove_container(&t.container_id));
                 }
                 self.inner.set_exited(&t, 128 + req.signal);
                 return Ok(api::Empty::new());
@@ -668,30 +659,22 @@ impl containerd_shim::Task for Service {
             }
             State::Running => {}
         }
-        let client = self.inner.client()?;
-        let r = agent::SignalProcessRequest {
-            container_id: t.container_id.clone(),
-            exec_id: t.exec_id.clone(),
-            signal: req.signal,
-            all: req.all,
-            ..Default::default()
-        };
+        let session = self.inner.session()?;
+        let p = session.process(&t.container_id, &t.exec_id);
         self.inner
             .rt
-            .block_on(client.signal_process(ctx(RPC_TIMEOUT), &r))
-            .map_err(|e| status(Code::NOT_FOUND, format!("{}: signal {}: {}", name(&t), req.signal, rpc_msg(&e))))?;
+            .block_on(p.signal(req.signal, req.all))
+            .map_err(|e| agent_status(&e, format!("{}: signal {}", name(&t), req.signal)))?;
         Ok(api::Empty::new())
     }
 
     fn pids(&self, _: &TtrpcContext, req: api::PidsRequest) -> RpcResult<api::PidsResponse> {
-        let client = self.inner.client()?;
-        let r = agent::ListProcessesRequest { container_id: req.id.clone(), ..Default::default() };
+        let session = self.inner.session()?;
         let pids = self
             .inner
             .rt
-            .block_on(client.list_processes(ctx(RPC_TIMEOUT), &r))
-            .map_err(|e| status(Code::NOT_FOUND, format!("container {}: {}", req.id, rpc_msg(&e))))?
-            .pids;
+            .block_on(session.pids(&req.id))
+            .map_err(|e| agent_status(&e, format!("container {}", req.id)))?;
         let processes = pids
             .into_iter()
             .filter_map(|p| u32::try_from(p).ok())
@@ -715,41 +698,33 @@ impl containerd_shim::Task for Service {
     }
 
     fn resize_pty(&self, _: &TtrpcContext, req: api::ResizePtyRequest) -> RpcResult<api::Empty> {
-        let client = self.inner.client()?;
-        let r = agent::TtyWinResizeRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            row: req.height,
-            column: req.width,
-            ..Default::default()
-        };
+        let session = self.inner.session()?;
+        let p = session.process(&req.id, &req.exec_id);
         self.inner
             .rt
-            .block_on(client.tty_win_resize(ctx(RPC_TIMEOUT), &r))
-            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("container {}: resize: {}", req.id, rpc_msg(&e))))?;
+            .block_on(p.resize(req.height, req.width))
+            .map_err(|e| agent_status(&e, format!("container {}: resize", req.id)))?;
         Ok(api::Empty::new())
     }
 
     fn update(&self, _: &TtrpcContext, req: api::UpdateTaskRequest) -> RpcResult<api::Empty> {
-        let client = self.inner.client()?;
+        let session = self.inner.session()?;
         // containerd sends the OCI LinuxResources as JSON in the Any.
         let resources_json = req.resources.as_ref().map(|a: &Any| a.value.clone()).unwrap_or_default();
-        let r = agent::UpdateContainerRequest { container_id: req.id.clone(), resources_json, ..Default::default() };
         self.inner
             .rt
-            .block_on(client.update_container(ctx(RPC_TIMEOUT), &r))
-            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("container {}: update: {}", req.id, rpc_msg(&e))))?;
+            .block_on(session.update_container(&req.id, resources_json))
+            .map_err(|e| agent_status(&e, format!("container {}: update", req.id)))?;
         Ok(api::Empty::new())
     }
 
     fn stats(&self, _: &TtrpcContext, req: api::StatsRequest) -> RpcResult<api::StatsResponse> {
-        let client = self.inner.client()?;
-        let r = agent::StatsContainerRequest { container_id: req.id.clone(), ..Default::default() };
+        let session = self.inner.session()?;
         let s = self
             .inner
             .rt
-            .block_on(client.stats_container(ctx(RPC_TIMEOUT), &r))
-            .map_err(|e| status(Code::NOT_FOUND, format!("container {}: stats: {}", req.id, rpc_msg(&e))))?;
+            .block_on(session.stats(&req.id))
+            .map_err(|e| agent_status(&e, format!("container {}: stats", req.id)))?;
         Ok(api::StatsResponse { stats: MessageField::some(crate::stats::metrics_any(&s)?), ..Default::default() })
     }
 

@@ -9,11 +9,9 @@
 //! commands talk to the agent directly over the sandbox's vsock socket.
 pub(crate) mod state;
 
-use crate::run::{self, Failure, Io, RunArgs, CONTAINER_ID, EXIT_SHOJI_ERROR, RPC_TIMEOUT};
+use crate::run::{self, Failure, Io, RunArgs, CONTAINER_ID, EXIT_SHOJI_ERROR};
 use anyhow::{anyhow, Context};
-use shoji_protocol::agent;
-use shoji_protocol::agent_ttrpc::AgentServiceClient;
-use shoji_sandbox::{console_tail, ctx, rpc_msg, Sandbox, SandboxConfig};
+use shoji_sandbox::{console_tail, Process, Sandbox, SandboxConfig, Session, Stream};
 use shoji_vmm::logfile::{self, CappedLog, OUTPUT_LOG_MAX};
 use shoji_vmm::ShareConfig;
 use state::{Shown, State, StateError, Status};
@@ -315,7 +313,7 @@ fn sandbox_process(name: &str) -> ExitCode {
         Err(e) => return report_failure(&mut report, fail(format!("tokio runtime: {e}"))),
     };
     let started = boot_and_start(&st, &dir, &rt);
-    let (vm, client, mut signals, until, tty) = match started {
+    let (vm, (session, process), mut signals, until, tty) = match started {
         Ok(s) => s,
         Err(f) => {
             drop(rt);
@@ -328,8 +326,8 @@ fn sandbox_process(name: &str) -> ExitCode {
     }
     report_started(report);
     let result = rt.block_on(async {
-        let r = supervise(&client, &vm, &mut signals, until, tty, &dir).await;
-        run::destroy(&client, &vm).await;
+        let r = supervise(&process, &vm, &mut signals, until, tty, &dir).await;
+        run::destroy(&session, &vm).await;
         r
     });
     drop(rt);
@@ -354,7 +352,7 @@ fn sandbox_process(name: &str) -> ExitCode {
     }
 }
 
-type Started = (Sandbox, AgentServiceClient, run::Signals, Option<tokio::time::Instant>, bool);
+type Started = (Sandbox, (Session, Process), run::Signals, Option<tokio::time::Instant>, bool);
 
 /// Plans from the saved arguments (the same checks as `shoji run`), boots, starts the command.
 fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Result<Started, Fail> {
@@ -376,10 +374,12 @@ fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Resul
     cfg.disks = p.disks.clone();
     cfg.shares = vec![ShareConfig { dir: root_dir, tag: "rootfs".into(), read_only: builtin }];
     cfg.shares.extend(p.shares.iter().map(|(s, _)| s.clone()));
+    let (kernel, initrd) = crate::artifacts::ensure()?;
+    (cfg.kernel, cfg.initrd) = (Some(kernel), Some(initrd));
     let (vm_cfg, stop) = cfg.vm_config().map_err(|e| Fail::from(run::sandbox_error(e)))?;
     let req = run::create_request(&p, builtin, None)?;
     // `shoji exec` starts from the container's process (user, capabilities, env, cwd).
-    let spec: oci_spec::runtime::Spec = serde_json::from_slice(&req.oci_spec_json).context("spec")?;
+    let spec: oci_spec::runtime::Spec = serde_json::from_slice(&req.spec_json).context("spec")?;
     let process = serde_json::to_vec_pretty(&spec.process()).context("spec")?;
     let path = dir.join(state::PROCESS_FILE);
     std::fs::write(&path, process).with_context(|| format!("state: {}", path.display()))?;
@@ -388,14 +388,14 @@ fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Resul
     let vm = Sandbox::start_vm(cfg.dir.clone(), vm_cfg, stop).map_err(|e| fail(e.to_string()))?;
     let started = rt.block_on(async {
         tokio::select! {
-            r = run::start_command(&vm, &req, format!("shoji-{}", st.name)) => r,
+            r = run::start_command(&vm, req, format!("shoji-{}", st.name)) => r,
             s = signals.stop.stop() => Err(Failure::Signal(s)),
             why = vm.stopped() => Err(Failure::Sandbox(anyhow!("sandbox: {why} before the command started"))),
             _ = run::deadline(until) => Err(Failure::Timeout),
         }
     });
     match started {
-        Ok(client) => Ok((vm, client, signals, until, p.tty)),
+        Ok(started) => Ok((vm, started, signals, until, p.tty)),
         Err(f) => {
             let stopped = vm.stop();
             Err(match f {
@@ -465,7 +465,7 @@ fn report_failure(report: &mut Option<std::fs::File>, f: Fail) -> ExitCode {
 /// Copies the command's output to the log until it has exited: its status, or why the sandbox
 /// failed. A stop signal (`rm -f`) ends it as killed (137): DestroySandbox kills the command.
 async fn supervise(
-    client: &AgentServiceClient,
+    process: &Process,
     vm: &Sandbox,
     sig: &mut run::Signals,
     until: Option<tokio::time::Instant>,
@@ -475,19 +475,16 @@ async fn supervise(
     let path = dir.join(state::OUTPUT_LOG);
     // Capped (a ring past OUTPUT_LOG_MAX): the command decides how much it prints.
     let log = CappedLog::create(&path, OUTPUT_LOG_MAX).map_err(|e| format!("state: {}: {e}", path.display()))?.shared();
-    let out = tokio::spawn(run::pump(client.clone(), String::new(), false, log.clone()));
-    let err = tokio::spawn(run::pump(client.clone(), String::new(), true, log));
+    let (o, e, log2) = (process.clone(), process.clone(), log.clone());
+    let out = tokio::spawn(async move { o.copy_output(Stream::Stdout, log2).await });
+    let err = tokio::spawn(async move { e.copy_output(Stream::Stderr, log).await });
     if !tty {
-        let close = agent::CloseStdinRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
-        if let Err(e) = client.close_stdin(ctx(RPC_TIMEOUT), &close).await {
-            tracing::debug!("CloseStdin: {e}");
+        if let Err(e) = process.close_stdin().await {
+            tracing::debug!("{e}");
         }
     }
-    let req = agent::WaitProcessRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
     let status = tokio::select! {
-        r = client.wait_process(ctx(Duration::ZERO), &req) => {
-            r.map_err(|e| format!("container: waiting: {}", rpc_msg(&e)))?.status
-        }
+        r = process.wait() => r.map_err(|e| format!("container: waiting: {e}"))?.status,
         s = sig.stop.stop() => {
             tracing::info!("signal {s}: destroying the sandbox");
             return Ok(128 + libc::SIGKILL);
@@ -622,13 +619,9 @@ fn running_state(name: &str) -> Result<State, Fail> {
     }
 }
 
-async fn connect(name: &str) -> Result<AgentServiceClient, Fail> {
+async fn connect(name: &str) -> Result<Session, Fail> {
     let sock = state::dir_of(name).join(shoji_sandbox::VSOCK_SOCKET);
-    let port = shoji_devices::model::AGENT_VSOCK_PORT;
-    let c = shoji_protocol::client::connect(&sock, port, CONNECT_TIMEOUT)
-        .await
-        .map_err(|e| fail(format!("sandbox {name}: agent: {e}")))?;
-    Ok(AgentServiceClient::new(c))
+    Session::attach(&sock, CONNECT_TIMEOUT).await.map_err(|e| fail(format!("sandbox {name}: {e}")))
 }
 
 fn exec(a: ExecArgs) -> Result<u8, Fail> {
@@ -679,19 +672,17 @@ fn exec(a: ExecArgs) -> Result<u8, Fail> {
     }
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
     let exec_id = format!("exec-{}-{nanos:x}", std::process::id());
-    let req = agent::ExecProcessRequest {
-        container_id: CONTAINER_ID.into(),
-        exec_id: exec_id.clone(),
-        process_json: serde_json::to_vec(&process).context("process")?,
-        ..Default::default()
-    };
+    let process_json = serde_json::to_vec(&process).context("process")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     let r = rt.block_on(async {
         let mut sig = run::Signals::new()?;
-        let client = connect(&a.name).await?;
-        client.exec_process(ctx(RPC_TIMEOUT), &req).await.map_err(|e| failure(run::command_failure(&e)))?;
-        let io = Io { exec_id, interactive: a.interactive, tty: a.tty };
-        run::running(&io, &client, None, &mut sig, None).await.map_err(failure)
+        let session = connect(&a.name).await?;
+        let process = session
+            .exec(CONTAINER_ID, &exec_id, process_json)
+            .await
+            .map_err(|e| failure(run::command_failure(e)))?;
+        let io = Io { interactive: a.interactive, tty: a.tty };
+        run::running(&io, &process, None, &mut sig, None).await.map_err(failure)
     });
     // The stdin reader thread may still be blocked in read(2): do not wait for it.
     rt.shutdown_background();
@@ -747,12 +738,12 @@ fn kill(a: KillArgs) -> Result<u8, Fail> {
     running_state(&a.name)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     rt.block_on(async {
-        let client = connect(&a.name).await?;
-        let req = agent::SignalProcessRequest { container_id: CONTAINER_ID.into(), signal, ..Default::default() };
-        client
-            .signal_process(ctx(RPC_TIMEOUT), &req)
+        let session = connect(&a.name).await?;
+        session
+            .process(CONTAINER_ID, "")
+            .signal(signal, false)
             .await
-            .map_err(|e| fail(format!("sandbox {}: signal: {}", a.name, rpc_msg(&e))))
+            .map_err(|e| fail(format!("sandbox {}: signal: {e}", a.name)))
     })?;
     Ok(0)
 }

@@ -18,14 +18,11 @@ pub(crate) mod spec;
 pub(crate) mod tty;
 
 use anyhow::{anyhow, Context, Result};
-use shoji_protocol::agent;
-use shoji_protocol::agent_ttrpc::AgentServiceClient;
-use shoji_protocol::ttrpc;
 use shoji_sandbox::{
-    console_tail, ctx, rpc_msg, virtiofs_storage, Sandbox, SandboxConfig, SandboxError, AGENT_TIMEOUT,
+    console_tail, virtiofs_storage, ContainerSpec, Device, Process, Sandbox, SandboxConfig, SandboxError, Session,
+    SessionConfig, Stream,
 };
 use shoji_vmm::{host, testkit, DiskConfig, ShareConfig, VmConfig, VmError};
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,9 +42,6 @@ pub(crate) const CONTAINER_ID: &str = "run";
 const GUEST_ROOTFS: &str = "/run/shoji/rootfs";
 const GUEST_SHARES: &str = "/run/shoji";
 const ROOTFS_TAG: &str = "rootfs";
-/// Limit of the set-up and tear-down RPCs; 0 (no limit) for the ones that wait on the command.
-pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(120);
-const READ_CHUNK: u32 = 64 * 1024;
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -339,6 +333,9 @@ fn run(a: RunArgs) -> Result<u8> {
     cfg.disks = p.disks.clone();
     cfg.shares = vec![ShareConfig { dir: root_dir, tag: ROOTFS_TAG.into(), read_only: builtin }];
     cfg.shares.extend(p.shares.iter().map(|(s, _)| s.clone()));
+    // Built on first use (the sandbox library only looks them up).
+    let (kernel, initrd) = crate::artifacts::ensure()?;
+    (cfg.kernel, cfg.initrd) = (Some(kernel), Some(initrd));
     if host::is_pvm() {
         tracing::info!("/dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");
     }
@@ -396,19 +393,16 @@ pub(crate) enum Failure {
     Error(anyhow::Error),
 }
 
-/// Failure::Command for an agent error of CreateContainer or StartContainer.
-pub(crate) fn command_failure(e: &ttrpc::Error) -> Failure {
-    let msg = rpc_msg(e);
-    let code = if msg.contains("process.args[0]") {
-        if msg.contains("not found") {
-            127
-        } else {
-            126
+/// The failure of creating or starting the command: its exit status is the one the sandbox
+/// error carries (127 not found, 126 not executable: the agent says which, typed), else 125.
+pub(crate) fn command_failure(e: SandboxError) -> Failure {
+    match e {
+        SandboxError::Agent(_) | SandboxError::Stopped(_) | SandboxError::Vm(_) => Failure::Sandbox(anyhow!(e)),
+        e => {
+            let code = e.exit_status().unwrap_or(EXIT_SHOJI_ERROR);
+            Failure::Command(anyhow!("container: {e}"), code)
         }
-    } else {
-        EXIT_SHOJI_ERROR
-    };
-    Failure::Command(anyhow!("container: {msg}"), code)
+    }
 }
 
 impl From<anyhow::Error> for Failure {
@@ -463,12 +457,15 @@ pub(crate) async fn deadline(at: Option<tokio::time::Instant>) {
 }
 
 /// The agent's storages, devices and spec for the plan.
-pub(crate) fn create_request(
-    p: &Plan,
-    builtin: bool,
-    console_size: Option<(u16, u16)>,
-) -> Result<agent::CreateContainerRequest> {
-    let mut storages = vec![virtiofs_storage(ROOTFS_TAG, GUEST_ROOTFS, builtin)];
+pub(crate) fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16, u16)>) -> Result<ContainerSpec> {
+    // An image's root is an overlay (tmpfs upper) over the cached, shared image: writable, and
+    // mount points that a `FROM scratch` image lacks can be made.
+    let overlay = p.rootfs == Rootfs::Image;
+    let mut storages = if overlay {
+        image::rootfs_storages(ROOTFS_TAG, GUEST_ROOTFS)
+    } else {
+        vec![virtiofs_storage(ROOTFS_TAG, GUEST_ROOTFS, builtin)]
+    };
     let mut binds = Vec::new();
     for (s, name) in &p.shares {
         let at = format!("{GUEST_SHARES}/{}", s.tag);
@@ -481,7 +478,7 @@ pub(crate) fn create_request(
         let path = format!("/dev/vd{}", char::from(b'a' + i as u8));
         // Disks are on PCI slots 01, 02, ... in order (docs/design.md).
         let slot = shoji_devices::model::PciPath::new(vec![i as u8 + 1]).map_err(|e| anyhow!("disk: {e}"))?;
-        devices.push(agent::Device {
+        devices.push(Device {
             id: slot.to_string(),
             type_: "blk".into(),
             container_path: path.clone(),
@@ -497,20 +494,19 @@ pub(crate) fn create_request(
         terminal: p.tty,
         console_size,
         root: GUEST_ROOTFS,
-        readonly_root: builtin,
+        readonly_root: builtin && !overlay,
         scratch_tmpfs: builtin,
         binds: &binds,
         devices: &spec_devices,
         seccomp: if p.seccomp { Some(seccomp::default_profile()?) } else { None },
     })?;
-    Ok(agent::CreateContainerRequest {
-        container_id: CONTAINER_ID.into(),
+    Ok(ContainerSpec {
+        id: CONTAINER_ID.into(),
         storages,
         devices,
-        oci_spec_json: serde_json::to_vec(&spec).context("spec")?,
+        spec_json: serde_json::to_vec(&spec).context("spec")?,
         rootfs: GUEST_ROOTFS.into(),
         terminal: p.tty,
-        ..Default::default()
     })
 }
 
@@ -525,43 +521,36 @@ async fn session(p: &Plan, builtin: bool, vm: &Sandbox, mut sig: Signals) -> Res
     let req = create_request(p, builtin, console_size)?;
 
     // Up to a started command: any of these ends it.
-    let client = tokio::select! {
-        r = start_command(vm, &req, format!("shoji-run-{}", std::process::id())) => r?,
+    let (session, process) = tokio::select! {
+        r = start_command(vm, req, format!("shoji-run-{}", std::process::id())) => r?,
         s = sig.stop.stop() => return Err(Failure::Signal(s)),
         why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} before the command started"))),
         _ = deadline(until) => return Err(Failure::Timeout),
     };
 
-    let io = Io { exec_id: String::new(), interactive: p.interactive, tty: p.tty };
-    let result = running(&io, &client, Some(vm), &mut sig, until).await;
-    destroy(&client, vm).await;
+    let io = Io { interactive: p.interactive, tty: p.tty };
+    let result = running(&io, &process, Some(vm), &mut sig, until).await;
+    destroy(&session, vm).await;
     result
 }
 
-/// CreateSandbox, CreateContainer, StartContainer: the agent's client once the command runs.
+/// The session and the container, up to a running command.
 pub(crate) async fn start_command(
     vm: &Sandbox,
-    req: &agent::CreateContainerRequest,
+    container: ContainerSpec,
     sandbox_id: String,
-) -> Result<AgentServiceClient, Failure> {
-    let client = vm.agent(AGENT_TIMEOUT).await.map_err(|e| Failure::Sandbox(anyhow!(e)))?;
-    let sandbox = agent::CreateSandboxRequest { hostname: spec::HOSTNAME.into(), sandbox_id, ..Default::default() };
-    client
-        .create_sandbox(ctx(RPC_TIMEOUT), &sandbox)
-        .await
-        .map_err(|e| Failure::Sandbox(anyhow!("agent: CreateSandbox: {}", rpc_msg(&e))))?;
-    client.create_container(ctx(RPC_TIMEOUT), req).await.map_err(|e| command_failure(&e))?;
-    let start = agent::StartContainerRequest { container_id: CONTAINER_ID.into(), ..Default::default() };
-    client.start_container(ctx(RPC_TIMEOUT), &start).await.map_err(|e| command_failure(&e))?;
-    Ok(client)
+) -> Result<(Session, Process), Failure> {
+    let cfg = SessionConfig { sandbox_id, hostname: spec::HOSTNAME.into(), ..Default::default() };
+    let session = Session::create(vm, cfg).await.map_err(|e| Failure::Sandbox(anyhow!(e)))?;
+    let process = session.create_container(container).await.map_err(command_failure)?;
+    process.start().await.map_err(command_failure)?;
+    Ok((session, process))
 }
 
 /// Whatever happened, the agent cleans up the guest (unless the VM is gone).
-pub(crate) async fn destroy(client: &AgentServiceClient, vm: &Sandbox) {
-    let destroy_req = agent::DestroySandboxRequest::new();
-    let destroy = client.destroy_sandbox(ctx(Duration::from_secs(30)), &destroy_req);
+pub(crate) async fn destroy(session: &Session, vm: &Sandbox) {
     tokio::select! {
-        r = destroy => if let Err(e) = r { tracing::warn!("DestroySandbox: {e}") },
+        r = session.destroy(Duration::from_secs(30)) => if let Err(e) = r { tracing::warn!("{e}") },
         _ = vm.stopped() => {}
     }
 }
@@ -575,10 +564,8 @@ pub(crate) async fn vm_stopped(vm: Option<&Sandbox>) -> String {
     }
 }
 
-/// The process whose stdio and signals `running` forwards: the container's init (empty
-/// exec id) or an exec'd process.
+/// How `running` forwards a process's stdio.
 pub(crate) struct Io {
-    pub exec_id: String,
     pub interactive: bool,
     pub tty: bool,
 }
@@ -586,7 +573,7 @@ pub(crate) struct Io {
 /// Forwards stdio and signals until the command has exited and its output has ended.
 pub(crate) async fn running(
     p: &Io,
-    client: &AgentServiceClient,
+    process: &Process,
     vm: Option<&Sandbox>,
     sig: &mut Signals,
     until: Option<tokio::time::Instant>,
@@ -596,62 +583,41 @@ pub(crate) async fn running(
     } else {
         None
     };
-    let out = tokio::spawn(pump(client.clone(), p.exec_id.clone(), false, std::io::stdout()));
-    let err = tokio::spawn(pump(client.clone(), p.exec_id.clone(), true, std::io::stderr()));
+    let (o, e) = (process.clone(), process.clone());
+    let out = tokio::spawn(async move { o.copy_output(Stream::Stdout, std::io::stdout()).await });
+    let err = tokio::spawn(async move { e.copy_output(Stream::Stderr, std::io::stderr()).await });
     if p.interactive {
-        tokio::spawn(forward_stdin(client.clone(), p.exec_id.clone()));
+        tokio::spawn(forward_stdin(process.clone()));
     } else if !p.tty {
         // No -i: the command reads end of file at once. (A terminal with no -i stays open:
         // closing it would send ^D, as docker run -t keeps it.)
-        let close = agent::CloseStdinRequest {
-            container_id: CONTAINER_ID.into(),
-            exec_id: p.exec_id.clone(),
-            ..Default::default()
-        };
-        if let Err(e) = client.close_stdin(ctx(RPC_TIMEOUT), &close).await {
-            tracing::debug!("CloseStdin: {e}");
+        if let Err(e) = process.close_stdin().await {
+            tracing::debug!("{e}");
         }
     }
-    let waiter = client.clone();
-    let exec_id = p.exec_id.clone();
-    let mut wait = tokio::spawn(async move {
-        let req = agent::WaitProcessRequest { container_id: CONTAINER_ID.into(), exec_id, ..Default::default() };
-        waiter.wait_process(ctx(Duration::ZERO), &req).await
-    });
+    let waiter = process.clone();
+    let mut wait = tokio::spawn(async move { waiter.wait().await });
     let mut interrupts = 0;
     let status = loop {
         tokio::select! {
             r = &mut wait => {
                 let r = r.map_err(|e| anyhow!("waiting: {e}"))?;
-                break r.map_err(|e| anyhow!("container: waiting: {}", rpc_msg(&e)))?;
+                break r.map_err(|e| anyhow!("container: waiting: {e}"))?;
             }
             s = sig.stop.stop() => {
                 // Forwarded; the third ^C kills.
                 interrupts += usize::from(s == libc::SIGINT);
                 let signal = if interrupts >= 3 { libc::SIGKILL } else { s } as u32;
-                let req = agent::SignalProcessRequest {
-                    container_id: CONTAINER_ID.into(),
-                    exec_id: p.exec_id.clone(),
-                    signal,
-                    ..Default::default()
-                };
-                if let Err(e) = client.signal_process(ctx(RPC_TIMEOUT), &req).await {
-                    tracing::debug!("SignalProcess({signal}): {e}");
+                if let Err(e) = process.signal(signal, false).await {
+                    tracing::debug!("signal {signal}: {e}");
                 }
             }
             _ = sig.winch.recv(), if p.tty => {
                 if let Some((row, column)) = tty::window_size(std::io::stdout().as_raw_fd())
                     .or_else(|| tty::window_size(std::io::stdin().as_raw_fd()))
                 {
-                    let req = agent::TtyWinResizeRequest {
-                        container_id: CONTAINER_ID.into(),
-                        exec_id: p.exec_id.clone(),
-                        row: row.into(),
-                        column: column.into(),
-                        ..Default::default()
-                    };
-                    if let Err(e) = client.tty_win_resize(ctx(RPC_TIMEOUT), &req).await {
-                        tracing::debug!("TtyWinResize: {e}");
+                    if let Err(e) = process.resize(row.into(), column.into()).await {
+                        tracing::debug!("{e}");
                     }
                 }
             }
@@ -663,7 +629,7 @@ pub(crate) async fn running(
     // namespace ends with it): copy everything up to there.
     let drained = async {
         for (name, task) in [("stdout", out), ("stderr", err)] {
-            task.await.map_err(|e| anyhow!("{name}: {e}"))??;
+            task.await.map_err(|e| anyhow!("{name}: {e}"))?.map_err(|e| anyhow!("{name}: {e}"))?;
         }
         Ok::<_, anyhow::Error>(())
     };
@@ -676,36 +642,9 @@ pub(crate) async fn running(
     Ok(u8::try_from(status.status).unwrap_or(u8::MAX))
 }
 
-/// Copies the process's stdout (or stderr) to `w` (ours, or a detached sandbox's log) until its
-/// end. Output we cannot write (our stdout closed) is read and dropped, so the command never
-/// blocks on it.
-pub(crate) async fn pump(client: AgentServiceClient, exec_id: String, stderr: bool, mut w: impl Write) -> Result<()> {
-    let req =
-        agent::ReadStreamRequest { container_id: CONTAINER_ID.into(), exec_id, len: READ_CHUNK, ..Default::default() };
-    let mut broken = false;
-    loop {
-        let r = if stderr {
-            client.read_stderr(ctx(Duration::ZERO), &req).await
-        } else {
-            client.read_stdout(ctx(Duration::ZERO), &req).await
-        };
-        let data = r.map_err(|e| anyhow!("{}: {}", if stderr { "stderr" } else { "stdout" }, rpc_msg(&e)))?.data;
-        if data.is_empty() {
-            return Ok(());
-        }
-        if broken {
-            continue;
-        }
-        if let Err(e) = w.write_all(&data).and_then(|()| w.flush()) {
-            tracing::debug!("writing the command's output here: {e}");
-            broken = true;
-        }
-    }
-}
-
 /// Forwards our stdin to the command's; CloseStdin at our end of file. A thread reads (stdin
 /// cannot be polled in general); it is left blocked in read(2) when the command ends first.
-async fn forward_stdin(client: AgentServiceClient, exec_id: String) {
+async fn forward_stdin(process: Process) {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
     let reader = std::thread::Builder::new().name("shoji-stdin".into()).spawn(move || {
         let mut buf = vec![0u8; 32 * 1024];
@@ -727,21 +666,14 @@ async fn forward_stdin(client: AgentServiceClient, exec_id: String) {
         return;
     }
     while let Some(data) = rx.recv().await {
-        let req = agent::WriteStreamRequest {
-            container_id: CONTAINER_ID.into(),
-            exec_id: exec_id.clone(),
-            data,
-            ..Default::default()
-        };
-        if let Err(e) = client.write_stdin(ctx(Duration::ZERO), &req).await {
+        if let Err(e) = process.write_stdin(data).await {
             // The command closed its stdin or ended: nothing more to forward.
-            tracing::debug!("WriteStdin: {e}");
+            tracing::debug!("{e}");
             return;
         }
     }
-    let close = agent::CloseStdinRequest { container_id: CONTAINER_ID.into(), exec_id, ..Default::default() };
-    if let Err(e) = client.close_stdin(ctx(RPC_TIMEOUT), &close).await {
-        tracing::debug!("CloseStdin: {e}");
+    if let Err(e) = process.close_stdin().await {
+        tracing::debug!("{e}");
     }
 }
 
@@ -833,7 +765,7 @@ mod tests {
         let dev: Vec<_> = r.devices.iter().map(|d| (d.id.as_str(), d.container_path.as_str())).collect();
         assert_eq!(dev, [("01", "/dev/vda"), ("02", "/dev/vdb")]);
         assert_eq!(r.rootfs, GUEST_ROOTFS);
-        let spec: oci_spec::runtime::Spec = serde_json::from_slice(&r.oci_spec_json).unwrap();
+        let spec: oci_spec::runtime::Spec = serde_json::from_slice(&r.spec_json).unwrap();
         assert!(spec.mounts().as_ref().unwrap().iter().any(|m| m.destination() == std::path::Path::new("/mnt/d")));
     }
 }

@@ -19,6 +19,7 @@ pub mod agent_ttrpc {
 pub use ttrpc;
 
 pub mod client;
+pub mod start_failure;
 
 #[cfg(test)]
 mod tests {

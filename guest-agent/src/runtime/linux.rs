@@ -309,12 +309,13 @@ impl FailureContext {
                 "setting up a pty from the container's /dev/ptmx (a devpts mount at /dev/pts is needed)",
             ),
             Step::Exec => {
-                let msg = if errno == libc::ENOENT {
+                let kind = super::ExecFailure::from_errno(errno);
+                let msg = if kind == super::ExecFailure::NotFound {
                     format!("{:?}: executable not found (in $PATH or the rootfs)", self.arg0)
                 } else {
                     format!("exec {:?}: {err}", self.arg0)
                 };
-                spec::invalid("process.args[0]", format!("{msg} ({who})"))
+                RuntimeError::Exec { kind, msg: format!("{msg} ({who})") }
             }
             s => RuntimeError::Other(format!("{who}: setting up the process failed at {s:?} (#{i}): {err}")),
         }

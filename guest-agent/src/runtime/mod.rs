@@ -61,10 +61,36 @@ pub enum RuntimeError {
     /// The spec or process is unusable; `field` names the JSON field.
     #[error("{field}: {msg}")]
     InvalidSpec { field: String, msg: String },
+    /// The user program could not be executed (`process.args[0]`): the kind travels to the
+    /// host typed, where it becomes Docker's 127 or 126.
+    #[error("process.args[0]: {msg}")]
+    Exec { kind: ExecFailure, msg: String },
     #[error("{what}: {err}")]
     Io { what: String, err: std::io::Error },
     #[error("{0}")]
     Other(String),
+}
+
+/// Why execve(2) of the user program failed, as a shell sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecFailure {
+    /// ENOENT, ENOTDIR: no such program (a shell's 127).
+    NotFound,
+    /// EACCES, EPERM, ENOEXEC, EISDIR, ETXTBSY, ELOOP: it is there but cannot run (126).
+    NotExecutable,
+    Other,
+}
+
+impl ExecFailure {
+    pub fn from_errno(errno: i32) -> Self {
+        match errno {
+            libc::ENOENT | libc::ENOTDIR => ExecFailure::NotFound,
+            libc::EACCES | libc::EPERM | libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY | libc::ELOOP => {
+                ExecFailure::NotExecutable
+            }
+            _ => ExecFailure::Other,
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;

@@ -1,10 +1,11 @@
 //! Errors as the client sees them: a ttrpc status code and a one-line message that names the
 //! container, process, storage or field concerned.
 
+use shoji_protocol::agent::start_failure::Kind as StartKind;
 use shoji_protocol::ttrpc::{self, Code};
 
 use crate::device::{DeviceError, GuestNodeError};
-use crate::runtime::RuntimeError;
+use crate::runtime::{ExecFailure, RuntimeError};
 use crate::storage::StorageError;
 
 /// An RPC failure: what the client gets as `ttrpc::Error::RpcStatus`.
@@ -13,6 +14,8 @@ use crate::storage::StorageError;
 pub struct RpcError {
     pub code: Code,
     pub message: String,
+    /// Set when the user program could not be started: sent typed in the status details.
+    pub start_failure: Option<StartKind>,
 }
 
 impl RpcError {
@@ -20,7 +23,7 @@ impl RpcError {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
         let message: String = message.into();
         let message = if message.contains('\n') { message.lines().collect::<Vec<_>>().join("; ") } else { message };
-        RpcError { code, message }
+        RpcError { code, message, start_failure: None }
     }
 
     pub fn invalid(field: &str, msg: impl std::fmt::Display) -> Self {
@@ -29,24 +32,34 @@ impl RpcError {
 
     /// Prefixes the message ("container \"c1\": ...").
     pub fn context(self, what: impl std::fmt::Display) -> Self {
-        RpcError::new(self.code, format!("{what}: {}", self.message))
+        RpcError { start_failure: self.start_failure, ..RpcError::new(self.code, format!("{what}: {}", self.message)) }
     }
 
     /// A runtime error about container `id`; the message names the container.
     pub fn runtime(id: &str, e: RuntimeError) -> Self {
         let code = runtime_code(&e);
+        let start_failure = match &e {
+            RuntimeError::Exec { kind: ExecFailure::NotFound, .. } => Some(StartKind::NOT_FOUND),
+            RuntimeError::Exec { kind: ExecFailure::NotExecutable, .. } => Some(StartKind::NOT_EXECUTABLE),
+            RuntimeError::Exec { kind: ExecFailure::Other, .. } => Some(StartKind::OTHER),
+            _ => None,
+        };
         let msg = e.to_string();
-        if msg.contains(&format!("{id:?}")) {
+        let r = if msg.contains(&format!("{id:?}")) {
             RpcError::new(code, msg)
         } else {
             RpcError::new(code, format!("container {id:?}: {msg}"))
-        }
+        };
+        RpcError { start_failure, ..r }
     }
 }
 
 impl From<RpcError> for ttrpc::Error {
     fn from(e: RpcError) -> Self {
-        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code, e.message))
+        match e.start_failure {
+            Some(kind) => shoji_protocol::start_failure::status(e.code, e.message, kind),
+            None => ttrpc::Error::RpcStatus(ttrpc::get_status(e.code, e.message)),
+        }
     }
 }
 
@@ -56,7 +69,7 @@ pub fn runtime_code(e: &RuntimeError) -> Code {
         RuntimeError::NoContainer(_) | RuntimeError::NoProcess { .. } => Code::NOT_FOUND,
         RuntimeError::Exists(_) | RuntimeError::ProcessExists { .. } => Code::ALREADY_EXISTS,
         RuntimeError::BadState { .. } => Code::FAILED_PRECONDITION,
-        RuntimeError::InvalidSpec { .. } => Code::INVALID_ARGUMENT,
+        RuntimeError::InvalidSpec { .. } | RuntimeError::Exec { .. } => Code::INVALID_ARGUMENT,
         RuntimeError::Io { .. } | RuntimeError::Other(_) => Code::INTERNAL,
     }
 }
@@ -141,5 +154,26 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod start_failure_tests {
+    use super::*;
+    use shoji_protocol::start_failure::kind_of;
+
+    /// The host maps exec failures by kind, never by message: a missing program and a missing
+    /// container both say "not found" in words, only one is 127.
+    #[test]
+    fn exec_failures_travel_typed_and_other_errors_carry_no_kind() {
+        for (errno, kind) in
+            [(libc::ENOENT, StartKind::NOT_FOUND), (libc::EACCES, StartKind::NOT_EXECUTABLE), (libc::E2BIG, StartKind::OTHER)]
+        {
+            let e = RuntimeError::Exec { kind: ExecFailure::from_errno(errno), msg: "x".into() };
+            let t: ttrpc::Error = RpcError::runtime("c1", e).context("StartContainer").into();
+            assert_eq!(kind_of(&t), Some(kind), "errno {errno}");
+        }
+        let t: ttrpc::Error = RpcError::runtime("c1", RuntimeError::NoContainer("c1".into())).into();
+        assert_eq!(kind_of(&t), None);
     }
 }
