@@ -16,6 +16,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use shoji_devices::model::MountOptions;
+
 /// One mount as containerd describes it (`containerd.types.Mount`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountSpec {
@@ -24,13 +26,12 @@ pub struct MountSpec {
     pub options: Vec<String>,
 }
 
-/// mount(2) flags and the fs-specific data of an option list (the agent's parser: one table of
-/// option names for OCI specs and containerd's mounts).
+/// mount(2) flags and the fs-specific data of an option list, by the one table of option words
+/// host and guest share (`shoji_devices::model::mount`).
 pub fn parse_options(options: &[String]) -> io::Result<(libc::c_ulong, String)> {
-    let m = shoji_agent::runtime::parse_mount_options("rootfs options", options)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let bind = if m.bind { libc::MS_BIND } else { 0 };
-    Ok((m.flags | bind, m.data.join(",")))
+    let m = MountOptions::parse(options)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("rootfs options: {e}")))?;
+    Ok((m.mount_flags(), m.data_string()))
 }
 
 fn cstr(p: &[u8], what: &str) -> io::Result<CString> {

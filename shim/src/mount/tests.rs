@@ -84,6 +84,9 @@ fn options_split_into_flags_and_data() {
     let (f, _) = parse_options(&v(&["ro", "rw"])).unwrap();
     assert_eq!(f, 0, "the last of ro/rw wins");
     assert!(parse_options(&v(&["idmap"])).is_err());
+    // containerd may put several words in one entry.
+    let (f, d) = parse_options(&v(&["ro,nodev", "size=1m"])).unwrap();
+    assert_eq!((f, d.as_str()), (libc::MS_RDONLY | libc::MS_NODEV, "size=1m"));
 }
 
 #[test]
