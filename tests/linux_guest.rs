@@ -1,7 +1,7 @@
 //! The shared slow suite: our Linux kernel (kernel-config/) with our initramfs (rootfs/) on the
 //! real /dev/kvm, driven through the `shoji` CLI exactly as a user runs it. One boot per test
 //! binary: on PVM hosts the guest kernel is emulated and takes ~10-20 s to reach /init.
-use shoji_tests::{require_kvm, shoji_bin};
+use shoji_tests::{guest_artifacts, require_kvm, shoji_bin};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 fn default_guest_boots_our_agent_as_pid1_and_it_answers_over_vsock() {
     require_kvm();
     // Build (or find) the cached artifacts first, so the boot's time limit covers only the boot.
-    let kernel = shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
-    let rootfs = shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
-    eprintln!("kernel {}\nrootfs {}", kernel.display(), rootfs.display());
+    guest_artifacts();
     let dir = std::env::temp_dir().join(format!("shoji-linux-agent-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -47,7 +45,7 @@ fn default_guest_boots_our_agent_as_pid1_and_it_answers_over_vsock() {
     });
     eprintln!("agent answered after {:?}: {version:?} {details:?}", start.elapsed());
     // SIGTERM: the VMM stops the VM cleanly.
-    // SAFETY (test): signalling our own child by pid.
+    // SAFETY: (test) signalling our own child by pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().expect("wait for shoji boot");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -123,8 +121,7 @@ fn fnv1a(data: &[u8]) -> u32 {
 #[test]
 fn linux_guest_sees_and_uses_the_devices() {
     require_kvm();
-    shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
-    shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
+    guest_artifacts();
     let dir = std::env::temp_dir().join(format!("shoji-linux-devices-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -226,8 +223,7 @@ fn linux_guest_sees_and_uses_the_devices() {
 #[test]
 fn shoji_run_prints_both_streams_and_exits_with_the_commands_status() {
     require_kvm();
-    shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
-    shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
+    guest_artifacts();
     let dir = std::env::temp_dir().join(format!("shoji-linux-run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let tmp = dir.join("tmp");
@@ -268,8 +264,7 @@ fn shoji_run_prints_both_streams_and_exits_with_the_commands_status() {
 #[test]
 fn detached_sandbox_execs_is_killed_and_removed() {
     require_kvm();
-    shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
-    shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
+    guest_artifacts();
     let runs = tempfile::Builder::new().prefix("shoji-linux-detached-").tempdir().unwrap();
     let shoji = |args: &[&str]| {
         let out = Command::new(shoji_bin())
@@ -344,4 +339,23 @@ fn detached_sandbox_execs_is_killed_and_removed() {
     assert_eq!((code, out.as_str()), (Some(0), "x\n"));
     assert!(!dir.exists(), "rm removes the state dir");
     assert!(std::fs::read_dir(runs.path()).unwrap().next().is_none());
+}
+
+/// A missing program is Docker's 127 under `shoji run`, from the agent's typed start failure
+/// (the message names it), and the tool's own errors stay 125.
+#[test]
+fn shoji_run_of_a_missing_program_exits_127() {
+    require_kvm();
+    guest_artifacts();
+    let out = Command::new(shoji_bin())
+        .args(["run", "--timeout", "900", "--", "/no/such/program", "arg"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shoji run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("--- stderr ---\n{stderr}");
+    assert_eq!(out.status.code(), Some(127), "{stderr}");
+    assert!(stderr.contains("\"/no/such/program\": executable not found"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 }

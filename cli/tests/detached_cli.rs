@@ -186,7 +186,7 @@ fn rm_refuses_a_running_sandbox_without_f_and_stops_it_with_f() {
     // rm -f waited for the process: SIGTERM ended it.
     let status = child.wait().unwrap();
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGTERM));
-    // SAFETY (test): the orphaned sleep of our own process group.
+    // SAFETY: (test) the orphaned sleep of our own process group.
     unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
 }
 

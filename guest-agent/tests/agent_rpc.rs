@@ -25,7 +25,7 @@ struct Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // SAFETY (test): SIGTERM to our own child: it removes its containers and socket.
+        // SAFETY: (test) SIGTERM to our own child: it removes its containers and socket.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
@@ -256,7 +256,7 @@ async fn limits_seccomp_oom_and_remove_leaves_nothing() {
     remove(&a, &id).await;
     // Nothing left: processes, mounts of the rootfs, cgroups.
     for pid in pids {
-        // SAFETY (test): probing a pid with signal 0.
+        // SAFETY: (test) probing a pid with signal 0.
         assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "process {pid} survived RemoveContainer");
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

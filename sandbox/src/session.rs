@@ -116,7 +116,12 @@ impl Session {
     }
 
     /// Starts another process (an OCI Process object as JSON) in a running container.
-    pub async fn exec(&self, container_id: &str, exec_id: &str, process_json: Vec<u8>) -> Result<Process, SandboxError> {
+    pub async fn exec(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+    ) -> Result<Process, SandboxError> {
         let req = agent::ExecProcessRequest {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
@@ -141,11 +146,8 @@ impl Session {
 
     /// Applies new resources (an OCI LinuxResources object as JSON).
     pub async fn update_container(&self, container_id: &str, resources_json: Vec<u8>) -> Result<(), SandboxError> {
-        let req = agent::UpdateContainerRequest {
-            container_id: container_id.into(),
-            resources_json,
-            ..Default::default()
-        };
+        let req =
+            agent::UpdateContainerRequest { container_id: container_id.into(), resources_json, ..Default::default() };
         self.client.update_container(ctx(RPC_TIMEOUT), &req).await.map_err(|e| rpc_error("UpdateContainer", e))?;
         Ok(())
     }

@@ -190,9 +190,6 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
-
-
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,6 +62,17 @@ $C task ls 2>/dev/null | grep -qE '^t-detached .*RUNNING' && ok "detached task i
 out=$(ctr_ task exec --exec-id e1 t-detached sh -c 'echo from-exec; exit 4' 2>&1)
 rc=$?
 [ "$out" = from-exec ] && [ $rc = 4 ] && ok "task exec prints and exits 4" || no "exec" "got: $out ($rc)"
+# A missing program: containerd gets Docker's 127 as the process's exit status (typed by the
+# agent, not guessed from words). ctr returns Start's error; the status is the one Delete reports.
+# (Our shim only: runc's shim reports the exec failure its own way.)
+if [ "$RUNTIME" = io.containerd.shoji.v2 ]; then
+  out=$(ctr_ task exec --exec-id e2 t-detached /nonexistent 2>&1)
+  rc=$?
+  del=$(ctr_ task delete --exec-id e2 t-detached 2>&1)
+  drc=$?
+  echo "$out" | grep -q 'executable not found' && [ $rc != 0 ] && [ $drc = 127 ] &&
+    ok "task exec of a missing program: named, exit status 127" || no "exec missing" "exec: $out ($rc)" "delete: $del ($drc)"
+fi
 out=$(ctr_ task ps t-detached 2>&1)
 [ "$(echo "$out" | tail -n +2 | grep -c .)" -ge 1 ] && ok "task ps lists the processes" || no "task ps" "$out"
 ctr_ task kill -s SIGKILL t-detached

@@ -48,18 +48,22 @@ const LINUX64_ENTRY_OFFSET: u64 = 0x200;
 #[derive(Clone, Copy, Default)]
 #[repr(transparent)]
 struct StartInfo(hvm_start_info);
+// SAFETY: a transparent wrapper of a plain-old-data C struct (see above).
 unsafe impl ByteValued for StartInfo {}
 #[derive(Clone, Copy, Default)]
 #[repr(transparent)]
 struct MemmapEntry(hvm_memmap_table_entry);
+// SAFETY: a transparent wrapper of a plain-old-data C struct (see above).
 unsafe impl ByteValued for MemmapEntry {}
 #[derive(Clone, Copy, Default)]
 #[repr(transparent)]
 struct ModlistEntry(hvm_modlist_entry);
+// SAFETY: a transparent wrapper of a plain-old-data C struct (see above).
 unsafe impl ByteValued for ModlistEntry {}
 #[derive(Clone, Copy)]
 #[repr(transparent)]
 struct ZeroPage(boot_params);
+// SAFETY: a transparent wrapper of a plain-old-data C struct (see above).
 unsafe impl ByteValued for ZeroPage {}
 
 /// Kernel image formats we can tell apart by their first bytes.

@@ -131,11 +131,13 @@ mod tests {
         assert_eq!(e.len(), 16 + 24 + 1);
         let gsi4: Vec<_> = e.iter().filter(|x| x.gsi == 4).collect();
         assert_eq!(gsi4.len(), 2, "PIC + IOAPIC");
-        // SAFETY (test): reading the union member matching type_.
+        // SAFETY: (test) reading the union member matching type_.
         let last = e.last().unwrap();
         assert_eq!(last.type_, KVM_IRQ_ROUTING_MSI);
+        // SAFETY: the entry's type is MSI (checked above), so `msi` is the union's live member.
         assert_eq!(unsafe { (last.u.msi.address_lo, last.u.msi.data) }, (0xfee0_0000, 0x41));
         let slave: Vec<_> = e.iter().filter(|x| x.gsi == 12 && x.type_ == KVM_IRQ_ROUTING_IRQCHIP).collect();
+        // SAFETY: only IRQCHIP entries are kept, whose live union member is `irqchip`.
         assert!(slave.iter().any(|x| unsafe { x.u.irqchip.irqchip == KVM_IRQCHIP_PIC_SLAVE && x.u.irqchip.pin == 4 }));
     }
 }
