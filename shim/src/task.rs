@@ -30,7 +30,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// The virtio-fs tag of the sandbox's shared directory and where the guest mounts it.
-const SHARED_TAG: &str = "shared";
+use shoji_devices::model::SANDBOX_SHARED_TAG as SHARED_TAG;
+/// Where the agent mounts the sandbox's share (`model::guest_share_dir(SHARED_TAG)`, checked by a test).
 const GUEST_SHARED: &str = "/run/shoji/shared";
 /// The exit status of a process whose sandbox VM stopped under it.
 pub const EXIT_SANDBOX_GONE: u32 = 255;
@@ -780,6 +781,7 @@ mod tests {
         assert!(e.contains("mounts[1].source") && e.contains("c/mounts/1"), "{e}");
         r.unwrap();
         assert_eq!(ok["mounts"][1]["source"], format!("{GUEST_SHARED}/c/mounts/1"));
+        assert_eq!(GUEST_SHARED, shoji_devices::model::guest_share_dir(SHARED_TAG));
         assert_eq!(ok["mounts"][0]["source"], "proc", "kernel filesystems are the guest's");
         assert_eq!(ro, Err(Some(libc::EROFS)));
         assert!(left.is_empty(), "{left:?}");

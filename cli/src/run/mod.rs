@@ -4,15 +4,17 @@
 //!    booted or written: a bad flag is one line on stderr and exit status 125.
 //! 2. The container rootfs (`--rootfs DIR`, or the built-in busybox one, built and cached on
 //!    first use), the guest kernel and the initramfs are found or built.
-//! 3. The VM boots on a thread of this process with a private temp dir holding its vsock socket
-//!    and its serial console log; the rootfs and `--share` dirs are virtio-fs shares, `--disk`s
-//!    virtio-blk disks.
+//! 3. The VM boots on a thread of this process with a private session dir holding its vsock
+//!    socket and its serial console log (`detached::sessions`: named by this process, so the
+//!    next `shoji` command removes it if this one is killed); the rootfs and `--share` dirs are
+//!    virtio-fs shares, `--disk`s virtio-blk disks.
 //! 4. Over the agent API: CreateSandbox, CreateContainer (the storages to mount, the devices,
 //!    the OCI spec), StartContainer; stdout and stderr are copied to ours until end of stream,
 //!    stdin forwarded with `-i`; signals are forwarded; WaitProcess gives the exit status.
-//! 5. DestroySandbox, the VM is stopped and joined, the temp dir removed.
+//! 5. DestroySandbox, the VM is stopped and joined, the session dir removed.
 mod image;
 pub(crate) mod rootfs;
+pub(crate) mod saved;
 pub(crate) mod seccomp;
 pub(crate) mod spec;
 pub(crate) mod tty;
@@ -39,9 +41,9 @@ const USAGE: &str = "shoji run [OPTIONS] -- CMD [ARGS...]";
 /// The container's id in the sandbox (one container per `shoji run`).
 pub(crate) const CONTAINER_ID: &str = "run";
 /// Where the agent mounts the container's rootfs and the shares in the guest.
+/// (`devices::model::guest_share_dir(ROOTFS_TAG)`, checked by a test.)
 const GUEST_ROOTFS: &str = "/run/shoji/rootfs";
-const GUEST_SHARES: &str = "/run/shoji";
-const ROOTFS_TAG: &str = "rootfs";
+use shoji_devices::model::{self, ROOTFS_TAG};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -193,7 +195,7 @@ fn parse_share(spec: &str, index: usize) -> Result<(ShareConfig, String)> {
         .filter(|n| !n.is_empty())
         .ok_or_else(|| anyhow!("share: {dir}: has no name to put under /mnt (the root, or not UTF-8)"))?
         .to_string();
-    Ok((ShareConfig { dir: full, tag: format!("share{index}"), read_only }, name))
+    Ok((ShareConfig { dir: full, tag: model::share_tag(index), read_only }, name))
 }
 
 /// `-e K=V` or `-e K` (K's value here; left out when unset).
@@ -325,16 +327,17 @@ pub(crate) fn sandbox_error(e: SandboxError) -> anyhow::Error {
 fn run(a: RunArgs) -> Result<u8> {
     let p = plan(a)?;
     let (root_dir, builtin) = root_dir(&p)?;
-    // A private directory for the sandbox's sockets and console log, removed at the end.
-    let dir = tempfile::Builder::new().prefix("shoji-run-").tempdir().context("temp dir")?;
+    // Built on first use (the sandbox library only looks them up).
+    let (kernel, initrd) = crate::artifacts::ensure()?;
+    // A private directory for the sandbox's sockets and console log, removed at the end (by
+    // the next `shoji` command when this one is killed first).
+    let dir = crate::detached::sessions::RunSession::create()?;
     let mut cfg = SandboxConfig::new(dir.path().to_path_buf());
     cfg.vcpus = p.cpus;
     cfg.memory_mib = p.memory_mib;
     cfg.disks = p.disks.clone();
     cfg.shares = vec![ShareConfig { dir: root_dir, tag: ROOTFS_TAG.into(), read_only: builtin }];
     cfg.shares.extend(p.shares.iter().map(|(s, _)| s.clone()));
-    // Built on first use (the sandbox library only looks them up).
-    let (kernel, initrd) = crate::artifacts::ensure()?;
     (cfg.kernel, cfg.initrd) = (Some(kernel), Some(initrd));
     if host::is_pvm() {
         tracing::info!("/dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");
@@ -468,16 +471,18 @@ pub(crate) fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16,
     };
     let mut binds = Vec::new();
     for (s, name) in &p.shares {
-        let at = format!("{GUEST_SHARES}/{}", s.tag);
+        let at = model::guest_share_dir(&s.tag);
         storages.push(virtiofs_storage(&s.tag, &at, s.read_only));
         binds.push(spec::Bind { source: at, destination: format!("/mnt/{name}"), read_only: s.read_only });
     }
     let mut devices = Vec::new();
     let mut spec_devices = Vec::new();
+    // The slots the VMM gives the disks (the rootfs share and `--share`s come after them).
+    let slots = model::PciSlotPlan::new(p.disks.len(), 1 + p.shares.len(), true).map_err(|e| anyhow!("disk: {e}"))?;
     for (i, _) in p.disks.iter().enumerate() {
         let path = format!("/dev/vd{}", char::from(b'a' + i as u8));
         // Disks are on PCI slots 01, 02, ... in order (docs/design.md).
-        let slot = shoji_devices::model::PciPath::new(vec![i as u8 + 1]).map_err(|e| anyhow!("disk: {e}"))?;
+        let slot = slots.disk(i).ok_or_else(|| anyhow!("disk {i}: not in the PCI slot plan"))?;
         devices.push(Device {
             id: slot.to_string(),
             type_: "blk".into(),
@@ -765,6 +770,7 @@ mod tests {
         let dev: Vec<_> = r.devices.iter().map(|d| (d.id.as_str(), d.container_path.as_str())).collect();
         assert_eq!(dev, [("01", "/dev/vda"), ("02", "/dev/vdb")]);
         assert_eq!(r.rootfs, GUEST_ROOTFS);
+        assert_eq!(GUEST_ROOTFS, model::guest_share_dir(ROOTFS_TAG));
         let spec: oci_spec::runtime::Spec = serde_json::from_slice(&r.spec_json).unwrap();
         assert!(spec.mounts().as_ref().unwrap().iter().any(|m| m.destination() == std::path::Path::new("/mnt/d")));
     }
