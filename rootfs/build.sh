@@ -10,6 +10,10 @@
 #
 # The agent comes from $SHOJI_AGENT, or is built here from the workspace by
 # guest-agent/build-static.sh (static, without AVX). Without either, /init is the C init too.
+#
+# With an agent, the build is also recorded as the current one: $cache/rootfs/current holds its
+# key (replaced by rename), which is how the sandbox library and the shim find the initramfs
+# (sandbox/src/artifacts.rs); `shoji setup` runs an embedded copy of this script.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -21,11 +25,21 @@ fi
 key=$(cat "$here/init.c" "$here/mkcpio.c" "$here/build.sh" ${agent:+"$agent"} | sha256sum | cut -c1-16)
 out="$cache/rootfs/$key"
 
-if [ -f "$out/initramfs.cpio" ]; then echo "$out/initramfs.cpio"; exit 0; fi
+# Done: record it as current (only an initramfs with the agent as /init can run sandboxes).
+finish() {
+  if [ -n "$agent" ]; then
+    printf '%s\n' "$key" >"$cache/rootfs/.current.$$"
+    mv -f "$cache/rootfs/.current.$$" "$cache/rootfs/current"
+  fi
+  echo "$out/initramfs.cpio"
+  exit 0
+}
+
+if [ -f "$out/initramfs.cpio" ]; then finish; fi
 mkdir -p "$cache/rootfs"
 exec 9>"$cache/rootfs/.lock"
 flock 9
-if [ -f "$out/initramfs.cpio" ]; then echo "$out/initramfs.cpio"; exit 0; fi
+if [ -f "$out/initramfs.cpio" ]; then finish; fi
 
 tmp=$(mktemp -d "$cache/rootfs/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
@@ -50,4 +64,4 @@ mkdir -p "$out.tmp"
 mv "$tmp/initramfs.cpio" "$out.tmp/initramfs.cpio"
 rm -rf "$out"
 mv "$out.tmp" "$out"
-echo "$out/initramfs.cpio"
+finish

@@ -2,7 +2,7 @@
 //! temp dir) driven by `ctr`: tests/containerd/containerd-it.sh runs the cases, first with runc
 //! (a check on the test itself), then with our shim. Each of our tasks boots our Linux guest, so
 //! this is part of the slow suite: generous timeouts, and the run/delete cycles are the bulk.
-use shoji_tests::{require_kvm, shoji_bin};
+use shoji_tests::{guest_artifacts, require_kvm, shoji_bin};
 use std::path::Path;
 use std::process::Command;
 
@@ -23,24 +23,25 @@ fn ctr_runs_tasks_with_runc_and_with_the_shoji_shim() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "this test runs containerd and mounts: it needs root (CI runs as root)");
     require_kvm();
-    // The guest our shim boots: prebuilt here (the shim would build it on first use too, but
-    // under containerd there is nobody to show the build's progress to).
-    let kernel = shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
-    let initrd = shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
+    // The guest our shim boots: `shoji setup` fills the cache, and the shim finds it there by
+    // itself (the config names no kernel or initramfs), as an installed shim does.
+    guest_artifacts();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("shim.toml");
-    let toml = format!(
-        "kernel = \"{}\"\ninitrd = \"{}\"\nvcpus = 1\nmemory_mib = 256\nlog_level = \"debug\"\n",
-        kernel.display(),
-        initrd.display()
-    );
-    std::fs::write(&config, toml).expect("shim config");
-    let shim = shoji_bin().with_file_name("containerd-shim-shoji-v2");
+    std::fs::write(&config, "vcpus = 1\nmemory_mib = 256\nlog_level = \"debug\"\n").expect("shim config");
+    let built = shoji_bin().with_file_name("containerd-shim-shoji-v2");
     assert!(
-        shim.is_file(),
+        built.is_file(),
         "{} is missing: `cargo test --workspace` builds it (for shim/tests/), or `cargo build -p containerd-shim-shoji-v2`",
-        shim.display()
+        built.display()
     );
+    // Installed: a copy outside the checkout and its target dir, so nothing it does can lean
+    // on the source tree (containerd runs the copy, which re-execs itself as the server).
+    let installed = tempfile::Builder::new().prefix("shoji-installed-shim-").tempdir().expect("tempdir");
+    let shim = installed.path().join("containerd-shim-shoji-v2");
+    std::fs::copy(&built, &shim).expect("installing the shim copy");
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("checkout");
+    assert!(!shim.starts_with(checkout), "{} is outside {}", shim.display(), checkout.display());
 
     let (ok, out) = run_suite("io.containerd.runc.v2", &[]);
     println!("--- with runc\n{out}");

@@ -10,7 +10,7 @@
 //!   be made (as with Docker) but the device cgroup refuses the open, while a `--disk` works;
 //! - a container leaves a setuid file and a block device node in a read-write share: the host
 //!   sees neither a setuid bit nor a device node.
-use shoji_tests::{require_kvm, shoji_bin};
+use shoji_tests::{guest_artifacts, require_kvm, shoji_bin};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,8 +28,7 @@ fn vsock_probe(dir: &Path) -> PathBuf {
 
 fn shoji_run(args: &[&str], tmp: &Path) -> (Option<i32>, String, String) {
     require_kvm();
-    shoji_sandbox::artifacts::ensure_kernel().expect("guest kernel");
-    shoji_sandbox::artifacts::ensure_rootfs().expect("guest initramfs");
+    guest_artifacts();
     let start = Instant::now();
     let out = Command::new(shoji_bin())
         .args(["run", "--timeout", "900"])

@@ -1,5 +1,7 @@
 //! Helpers shared by Shoji's integration tests, which boot real VMs on /dev/kvm.
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 /// Fails (never skips) when the host cannot run VMs, saying why.
 pub fn require_kvm() {
@@ -21,6 +23,26 @@ pub fn shoji_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The guest kernel and initramfs, found as the shim and `shoji run` find them: `shoji setup`
+/// (once per test binary) builds whatever is missing or stale into the cache, then the sandbox
+/// library looks them up. Called first, so a test's time limit covers its boot, not a build.
+pub fn guest_artifacts() -> (PathBuf, PathBuf) {
+    static ARTIFACTS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    ARTIFACTS
+        .get_or_init(|| {
+            let bin = shoji_bin();
+            // Its build progress goes to our stderr, as a user would see it.
+            let out = Command::new(&bin).arg("setup").stderr(Stdio::inherit()).output().expect("running shoji setup");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{} setup failed ({}): {stdout}", bin.display(), out.status);
+            let kernel = shoji_sandbox::artifacts::kernel().unwrap_or_else(|e| panic!("after shoji setup: {e}"));
+            let initrd = shoji_sandbox::artifacts::initramfs().unwrap_or_else(|e| panic!("after shoji setup: {e}"));
+            eprintln!("guest kernel {}\nguest initramfs {}", kernel.display(), initrd.display());
+            (kernel, initrd)
+        })
+        .clone()
 }
 
 /// Counts what a VM could leak from the process that ran it.

@@ -16,6 +16,13 @@ fn line(ok: bool, essential: bool, what: &'static str, detail: impl Into<String>
     Line { ok, essential, what, detail: detail.into() }
 }
 
+/// A lookup's error as a finding: what is missing, then the fix.
+fn fix(e: &artifacts::ArtifactError, how: &str) -> String {
+    let msg = e.to_string();
+    let what = msg.strip_suffix(": run `shoji setup`").unwrap_or(&msg);
+    format!("{what}; fix: `shoji setup` {how}")
+}
+
 fn on_path(cmd: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|d| d.join(cmd)).find(|p| p.is_file())
@@ -47,14 +54,16 @@ fn findings() -> Vec<Line> {
             "/dev/kvm is missing; fix: enable VT-x/AMD-V (or nested virtualization) and load kvm_intel or kvm_amd",
         )),
     }
-    match artifacts::kernel_cached() {
-        Some(p) => v.push(line(true, false, "kernel", format!("guest kernel cached: {}", p.display()))),
-        None => v.push(line(
-            false,
-            false,
-            "kernel",
-            "guest kernel not built yet; fix: `shoji run -- true` (or `shoji boot`) builds and caches it (~10-15 min, needs linux-source-6.1)",
-        )),
+    // What the shim and `shoji run` boot; `shoji setup` (or a first `shoji run`) builds them.
+    match artifacts::kernel() {
+        Ok(p) => v.push(line(true, false, "kernel", format!("guest kernel cached: {}", p.display()))),
+        Err(e) => {
+            v.push(line(false, false, "kernel", fix(&e, "builds and caches it (~10-15 min, needs linux-source-6.1)")))
+        }
+    }
+    match artifacts::initramfs() {
+        Ok(p) => v.push(line(true, false, "initramfs", format!("guest initramfs cached: {}", p.display()))),
+        Err(e) => v.push(line(false, false, "initramfs", fix(&e, "builds it (seconds, plus the agent's first build)"))),
     }
     let busybox = std::fs::read("/bin/busybox").map(|d| is_static_elf(&d)).unwrap_or(false);
     v.push(line(

@@ -1,4 +1,5 @@
 //! `shoji`: the command-line front end.
+mod artifacts;
 mod bench;
 mod check;
 mod detached;
@@ -7,7 +8,6 @@ mod setup;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
-use shoji_sandbox::artifacts;
 use shoji_vmm::{cmdline, host, testkit, DiskConfig, KernelImage, SerialOut, ShareConfig, StopReason, VmConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;

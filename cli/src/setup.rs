@@ -2,9 +2,9 @@
 //! built-in rootfs ahead of first use, and the progress display every first-use build shares:
 //! on a terminal a spinner with the elapsed time and the build's current step (the last line
 //! its script wrote on stderr); otherwise the script's lines as they come.
+use crate::artifacts::{self, BuildProgress};
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use shoji_sandbox::artifacts::{self, BuildProgress};
 use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::path::Path;

@@ -10,9 +10,9 @@
 //! gets one untimed warm-up run first (page cache, lazily built artifacts), then the systems
 //! alternate: shoji, qemu, shoji, qemu, ...
 use super::{command_line, machine, shell_quote, Machine, Peer, Scratch, QEMU};
+use crate::artifacts;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
-use shoji_sandbox::artifacts;
 use shoji_vmm::{cmdline, host, testkit};
 use std::fmt::Write as _;
 use std::fs::File;
