@@ -15,6 +15,7 @@
 //! synced disk image (untimed), so each starts with the same clean page cache.
 pub mod boot;
 pub mod plot;
+pub mod stats;
 pub mod vsock;
 
 use anyhow::{anyhow, bail, Context, Result};

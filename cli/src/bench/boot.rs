@@ -9,6 +9,7 @@
 //! run` runs `shoji run -- true` (boot, agent, container, exit status, teardown). Each system
 //! gets one untimed warm-up run first (page cache, lazily built artifacts), then the systems
 //! alternate: shoji, qemu, shoji, qemu, ...
+use super::stats::Summary;
 use super::{command_line, machine, shell_quote, Machine, Peer, Scratch, QEMU};
 use crate::artifacts;
 use anyhow::{anyhow, bail, Context, Result};
@@ -213,44 +214,7 @@ fn guest_boottime_ms(console: &str) -> Option<f64> {
     Some(v * 1e3)
 }
 
-/// Nearest-rank percentile (`p` in 0..=100) of sorted values: the smallest value with at
-/// least p% of the values at or below it. With n = 30, p99 is the maximum.
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-/// p50, p90, p99, min, max.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Summary {
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub min: f64,
-    pub max: f64,
-}
-
 const COLUMNS: [&str; 5] = ["p50", "p90", "p99", "min", "max"];
-
-impl Summary {
-    pub fn of(values: &[f64]) -> Option<Summary> {
-        let mut v = values.to_vec();
-        v.sort_by(|a, b| a.total_cmp(b));
-        Some(Summary {
-            p50: percentile(&v, 50.0)?,
-            p90: percentile(&v, 90.0)?,
-            p99: percentile(&v, 99.0)?,
-            min: *v.first()?,
-            max: *v.last()?,
-        })
-    }
-    fn cells(&self) -> [f64; 5] {
-        [self.p50, self.p90, self.p99, self.min, self.max]
-    }
-}
 
 /// Everything measured, per system in order (shoji first).
 pub struct Results {
@@ -444,6 +408,7 @@ impl Report<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::stats::percentile;
     use super::*;
 
     #[test]

@@ -98,7 +98,7 @@ pub fn draw(path: &Path, title: &str, systems: &[(&str, &[f64])]) -> Result<()> 
         .map_err(|e| err(&e))?;
     for (i, (name, values)) in systems.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let p50 = super::boot::Summary::of(values).map(|s| s.p50).unwrap_or(0.0);
+        let p50 = super::stats::Summary::of(values).map(|s| s.p50).unwrap_or(0.0);
         chart
             .draw_series(LineSeries::new(ecdf_steps(values), color.stroke_width(3)))
             .map_err(|e| err(&e))?
