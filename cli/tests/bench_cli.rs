@@ -22,7 +22,7 @@ fn bad_arguments_are_one_line_naming_the_field_with_status_125() {
         (&["bench", "boot", "--frobnicate"], "--frobnicate: unknown option (see `shoji bench boot --help`)"),
         (&["bench", "boot", "--plot", "out.svg"], "plot: out.svg must end in .png"),
         (&["bench", "run", "--guest", "null"], "guest: `bench run` runs a container, which needs the linux guest"),
-        (&["bench", "run", "--peer", "qemu"], "peer: no peer fits `bench run`"),
+        (&["bench", "run", "--peer", "qemu"], "--peer: unknown option (see `shoji bench run --help`)"),
         (&["bench", "teleport"], "command: unrecognized subcommand 'teleport' (see `shoji bench --help`)"),
         (&["bench"], "command: missing (see `shoji bench --help`)"),
         (&[], "command: missing (see `shoji --help`)"),

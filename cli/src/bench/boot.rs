@@ -83,16 +83,8 @@ fn validate(o: &BootOpts) -> Result<()> {
     if o.n == 0 {
         bail!("n: must be at least 1");
     }
-    if o.bench == Bench::Run {
-        if o.guest != Guest::Linux {
-            bail!("guest: `bench run` runs a container, which needs the linux guest");
-        }
-        if o.peer.is_some() {
-            bail!(
-                "peer: no peer fits `bench run`: QEMU alone has no guest agent or container runtime to run \
-                 `-- true` (compare with `bench boot --guest linux --peer qemu`)"
-            );
-        }
+    if o.bench == Bench::Run && o.guest != Guest::Linux {
+        bail!("guest: `bench run` runs a container, which needs the linux guest");
     }
     if let Some(p) = &o.plot {
         if p.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("png")) != Some(true) {
@@ -434,8 +426,6 @@ mod tests {
         let o = |bench, guest, peer| BootOpts { bench, n: 3, guest, peer, json: false, plot: None };
         let e = validate(&o(Bench::Run, Guest::Null, None)).unwrap_err().to_string();
         assert!(e.starts_with("guest: "), "{e}");
-        let e = validate(&o(Bench::Run, Guest::Linux, Some(Peer::Qemu))).unwrap_err().to_string();
-        assert!(e.starts_with("peer: no peer fits"), "{e}");
         let mut x = o(Bench::Boot, Guest::Null, None);
         x.n = 0;
         assert!(validate(&x).unwrap_err().to_string().starts_with("n: "));
