@@ -26,7 +26,7 @@ pub struct SandboxConfig {
     pub dir: PathBuf,
     pub vcpus: u8,
     pub memory_mib: u64,
-    /// Guest kernel and initramfs; `None`: the cached ones, built on first use.
+    /// Guest kernel and initramfs; `None`: the ones `shoji setup` cached (looked up, never built).
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     /// Words added to the guest kernel command line.
@@ -49,7 +49,7 @@ impl SandboxConfig {
         }
     }
 
-    /// The VM's configuration (artifacts found or built, then checked), and its stop eventfd.
+    /// The VM's configuration (artifacts looked up, then checked), and its stop eventfd.
     pub fn vm_config(&self) -> Result<(VmConfig, Arc<EventFd>), SandboxError> {
         let kernel = match &self.kernel {
             Some(k) => k.clone(),
