@@ -5,6 +5,7 @@ pub mod bus;
 pub mod cmdline;
 pub mod confine;
 pub mod cpuid;
+pub mod exit;
 pub mod host;
 pub mod irq;
 pub mod layout;
@@ -17,6 +18,6 @@ pub mod testkit;
 pub mod vcpu;
 pub mod vm;
 
+pub use exit::StopReason;
 pub use pci::{DiskConfig, ShareConfig};
-pub use vcpu::StopReason;
 pub use vm::{run, spawn, KernelImage, SerialOut, VmConfig, VmError, VmOutcome};

@@ -2,9 +2,9 @@
 //! MMIO dispatch to BARs, KVM ioeventfds for queue notifications, and the event-loop thread
 //! that runs the devices' queues.
 use crate::confine::{Plan, ThreadKind};
+use crate::exit::ExitSignal;
 use crate::irq::IrqRouting;
 use crate::layout::{IOAPIC_ADDR, MMIO_GAP_START};
-use crate::vcpu::ExitSignal;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use shoji_devices::model::{DeviceKind, PciPath, PciPlanError, PciSlotPlan};

@@ -4,7 +4,7 @@
 //! thread and the syscall, and stops the VM with that reason; Landlock keeps the device
 //! thread inside the VM's shares and disks. Needs /dev/kvm.
 use shoji_vmm::confine::{self, Plan, ThreadKind, Violation};
-use shoji_vmm::vcpu::ExitSignal;
+use shoji_vmm::exit::ExitSignal;
 use shoji_vmm::{testkit, DiskConfig, SerialOut, ShareConfig, StopReason, VmConfig, VmError, VmOutcome};
 use std::io::Write;
 use std::path::Path;

@@ -21,7 +21,7 @@ pub mod landlock;
 pub mod seccomp;
 pub(crate) mod sigsys;
 
-use crate::vcpu::ExitSignal;
+use crate::exit::ExitSignal;
 use std::path::PathBuf;
 use std::sync::{Arc, Once, OnceLock};
 

@@ -9,7 +9,7 @@
 //! and a killed process can neither say which thread did what nor clean up the sandbox; the
 //! filter already refused the call, so nothing is gained by killing.
 use super::seccomp::syscall_name;
-use crate::vcpu::ExitSignal;
+use crate::exit::ExitSignal;
 use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
