@@ -1,4 +1,7 @@
-//! `shoji`: the command-line front end.
+//! `shoji`: the command-line front end: `run` (and the detached `run -d`, `ps`, `exec`, `kill`,
+//! `wait`, `logs`, `rm`), `boot`, `setup`, `check` and `bench`. Sandboxes go through
+//! shoji-sandbox; `boot` and the device benches drive the VMM library directly; the guest
+//! kernel and initramfs are built only here (`artifacts`), by `shoji setup` or on first use.
 mod artifacts;
 mod bench;
 mod check;

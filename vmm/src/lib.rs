@@ -1,5 +1,9 @@
-//! Shoji's virtual machine monitor: a KVM VM with guest memory, vCPU threads and legacy devices,
-//! booted straight into a PVH or Linux 64-bit kernel entry with no firmware.
+//! Shoji's virtual machine monitor, a library: a KVM VM with guest memory, vCPU threads and the
+//! devices of shoji-devices (port I/O, and PCI with MSI-X routes, irqfds and ioeventfds served by
+//! one device thread), booted straight into a PVH or Linux 64-bit kernel entry with no firmware.
+//! Every thread it starts for a VM confines itself ([`confine`]). It knows no command line and
+//! no agent: the sandbox library and the `shoji` CLI drive it through [`VmConfig`] and [`run`] or
+//! [`spawn`]. The C test guests are behind the `testkit` feature.
 pub mod boot;
 pub mod bus;
 pub mod cmdline;
