@@ -398,6 +398,8 @@ fn main() -> ExitCode {
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // A `shoji run` killed before it could clean up left its session dir behind: removed here.
+    detached::sessions::sweep();
     // First-use builds of the guest kernel and initramfs show their progress, in every command.
     setup::install_progress();
     let result = match cli.cmd {

@@ -212,3 +212,17 @@ fn a_sandbox_that_cannot_start_leaves_nothing() {
     assert!(err.starts_with("shoji: error: rootfs: "), "{err}");
     assert!(is_empty(&s.run_dir()), "no state dir left");
 }
+
+/// A state written by an older shoji (its arguments, no plan): the sandbox process refuses it
+/// with an error naming the file, and parses no arguments.
+#[test]
+fn a_state_without_a_plan_cannot_start() {
+    let s = Scratch::new();
+    let dir = s.fabricate("old", gone_pid(), "created", None);
+    let o = s.shoji(&["__sandbox", "old"]);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    let report = stdout(&o);
+    let named = format!("state: {}: no saved plan", dir.join("state.json").display());
+    assert!(report.starts_with("error 125\n") && report.contains(&named), "{report}");
+    assert!(is_empty(&s.dir.path().join("cache")), "nothing built");
+}

@@ -1,15 +1,18 @@
 //! Detached sandboxes: `shoji run -d`, `ps`, `exec`, `kill`, `rm`, `logs`, `wait`.
 //!
 //! No daemon: `shoji run -d` checks its flags, claims the name (creates its state directory),
-//! and re-executes itself as `shoji __sandbox NAME` in a new session. That process boots the VM
+//! saves the checked plan in its `state.json` and re-executes itself as `shoji __sandbox NAME`
+//! in a new session. That process boots the VM from the saved plan (no argv parsed again)
 //! through the same Sandbox API and agent calls as `shoji run`, reports "started" (or the
 //! error) on a pipe the CLI reads, then writes the command's output to the log in the state
 //! directory until the command exits. Then it destroys the sandbox, stops the VM and records
 //! the exit status: like Docker, an exited sandbox stays listed until `shoji rm`. The other
 //! commands talk to the agent directly over the sandbox's vsock socket.
+pub(crate) mod sessions;
 pub(crate) mod state;
 
-use crate::run::{self, Failure, Io, RunArgs, CONTAINER_ID, EXIT_SHOJI_ERROR};
+use crate::run::saved::SavedPlan;
+use crate::run::{self, Failure, Io, Plan, RunArgs, CONTAINER_ID, EXIT_SHOJI_ERROR};
 use anyhow::{anyhow, Context};
 use shoji_sandbox::{console_tail, Process, Sandbox, SandboxConfig, Session, Stream};
 use shoji_vmm::logfile::{self, CappedLog, OUTPUT_LOG_MAX};
@@ -218,20 +221,13 @@ pub fn run(a: RunArgs) -> ExitCode {
     }
 }
 
-/// The `shoji run` arguments of this process's command line (after `run`).
-fn run_args() -> Vec<String> {
-    let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
-    let at = subcommand_at(&args).map_or(args.len(), |(i, _)| i + 1);
-    args[at..].to_vec()
-}
-
 fn start(a: RunArgs) -> Result<String, Fail> {
     if a.interactive {
         return Err(fail("interactive: -i needs a terminal to attach to; a detached sandbox has none (drop -i)"));
     }
-    let (name, command) = (a.name.clone(), a.command.clone());
+    let name = a.name.clone();
     // Every flag checked before the name is claimed: a bad one leaves nothing.
-    run::plan(a)?;
+    let plan = run::plan(a)?;
     let (name, dir) = match name {
         Some(n) => {
             let dir = state::claim(&n)?;
@@ -243,16 +239,19 @@ fn start(a: RunArgs) -> Result<String, Fail> {
         name: name.clone(),
         pid: 0,
         created: state::now_secs(),
-        command,
+        command: plan.command.clone(),
         status: Status::Created,
         exit_code: None,
         error: None,
-        args: run_args(),
+        plan: Some(SavedPlan::from(&plan)),
     };
     let r = state::save(&dir, &st).map_err(Fail::from).and_then(|()| spawn_sandbox(&name, &dir));
     if r.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    // Only now: an image that came as a tar is unpacked in a temp dir of the plan's, which the
+    // sandbox process unpacks its rootfs from (when not cached) before it reports.
+    drop(plan);
     r.map(|()| name)
 }
 
@@ -354,15 +353,15 @@ fn sandbox_process(name: &str) -> ExitCode {
 
 type Started = (Sandbox, (Session, Process), run::Signals, Option<tokio::time::Instant>, bool);
 
-/// Plans from the saved arguments (the same checks as `shoji run`), boots, starts the command.
+/// Boots from the plan `shoji run -d` checked and saved, starts the command.
 fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Result<Started, Fail> {
-    use clap::Parser;
-    let argv = ["shoji", "run"].into_iter().map(String::from).chain(st.args.iter().cloned());
-    let args = match crate::Cli::try_parse_from(argv).map_err(|e| fail(run::clap_error_line(&e)))?.cmd {
-        crate::Cmd::Run(a) => a,
-        _ => return Err(fail("sandbox: the saved arguments are not `shoji run`'s")),
-    };
-    let p = run::plan(args)?;
+    let state_file = dir.join(state::STATE_FILE);
+    let saved = st
+        .plan
+        .clone()
+        .ok_or_else(|| fail(format!("state: {}: no saved plan (written by an older shoji?)", state_file.display())))?;
+    let p =
+        Plan::try_from(saved).map_err(|e| fail(format!("state: {}: {}", state_file.display(), run::one_line(&e))))?;
     let until = p.timeout.map(|t| tokio::time::Instant::now() + t);
     let (root_dir, builtin) = run::root_dir(&p)?;
     let mut cfg = SandboxConfig::new(dir.to_path_buf());
@@ -677,10 +676,8 @@ fn exec(a: ExecArgs) -> Result<u8, Fail> {
     let r = rt.block_on(async {
         let mut sig = run::Signals::new()?;
         let session = connect(&a.name).await?;
-        let process = session
-            .exec(CONTAINER_ID, &exec_id, process_json)
-            .await
-            .map_err(|e| failure(run::command_failure(e)))?;
+        let process =
+            session.exec(CONTAINER_ID, &exec_id, process_json).await.map_err(|e| failure(run::command_failure(e)))?;
         let io = Io { interactive: a.interactive, tty: a.tty };
         run::running(&io, &process, None, &mut sig, None).await.map_err(failure)
     });

@@ -1,6 +1,7 @@
 //! Detached sandboxes on disk: one directory per name under the run dir, holding `state.json`,
 //! the Sandbox files (vsock socket, console log), the command's output log and the container's
-//! process (for `shoji exec`). The directory's creation is the name's lock.
+//! process (for `shoji exec`). The directory's creation is the name's lock. `.runs` in the run
+//! dir holds the `shoji run` sessions ([`super::sessions`]).
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
@@ -61,8 +62,10 @@ pub struct State {
     pub exit_code: Option<i32>,
     #[serde(default)]
     pub error: Option<String>,
-    /// The `shoji run` arguments the sandbox process plans from.
-    pub args: Vec<String>,
+    /// The checked plan of `shoji run -d`, which the sandbox process boots from. (`None`: a
+    /// state written by an older shoji, which saved its arguments instead; it cannot start.)
+    #[serde(default)]
+    pub plan: Option<crate::run::saved::SavedPlan>,
 }
 
 /// What `ps` shows: the recorded status, checked against the process.
@@ -214,7 +217,9 @@ pub fn save(dir: &Path, st: &State) -> Result<(), StateError> {
 /// Every sandbox in the run dir, by name; unreadable ones are skipped with a warning.
 pub fn list() -> Vec<State> {
     let Ok(entries) = std::fs::read_dir(run_dir()) else { return vec![] };
-    let mut names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    // Dot names are no sandbox's (the `shoji run` sessions dir).
+    let mut names: Vec<String> =
+        entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| !n.starts_with('.')).collect();
     names.sort();
     names
         .into_iter()
@@ -285,7 +290,7 @@ mod tests {
             status: Status::Running,
             exit_code: None,
             error: None,
-            args: vec![],
+            plan: None,
         };
         assert_eq!(st.shown(), Shown::Dead);
         st.status = Status::Exited;

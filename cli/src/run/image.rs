@@ -9,6 +9,7 @@
 //! `<cache>/images/` (0700: images may hold setuid files), shared read-only with the sandbox
 //! like the built-in rootfs.
 use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use shoji_cli::layer;
@@ -24,7 +25,7 @@ pub const MAX_META_BYTES: u64 = 4 << 20;
 pub const MAX_LAYER_BYTES: u64 = 8 << 30;
 
 /// What the image says about running it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageConfig {
     pub env: Vec<String>,
     /// Entrypoint followed by Cmd.
@@ -32,12 +33,14 @@ pub struct ImageConfig {
     pub workdir: Option<String>,
 }
 
-/// An image layout, checked: its manifest, layers and config.
-#[derive(Debug)]
+/// An image layout, checked: its manifest, layers and config. Serialisable for a detached
+/// sandbox's saved plan (the temp dir of a tar stays the opener's: its clones share it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Image {
     /// The layout directory (a temp dir when the image came as a tar).
     layout: PathBuf,
-    _unpacked: Option<tempfile::TempDir>,
+    #[serde(skip)]
+    _unpacked: Option<std::sync::Arc<tempfile::TempDir>>,
     manifest_digest: String,
     layers: Vec<(String, String)>,
     pub config: ImageConfig,
@@ -127,7 +130,7 @@ impl Image {
             let f = std::fs::File::open(src).map_err(|e| anyhow!("image: {}: {e}", src.display()))?;
             unpack_layout(f, tmp.path())
                 .map_err(|e| anyhow!("image: {}: not a tar of an image layout: {e}", src.display()))?;
-            (tmp.path().to_path_buf(), Some(tmp))
+            (tmp.path().to_path_buf(), Some(std::sync::Arc::new(tmp)))
         };
         let index = read_capped(&layout.join("index.json"))
             .map_err(|e| anyhow!("image: {}: no OCI image layout (index.json: {e})", src.display()))?;

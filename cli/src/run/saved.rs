@@ -1,0 +1,187 @@
+//! A checked [`Plan`] as stored in a detached sandbox's `state.json`: `shoji run -d` plans and
+//! checks once, the sandbox process (`shoji __sandbox NAME`) boots from the stored plan, so
+//! nothing is parsed twice (no argv, no clap) and both see the same values (`-e K` already
+//! holds its value, paths are canonical).
+//!
+//! A mirror rather than serde on [`Plan`] itself: the VMM's `DiskConfig` and `ShareConfig`
+//! have no serde, and the on-disk shape stays put when the in-memory one changes.
+use super::image::Image;
+use super::{Plan, Rootfs};
+use anyhow::{anyhow, Result};
+use serde::{Deserialize, Serialize};
+use shoji_vmm::{DiskConfig, ShareConfig};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the container's root comes from ([`Rootfs`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum SavedRootfs {
+    BuiltIn,
+    /// [`SavedPlan::image`].
+    Image,
+    Dir(PathBuf),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SavedDisk {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SavedShare {
+    pub dir: PathBuf,
+    pub tag: String,
+    pub read_only: bool,
+    /// Its name under /mnt.
+    pub name: String,
+}
+
+/// [`Plan`], storable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SavedPlan {
+    pub rootfs: SavedRootfs,
+    /// What the image's cached rootfs is found (or unpacked) by.
+    pub image: Option<Image>,
+    pub env: Vec<String>,
+    pub workdir: String,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub disks: Vec<SavedDisk>,
+    pub shares: Vec<SavedShare>,
+    pub interactive: bool,
+    pub tty: bool,
+    pub timeout: Option<Duration>,
+    pub command: Vec<String>,
+    pub seccomp: bool,
+}
+
+impl From<&Plan> for SavedPlan {
+    fn from(p: &Plan) -> SavedPlan {
+        SavedPlan {
+            rootfs: match &p.rootfs {
+                Rootfs::BuiltIn => SavedRootfs::BuiltIn,
+                Rootfs::Image => SavedRootfs::Image,
+                Rootfs::Dir(d) => SavedRootfs::Dir(d.clone()),
+            },
+            image: p.image.clone(),
+            env: p.env.clone(),
+            workdir: p.workdir.clone(),
+            cpus: p.cpus,
+            memory_mib: p.memory_mib,
+            disks: p.disks.iter().map(|d| SavedDisk { path: d.path.clone(), read_only: d.read_only }).collect(),
+            shares: p
+                .shares
+                .iter()
+                .map(|(s, name)| SavedShare {
+                    dir: s.dir.clone(),
+                    tag: s.tag.clone(),
+                    read_only: s.read_only,
+                    name: name.clone(),
+                })
+                .collect(),
+            interactive: p.interactive,
+            tty: p.tty,
+            timeout: p.timeout,
+            command: p.command.clone(),
+            seccomp: p.seccomp,
+        }
+    }
+}
+
+/// Back to a plan. The file is ours (a 0700 directory), so this only checks that it is whole:
+/// what the agent request and the VM config are built from without further checks.
+impl TryFrom<SavedPlan> for Plan {
+    type Error = anyhow::Error;
+
+    fn try_from(s: SavedPlan) -> Result<Plan> {
+        let rootfs = match s.rootfs {
+            SavedRootfs::BuiltIn => Rootfs::BuiltIn,
+            SavedRootfs::Image if s.image.is_none() => return Err(anyhow!("plan: an image rootfs without its image")),
+            SavedRootfs::Image => Rootfs::Image,
+            SavedRootfs::Dir(d) if d.is_absolute() => Rootfs::Dir(d),
+            SavedRootfs::Dir(d) => return Err(anyhow!("plan: rootfs {} is not an absolute path", d.display())),
+        };
+        if s.command.first().is_none_or(|c| c.is_empty()) || s.command.iter().any(|c| c.contains('\0')) {
+            return Err(anyhow!("plan: command {:?} is not a command", s.command));
+        }
+        if !s.workdir.starts_with('/') || s.workdir.contains('\0') {
+            return Err(anyhow!("plan: workdir {:?} is not an absolute path", s.workdir));
+        }
+        if s.disks.len() > 26 {
+            return Err(anyhow!("plan: {} disks; at most 26", s.disks.len()));
+        }
+        Ok(Plan {
+            rootfs,
+            image: s.image,
+            env: s.env,
+            workdir: s.workdir,
+            cpus: s.cpus,
+            memory_mib: s.memory_mib,
+            disks: s.disks.into_iter().map(|d| DiskConfig { path: d.path, read_only: d.read_only }).collect(),
+            shares: s
+                .shares
+                .into_iter()
+                .map(|s| (ShareConfig { dir: s.dir, tag: s.tag, read_only: s.read_only }, s.name))
+                .collect(),
+            interactive: s.interactive,
+            tty: s.tty,
+            timeout: s.timeout,
+            command: s.command,
+            seccomp: s.seccomp,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(rootfs: Rootfs) -> Plan {
+        Plan {
+            rootfs,
+            image: None,
+            env: vec!["A=1".into(), "B=two words".into()],
+            workdir: "/tmp".into(),
+            cpus: 2,
+            memory_mib: 300,
+            disks: vec![DiskConfig { path: "/x.img".into(), read_only: true }],
+            shares: vec![(
+                ShareConfig { dir: "/srv/data".into(), tag: "share0".into(), read_only: false },
+                "data".into(),
+            )],
+            interactive: false,
+            tty: true,
+            timeout: Some(Duration::from_millis(1500)),
+            command: vec!["sh".into(), "-c".into(), "echo $A".into()],
+            seccomp: false,
+        }
+    }
+
+    fn round_trip(p: &Plan) -> Result<Plan> {
+        let json = serde_json::to_string(&SavedPlan::from(p))?;
+        Plan::try_from(serde_json::from_str::<SavedPlan>(&json)?)
+    }
+
+    #[test]
+    fn a_plan_survives_the_round_trip_through_json() {
+        for rootfs in [Rootfs::BuiltIn, Rootfs::Dir("/srv/root".into())] {
+            let p = plan(rootfs);
+            assert_eq!(format!("{:?}", round_trip(&p).unwrap()), format!("{p:?}"));
+        }
+    }
+
+    #[test]
+    fn an_incomplete_plan_is_refused() {
+        let bad = |f: fn(&mut Plan)| {
+            let mut p = plan(Rootfs::BuiltIn);
+            f(&mut p);
+            round_trip(&p).unwrap_err().to_string()
+        };
+        assert!(bad(|p| p.rootfs = Rootfs::Image).contains("without its image"));
+        assert!(bad(|p| p.rootfs = Rootfs::Dir("rel".into())).contains("not an absolute path"));
+        assert!(bad(|p| p.command.clear()).starts_with("plan: command"));
+        assert!(bad(|p| p.workdir = "tmp".into()).starts_with("plan: workdir"));
+    }
+}
