@@ -6,12 +6,14 @@ mod artifacts;
 mod bench;
 mod check;
 mod detached;
+mod device_args;
 mod run;
+mod rundir;
 mod setup;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
-use shoji_vmm::{cmdline, host, testkit, DiskConfig, KernelImage, SerialOut, ShareConfig, StopReason, VmConfig};
+use shoji_vmm::{cmdline, host, testkit, KernelImage, SerialOut, StopReason, VmConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -86,9 +88,6 @@ struct BenchRunArgs {
     /// The guest (only linux runs containers).
     #[arg(long, value_enum, default_value = "linux")]
     guest: bench::boot::Guest,
-    /// Accepted for symmetry with `bench boot`; no peer fits, so any value is an error.
-    #[arg(long, value_enum)]
-    peer: Option<bench::Peer>,
     /// Print JSON instead of Markdown.
     #[arg(long)]
     json: bool,
@@ -97,17 +96,18 @@ struct BenchRunArgs {
     plot: Option<PathBuf>,
 }
 
-/// `bench boot` and `bench run` take the same flags (with their own defaults).
-macro_rules! boot_opts {
-    ($($args:ty),*) => {$(
-        impl $args {
-            fn opts(self, bench: bench::boot::Bench) -> bench::boot::BootOpts {
-                bench::boot::BootOpts { bench, n: self.n, guest: self.guest, peer: self.peer, json: self.json, plot: self.plot }
-            }
-        }
-    )*};
+impl BenchBootArgs {
+    fn opts(self, bench: bench::boot::Bench) -> bench::boot::BootOpts {
+        bench::boot::BootOpts { bench, n: self.n, guest: self.guest, peer: self.peer, json: self.json, plot: self.plot }
+    }
 }
-boot_opts!(BenchBootArgs, BenchRunArgs);
+
+impl BenchRunArgs {
+    /// No peer runs containers the way `shoji run` does: `bench run` has no `--peer`.
+    fn opts(self, bench: bench::boot::Bench) -> bench::boot::BootOpts {
+        bench::boot::BootOpts { bench, n: self.n, guest: self.guest, peer: None, json: self.json, plot: self.plot }
+    }
+}
 
 #[derive(clap::Args)]
 struct BenchVsockArgs {
@@ -195,40 +195,10 @@ struct BootArgs {
     timeout: Option<f64>,
 }
 
-/// "PATH[,ro|,rw]" -> disk config; options are checked so a typo is not silently a rw disk.
-fn parse_disk(spec: &str) -> Result<DiskConfig> {
-    let mut parts = spec.split(',');
-    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| anyhow!("disk: empty path in {spec:?}"))?;
-    let mut read_only = false;
-    for opt in parts {
-        match opt {
-            "ro" => read_only = true,
-            "rw" => read_only = false,
-            o => return Err(anyhow!("disk: unknown option {o:?} in {spec:?} (expected ro or rw)")),
-        }
-    }
-    Ok(DiskConfig { path: PathBuf::from(path), read_only })
-}
-
-/// "DIR[,tag=T][,ro|,rw]" -> share config.
-fn parse_share(spec: &str, index: usize) -> Result<ShareConfig> {
-    let mut parts = spec.split(',');
-    let dir = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| anyhow!("share: empty directory in {spec:?}"))?;
-    let mut share = ShareConfig { dir: PathBuf::from(dir), tag: format!("share{index}"), read_only: false };
-    for opt in parts {
-        match opt.split_once('=') {
-            Some(("tag", t)) => share.tag = t.to_string(),
-            None if opt == "ro" => share.read_only = true,
-            None if opt == "rw" => share.read_only = false,
-            _ => return Err(anyhow!("share: unknown option {opt:?} in {spec:?} (expected tag=T, ro or rw)")),
-        }
-    }
-    Ok(share)
-}
-
 fn boot(a: BootArgs) -> Result<ExitCode> {
-    let disks = a.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
-    let shares = a.shares.iter().enumerate().map(|(i, s)| parse_share(s, i)).collect::<Result<Vec<_>>>()?;
+    let disks = a.disks.iter().map(|d| device_args::parse_disk(d)).collect::<Result<Vec<_>>>()?;
+    let shares =
+        a.shares.iter().enumerate().map(|(i, s)| device_args::parse_share(s, i)).collect::<Result<Vec<_>>>()?;
     let pvm = host::is_pvm();
     let (kernel, initrd, cmdline) = if let Some(name) = &a.guest {
         let image = testkit::guest(name)
@@ -398,11 +368,12 @@ fn main() -> ExitCode {
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    // A `shoji run` killed before it could clean up left its session dir behind: removed here.
-    detached::sessions::sweep();
     // First-use builds of the guest kernel and initramfs show their progress, in every command.
     setup::install_progress();
+    // A `shoji run` killed before it could clean up left its session dir behind: removed here.
+    rundir::sweep();
     let result = match cli.cmd {
+        Cmd::Run(a) if a.detach => return detached::run(a),
         Cmd::Run(a) => return run::main(a),
         Cmd::Check => return check::main(),
         Cmd::Setup => setup::main().map(|()| ExitCode::SUCCESS).context("setup"),

@@ -8,7 +8,6 @@
 //! directory until the command exits. Then it destroys the sandbox, stops the VM and records
 //! the exit status: like Docker, an exited sandbox stays listed until `shoji rm`. The other
 //! commands talk to the agent directly over the sandbox's vsock socket.
-pub(crate) mod sessions;
 pub(crate) mod state;
 
 use crate::run::saved::SavedPlan;

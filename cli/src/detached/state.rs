@@ -1,7 +1,7 @@
 //! Detached sandboxes on disk: one directory per name under the run dir, holding `state.json`,
 //! the Sandbox files (vsock socket, console log), the command's output log and the container's
 //! process (for `shoji exec`). The directory's creation is the name's lock. `.runs` in the run
-//! dir holds the `shoji run` sessions ([`super::sessions`]).
+//! dir holds the `shoji run` sessions ([`crate::rundir`]).
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Default run dir (the containerd shim uses /run/shoji/s/).
-const DEFAULT_RUN_DIR: &str = "/run/shoji/sandboxes";
 pub const STATE_FILE: &str = "state.json";
 /// The command's stdout and stderr, in the order they came.
 pub const OUTPUT_LOG: &str = "output.log";
@@ -107,10 +106,7 @@ impl State {
     }
 }
 
-/// The run dir: $SHOJI_RUN_DIR, or /run/shoji/sandboxes.
-pub fn run_dir() -> PathBuf {
-    std::env::var_os("SHOJI_RUN_DIR").filter(|d| !d.is_empty()).map_or_else(|| DEFAULT_RUN_DIR.into(), PathBuf::from)
-}
+pub use crate::rundir::run_dir;
 
 pub fn dir_of(name: &str) -> PathBuf {
     run_dir().join(name)

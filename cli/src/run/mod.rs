@@ -132,9 +132,6 @@ pub(crate) struct Plan {
 
 /// `shoji run`: the command's exit status, or 125 with one line on stderr.
 pub fn main(args: RunArgs) -> ExitCode {
-    if args.detach {
-        return crate::detached::run(args);
-    }
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -256,7 +253,7 @@ pub(crate) fn plan(a: RunArgs) -> Result<Plan> {
         Some(t) => return Err(anyhow!("timeout: {t} is not a positive number of seconds")),
         None => None,
     };
-    let disks = a.disks.iter().map(|d| crate::parse_disk(d)).collect::<Result<Vec<_>>>()?;
+    let disks = a.disks.iter().map(|d| crate::device_args::parse_disk(d)).collect::<Result<Vec<_>>>()?;
     if disks.len() > 26 {
         return Err(anyhow!("disk: {} disks; at most 26 (/dev/vda to /dev/vdz)", disks.len()));
     }
@@ -331,7 +328,7 @@ fn run(a: RunArgs) -> Result<u8> {
     let (kernel, initrd) = crate::artifacts::ensure()?;
     // A private directory for the sandbox's sockets and console log, removed at the end (by
     // the next `shoji` command when this one is killed first).
-    let dir = crate::detached::sessions::RunSession::create()?;
+    let dir = crate::rundir::RunSession::create()?;
     let mut cfg = SandboxConfig::new(dir.path().to_path_buf());
     cfg.vcpus = p.cpus;
     cfg.memory_mib = p.memory_mib;

@@ -36,7 +36,10 @@ mod tests {
             let e = status(Code::INVALID_ARGUMENT, "process.args[0]: x", kind);
             assert_eq!(kind_of(&e), Some(kind));
         }
-        assert_eq!(kind_of(&ttrpc::Error::RpcStatus(ttrpc::get_status(Code::NOT_FOUND, "container \"c\" not found"))), None);
+        assert_eq!(
+            kind_of(&ttrpc::Error::RpcStatus(ttrpc::get_status(Code::NOT_FOUND, "container \"c\" not found"))),
+            None
+        );
         assert_eq!(kind_of(&ttrpc::Error::Others("x".into())), None);
     }
 

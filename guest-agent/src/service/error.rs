@@ -166,9 +166,11 @@ mod start_failure_tests {
     /// container both say "not found" in words, only one is 127.
     #[test]
     fn exec_failures_travel_typed_and_other_errors_carry_no_kind() {
-        for (errno, kind) in
-            [(libc::ENOENT, StartKind::NOT_FOUND), (libc::EACCES, StartKind::NOT_EXECUTABLE), (libc::E2BIG, StartKind::OTHER)]
-        {
+        for (errno, kind) in [
+            (libc::ENOENT, StartKind::NOT_FOUND),
+            (libc::EACCES, StartKind::NOT_EXECUTABLE),
+            (libc::E2BIG, StartKind::OTHER),
+        ] {
             let e = RuntimeError::Exec { kind: ExecFailure::from_errno(errno), msg: "x".into() };
             let t: ttrpc::Error = RpcError::runtime("c1", e).context("StartContainer").into();
             assert_eq!(kind_of(&t), Some(kind), "errno {errno}");

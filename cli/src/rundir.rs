@@ -1,4 +1,5 @@
-//! `shoji run` sessions on disk. Each `shoji run` keeps its sandbox's files (vsock socket,
+//! Where shoji keeps what lives while it runs: the run dir (detached sandboxes' state,
+//! `crate::detached::state`) and `shoji run` sessions on disk. Each `shoji run` keeps its sandbox's files (vsock socket,
 //! console log) in a private directory under the sessions dir, named after its owner:
 //! `<pid>-<start time>` (the start time in clock ticks since boot, field 22 of
 //! /proc/PID/stat, so a reused pid is not taken for the owner). The owner removes it when it
@@ -8,9 +9,20 @@
 //! The sessions dir is `.runs` in the run dir (a name no sandbox can have), so that tests that
 //! set $SHOJI_RUN_DIR keep theirs apart; without $SHOJI_RUN_DIR a user other than root (who
 //! cannot write /run/shoji) uses `$TMPDIR/shoji-runs-UID`.
-use super::state::{self, StateError};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+
+const DEFAULT_RUN_DIR: &str = "/run/shoji/sandboxes";
+
+/// The run dir: $SHOJI_RUN_DIR, or /run/shoji/sandboxes.
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("SHOJI_RUN_DIR").filter(|d| !d.is_empty()).map_or_else(|| DEFAULT_RUN_DIR.into(), PathBuf::from)
+}
+
+/// A session directory that could not be made or used.
+#[derive(Debug, thiserror::Error)]
+#[error("state: {0}: {1}")]
+pub struct SessionDirError(String, std::io::Error);
 
 /// The sessions dir's name in the run dir.
 pub const SESSIONS_DIR: &str = ".runs";
@@ -20,7 +32,7 @@ pub fn sessions_dir() -> PathBuf {
     let explicit = std::env::var_os("SHOJI_RUN_DIR").is_some_and(|d| !d.is_empty());
     let euid = euid();
     if explicit || euid == 0 {
-        state::run_dir().join(SESSIONS_DIR)
+        run_dir().join(SESSIONS_DIR)
     } else {
         std::env::temp_dir().join(format!("shoji-runs-{euid}"))
     }
@@ -39,12 +51,12 @@ pub struct RunSession {
 
 impl RunSession {
     /// Creates this process's session directory (one per process) under [`sessions_dir`].
-    pub fn create() -> Result<RunSession, StateError> {
+    pub fn create() -> Result<RunSession, SessionDirError> {
         Self::create_in(&sessions_dir())
     }
 
-    fn create_in(root: &Path) -> Result<RunSession, StateError> {
-        let io = |p: &Path, e| StateError::Io(p.display().to_string(), e);
+    fn create_in(root: &Path) -> Result<RunSession, SessionDirError> {
+        let io = |p: &Path, e| SessionDirError(p.display().to_string(), e);
         if let Some(parent) = root.parent() {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(|e| io(parent, e))?;
         }
