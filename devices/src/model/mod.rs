@@ -18,7 +18,7 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The guest's vsock context id (2 is the host).
 pub const GUEST_CID: u64 = 3;
 
-/// The virtio-fs tag of the share that holds a `shoji run` / `shoji create` container's root
+/// The virtio-fs tag of the share that holds a `shoji run` container's root
 /// file system.
 pub const ROOTFS_TAG: &str = "rootfs";
 /// The virtio-fs tag of the containerd shim's one shared tree (every task's rootfs and binds).
@@ -32,7 +32,7 @@ pub fn share_tag(i: usize) -> String {
     format!("share{i}")
 }
 
-/// Where the guest mounts the share tagged `tag`: "/run/shoji/<tag>".
+/// Where the guest mounts the share tagged `tag`: `/run/shoji/<tag>`.
 pub fn guest_share_dir(tag: &str) -> String {
     format!("{GUEST_SHARES_DIR}/{tag}")
 }

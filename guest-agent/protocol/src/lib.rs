@@ -1,5 +1,7 @@
 //! The agent API: messages and async ttrpc client/server stubs generated from
-//! `protos/agent.proto`. The shim and the CLI use the client side, the agent the server side.
+//! `protos/agent.proto`. The host side (the `shoji-sandbox` session, which the shim and the CLI
+//! stand on) uses the client, the agent the server; `start_failure` types why a program could
+//! not start.
 
 /// Bumped when RPCs are added; the agent reports it in `Health.Version`.
 pub const API_VERSION: u32 = 1;

@@ -1,7 +1,7 @@
 //! Storages: what is mounted in the guest before a container (or the sandbox) uses it.
 //!
-//! Drivers: `virtio-fs` (a share, by tag), `blk` (a virtio-blk disk, by PCI path), `tmpfs` and
-//! `bind`. Mount points are created as needed and removed again on unmount. Every path is taken
+//! Drivers: `virtio-fs` (a share, by tag), `blk` (a virtio-blk disk, by PCI path), `tmpfs`,
+//! `bind` and `overlay` (a writable root over an earlier storage, `overlay.rs`). Mount points are created as needed and removed again on unmount. Every path is taken
 //! relative to [`StorageContext::root`] ("/" in the guest), and sysfs and /dev are parameters,
 //! so that the code runs on a host in a temporary directory.
 
@@ -152,7 +152,7 @@ pub struct MountedStorage {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("storage {driver:?} at {mount_point:?}: unknown driver (known: virtio-fs, blk, tmpfs, bind)")]
+    #[error("storage {driver:?} at {mount_point:?}: unknown driver (known: virtio-fs, blk, tmpfs, bind, overlay)")]
     UnknownDriver { driver: String, mount_point: String },
     #[error("storage {driver} {src:?}: mount_point {err}")]
     BadMountPoint { driver: &'static str, src: String, err: BadPath },

@@ -8,7 +8,7 @@
 //! 2. Landlock (best effort; one log line if the kernel has none): the device thread may open
 //!    only the VM's disk images and shared directories, the vCPU threads nothing;
 //! 3. seccomp: an allowlist per thread kind ([`seccomp`]); a call outside it traps, and the
-//!    SIGSYS handler ([`sigsys`]) reports it in one line and stops the VM with
+//!    SIGSYS handler (`sigsys`) reports it in one line and stops the VM with
 //!    [`crate::VmError::Seccomp`].
 //!
 //! All three are per thread, so the caller's threads (the CLI's main thread, the shim's tokio

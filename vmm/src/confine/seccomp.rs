@@ -1,7 +1,7 @@
 //! The per-thread seccomp allowlists (x86-64). Derived by tracing the real workloads (`strace
 //! -f` of `shoji boot` with the probe guest's blk/fs/vsock modes, the Linux guest under `shoji
 //! run`) and kept as small as those need; see docs in [`super`]. Anything else traps (see
-//! [`super::sigsys`]).
+//! `super::sigsys`).
 //!
 //! Argument filters where cheap, as Firecracker does: `ioctl` by request number (the vCPU
 //! threads may only run KVM_RUN and the few VM ioctls an MSI-X or device reset needs), `fcntl`
