@@ -1,6 +1,7 @@
 //! `shoji bench devices`: virtio-blk throughput, IOPS and host CPU per request, measured from
 //! the probe test guest's `blkbench` mode (vmm/testkit/blkbench.c), optionally side by side
-//! with QEMU running the same guest on its own virtio-blk-pci device.
+//! with a peer ([`Peer`]): QEMU running the same guest on its own virtio-blk-pci device, or
+//! Shoji with its confinement off (what seccomp, Landlock and the capability drops cost).
 //!
 //! The guest only marks phases on its serial console ("probe: bench seqread start" ... "end
 //! bytes=B requests=R"); the host timestamps each line when it arrives and samples the VMM
@@ -11,8 +12,10 @@
 //!
 //! Shoji runs in this process through [`shoji_vmm::run`] with a [`SerialOut::Writer`] that
 //! stamps lines as the vCPU thread emits them; QEMU runs as a child whose `-serial stdio` pipe a
-//! reader thread stamps. Runs alternate Shoji, QEMU, Shoji, ...; each gets a freshly written and
-//! synced disk image (untimed), so each starts with the same clean page cache.
+//! reader thread stamps; unconfined Shoji runs in this process too, with `VmConfig::confine`
+//! off. Runs pair Shoji and the peer, Shoji first in odd runs and the peer first in even ones
+//! ([`peer_first`]), so a drift weighs on both; each run gets a freshly written and synced disk
+//! image (untimed), so each starts with the same clean page cache.
 pub mod boot;
 pub mod plot;
 pub mod stats;
@@ -40,9 +43,67 @@ const VM_TIMEOUT: Duration = Duration::from_secs(300);
 /// In the order the guest runs them (the write phase last: it stamps one block per request).
 const PHASES: &[&str] = &["seqread", "randread", "seqwrite"];
 
+/// What a bench runs next to Shoji, interleaved run by run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Peer {
+    /// QEMU running the same guest.
     Qemu,
+    /// Shoji itself with the VMM's confinement off (no seccomp filters, Landlock or capability
+    /// drops, as `SHOJI_SECCOMP=off`): what the confinement costs.
+    Unconfined,
+}
+
+impl Peer {
+    /// The peer's name in per-run rows and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::Qemu => "qemu",
+            Peer::Unconfined => "shoji-unconfined",
+        }
+    }
+
+    /// Its column heading.
+    pub fn title(self) -> &'static str {
+        match self {
+            Peer::Qemu => "QEMU",
+            Peer::Unconfined => "Shoji unconfined",
+        }
+    }
+
+    /// The heading of the ratio columns (Shoji's value over the peer's).
+    pub fn ratio_title(self) -> &'static str {
+        match self {
+            Peer::Qemu => "Shoji/QEMU",
+            Peer::Unconfined => "confined/unconfined",
+        }
+    }
+
+    /// One sentence for a report's header: what the peer is.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Peer::Qemu => "QEMU running the same guest",
+            Peer::Unconfined => {
+                "Shoji unconfined: the same binary and VM with the VMM's confinement off (no seccomp \
+                 filters, Landlock or capability drops: `VmConfig::confine = false`, as `SHOJI_SECCOMP=off`); \
+                 the Shoji column is confined"
+            }
+        }
+    }
+}
+
+/// Whether the peer runs first in run `run` (1-based): Shoji first in odd runs, the peer first
+/// in even ones, so a drift over the bench (page cache, other load) weighs on both alike.
+pub(crate) fn peer_first(run: u32) -> bool {
+    run.is_multiple_of(2)
+}
+
+/// `--peer unconfined` compares against Shoji confined: refused when `SHOJI_SECCOMP=off` (read
+/// by [`shoji_vmm::confine::default_enabled`], passed as `confine_default`) turns it off for both.
+pub(crate) fn check_peer(peer: Option<Peer>, confine_default: bool) -> Result<()> {
+    if peer == Some(Peer::Unconfined) && !confine_default {
+        bail!("peer: `--peer unconfined` compares with Shoji confined, but SHOJI_SECCOMP=off is set: unset it");
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug)]
@@ -332,10 +393,16 @@ fn guest_cmdline(o: &DevicesOpts) -> String {
     format!("blkbench mib={} ios={} qd={}", o.mib, o.ios, o.qd)
 }
 
-fn run_shoji(o: &DevicesOpts, disk: &Path, run: u32) -> Result<RunResult> {
+/// One run of Shoji in this process; `unconfined`: with [`VmConfig::confine`] off (the peer
+/// [`Peer::Unconfined`]), else as `SHOJI_SECCOMP` says (on unless it is `off`).
+fn run_shoji(o: &DevicesOpts, disk: &Path, run: u32, unconfined: bool) -> Result<RunResult> {
+    let vmm = if unconfined { Peer::Unconfined.name() } else { "shoji" };
     let clock = LineClock::new(None);
     let kernel = testkit::guest("probe").ok_or_else(|| anyhow!("no built-in probe guest"))?;
     let mut cfg = VmConfig::new(kernel);
+    if unconfined {
+        cfg.confine = false;
+    }
     cfg.cmdline = guest_cmdline(o);
     cfg.memory_mib = GUEST_MIB;
     cfg.serial = SerialOut::Writer(Box::new(clock.clone()));
@@ -346,10 +413,10 @@ fn run_shoji(o: &DevicesOpts, disk: &Path, run: u32) -> Result<RunResult> {
     let wall_s = t0.elapsed().as_secs_f64();
     let lines = clock.take();
     if outcome.reason != StopReason::Reset || !lines.iter().any(|l| l.text == testkit::PROBE_DONE) {
-        bail!("shoji: the guest stopped with {:?} before finishing: {}", outcome.reason, tail(&lines));
+        bail!("{vmm}: the guest stopped with {:?} before finishing: {}", outcome.reason, tail(&lines));
     }
-    let phases = parse_phases(&lines, &expected(o)).with_context(|| format!("shoji run {run}"))?;
-    Ok(RunResult { vmm: "shoji", run, wall_s, phases })
+    let phases = parse_phases(&lines, &expected(o)).with_context(|| format!("{vmm} run {run}"))?;
+    Ok(RunResult { vmm, run, wall_s, phases })
 }
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -501,7 +568,7 @@ fn machine(peer: Option<Peer>) -> Machine {
     } else {
         "hardware virtualization (kvm_intel/kvm_amd)".to_string()
     };
-    let qemu = peer.map(|_| {
+    let qemu = (peer == Some(Peer::Qemu)).then(|| {
         Command::new(QEMU)
             .arg("--version")
             .output()
@@ -562,6 +629,22 @@ fn summarize(results: &[RunResult]) -> Summary {
         }
     }
     s
+}
+
+/// Shoji's metric `i` of `phase` over the peer `vmm`'s, within each run that measured both.
+fn paired_ratios(results: &[RunResult], vmm: &str, phase: &str, i: usize) -> Vec<f64> {
+    let value = |vmm: &str, run: u32| {
+        let r = results.iter().find(|r| r.vmm == vmm && r.run == run)?;
+        r.phases.iter().find(|p| p.name == phase).map(|p| p.metrics()[i])
+    };
+    results
+        .iter()
+        .filter(|r| r.vmm == "shoji")
+        .filter_map(|r| {
+            let (a, b) = (value("shoji", r.run)?, value(vmm, r.run)?);
+            (b > 0.0).then(|| a / b)
+        })
+        .collect()
 }
 
 fn shell_quote(a: &str) -> String {
@@ -631,18 +714,27 @@ impl Report<'_> {
         if let Some(q) = &self.qemu_command {
             let _ = writeln!(s, "- QEMU: `{q}`");
         }
-        let _ = writeln!(s, "- Runs: {} per VMM, interleaved; cells are median (min–max)", o.runs);
-        if let Some(e) = &self.peer_error {
-            let _ = writeln!(s, "- QEMU could not be measured: {e}");
+        if let Some(p) = o.peer.filter(|p| *p != Peer::Qemu) {
+            let _ = writeln!(s, "- Peer: {}", p.describe());
+        }
+        let order = if o.peer.is_some() {
+            ", the order alternating (Shoji first in odd runs, the peer in even ones)"
+        } else {
+            ""
+        };
+        let _ = writeln!(s, "- Runs: {} per VMM, interleaved{order}; cells are median (min–max)", o.runs);
+        if let (Some(e), Some(p)) = (&self.peer_error, o.peer) {
+            let _ = writeln!(s, "- {} could not be measured: {e}", p.title());
         }
         let _ = writeln!(s);
         let sum = summarize(&self.results);
         let get =
             |vmm: &'static str, p: &str, i: usize| sum.get(&(vmm, p.to_string())).and_then(|m| spread(m[i].clone()));
-        let peer = self.opts.peer.is_some() && self.peer_error.is_none();
-        if peer {
-            let _ = writeln!(s, "| workload | metric | Shoji | QEMU | Shoji/QEMU |");
-            let _ = writeln!(s, "|---|---|---|---|---|");
+        let peer = o.peer.filter(|_| self.peer_error.is_none());
+        if let Some(peer) = peer {
+            let (t, r) = (peer.title(), peer.ratio_title());
+            let _ = writeln!(s, "| workload | metric | Shoji | {t} | {r} | {r}, paired runs |");
+            let _ = writeln!(s, "|---|---|---|---|---|---|");
         } else {
             let _ = writeln!(s, "| workload | metric | Shoji |");
             let _ = writeln!(s, "|---|---|---|");
@@ -654,15 +746,19 @@ impl Report<'_> {
                     continue;
                 }
                 let label = if i == 0 { phase_label(o, p) } else { String::new() };
-                if peer {
-                    let qv = get("qemu", p, i);
+                if let Some(peer) = peer {
+                    let qv = get(peer.name(), p, i);
                     let ratio = match (sv, qv) {
-                        (Some(a), Some(b)) if b.0 > 0.0 => format!("{:.2}", a.0 / b.0),
+                        (Some(a), Some(b)) if b.0 > 0.0 => format!("{:.3}", a.0 / b.0),
                         _ => "–".into(),
+                    };
+                    let paired = match spread(paired_ratios(&self.results, peer.name(), p, i)) {
+                        Some((m, lo, hi)) => format!("{m:.3} ({lo:.3}–{hi:.3})"),
+                        None => "–".into(),
                     };
                     let _ = writeln!(
                         s,
-                        "| {label} | {} | {} | {} | {ratio} |",
+                        "| {label} | {} | {} | {} | {ratio} | {paired} |",
                         metric_label(p, i),
                         cell(p, i, sv),
                         cell(p, i, qv)
@@ -672,12 +768,21 @@ impl Report<'_> {
                 }
             }
         }
-        if peer {
+        if let Some(peer) = peer {
             let _ = writeln!(s);
+            let who = match peer {
+                Peer::Qemu => "Shoji is faster",
+                Peer::Unconfined => "confined Shoji is faster (the confinement's cost is 1 − ratio)",
+            };
+            let less = match peer {
+                Peer::Qemu => "Shoji uses less",
+                Peer::Unconfined => "it uses less (the cost is ratio − 1)",
+            };
             let _ = writeln!(
                 s,
-                "Ratios are of the medians: above 1 in MB/s or IOPS, Shoji is faster; below 1 in CPU, Shoji \
-                 uses less."
+                "Ratios: above 1 in MB/s or IOPS, {who}; below 1 in CPU, {less}. The first ratio is of the \
+                 medians; the paired one is taken within each run (its two adjacent VMs), median (min–max) over \
+                 the runs."
             );
         }
         let _ = writeln!(s);
@@ -725,11 +830,13 @@ impl Report<'_> {
         );
         let _ = writeln!(
             s,
-            "  \"config\": {{\"mib\": {}, \"ios\": {}, \"qd\": {}, \"runs\": {}, \"guest_cmdline\": {}, \"qemu_command\": {}}},",
+            "  \"config\": {{\"mib\": {}, \"ios\": {}, \"qd\": {}, \"runs\": {}, \"peer\": {}, \"guest_cmdline\": {}, \
+             \"qemu_command\": {}}},",
             o.mib,
             o.ios,
             o.qd,
             o.runs,
+            o.peer.map(|p| json_str(p.name())).unwrap_or_else(|| "null".into()),
             json_str(&guest_cmdline(o)),
             self.qemu_command.as_deref().map(json_str).unwrap_or_else(|| "null".into())
         );
@@ -800,6 +907,7 @@ pub fn devices(o: DevicesOpts) -> Result<()> {
     if o.mib == 0 || o.ios == 0 || o.runs == 0 || !(1..=16).contains(&o.qd) {
         bail!("--mib, --ios and --runs must be at least 1, and --qd 1..=16");
     }
+    check_peer(o.peer, shoji_vmm::confine::default_enabled())?;
     let machine = machine(o.peer);
     let command = command_line();
     let dir = std::env::temp_dir().join(format!("shoji-bench-{}", std::process::id()));
@@ -818,30 +926,38 @@ pub fn devices(o: DevicesOpts) -> Result<()> {
     let mut results = Vec::new();
     let mut peer_error = None;
     for run in 1..=o.runs {
-        make_disk(&disk, o.mib)?;
-        let r = run_shoji(&o, &disk, run)?;
-        check_written(&disk, o.mib).with_context(|| format!("shoji run {run}"))?;
-        if !o.json {
-            eprintln!("shoji run {run}: {}", brief(&r));
+        let mut sides = vec![None];
+        if peer_error.is_none() {
+            sides.extend(o.peer.map(Some));
         }
-        results.push(r);
-        if o.peer == Some(Peer::Qemu) && peer_error.is_none() {
+        if peer_first(run) {
+            sides.reverse();
+        }
+        for side in sides {
             make_disk(&disk, o.mib)?;
-            match run_qemu(&o, &kernel, &disk, run).and_then(|r| {
-                check_written(&disk, o.mib).with_context(|| format!("qemu run {run}"))?;
+            let r = match side {
+                None => run_shoji(&o, &disk, run, false),
+                Some(Peer::Unconfined) => run_shoji(&o, &disk, run, true),
+                Some(Peer::Qemu) => run_qemu(&o, &kernel, &disk, run),
+            }
+            .and_then(|r| {
+                check_written(&disk, o.mib).with_context(|| format!("{} run {run}", r.vmm))?;
                 Ok(r)
-            }) {
-                Ok(r) => {
-                    if !o.json {
-                        eprintln!("qemu  run {run}: {}", brief(&r));
-                    }
-                    results.push(r);
-                }
-                Err(e) => {
+            });
+            match (side, r) {
+                // QEMU may be missing or broken here: Shoji is still reported.
+                (Some(Peer::Qemu), Err(e)) => {
                     let msg = format!("{e:#}");
                     eprintln!("shoji: bench: QEMU failed, reporting Shoji alone: {msg}");
-                    results.retain(|r| r.vmm != "qemu");
+                    results.retain(|r: &RunResult| r.vmm != Peer::Qemu.name());
                     peer_error = Some(msg);
+                }
+                (_, r) => {
+                    let r = r?;
+                    if !o.json {
+                        eprintln!("{} run {run}: {}", r.vmm, brief(&r));
+                    }
+                    results.push(r);
                 }
             }
         }
@@ -979,6 +1095,85 @@ mod tests {
         assert!(l[0].cpu.is_none());
         let threads = &l[1].cpu.as_ref().unwrap().0;
         assert!(threads.values().any(|&(vcpu, ns)| !vcpu && ns > 0), "this process has used CPU: {threads:?}");
+    }
+
+    fn result(vmm: &'static str, run: u32, iops: f64) -> RunResult {
+        let phase = |name: &str, seconds: f64| Phase {
+            name: name.into(),
+            bytes: 4096 * 1000,
+            requests: 1000,
+            seconds,
+            cpu_seconds: 0.05,
+            device_cpu_seconds: 0.01,
+            kicks: 1000,
+            irqs: 1000,
+        };
+        RunResult { vmm, run, wall_s: 1.0, phases: vec![phase("seqread", 0.1), phase("randread", 1000.0 / iops)] }
+    }
+
+    #[test]
+    fn the_peer_runs_second_in_odd_runs_and_first_in_even_ones() {
+        assert_eq!((1..=4).map(peer_first).collect::<Vec<_>>(), [false, true, false, true]);
+        assert_eq!(Peer::Unconfined.name(), "shoji-unconfined");
+        assert_eq!(Peer::Qemu.name(), "qemu");
+        assert!(check_peer(Some(Peer::Unconfined), true).is_ok());
+        assert!(check_peer(Some(Peer::Qemu), false).is_ok());
+        let e = check_peer(Some(Peer::Unconfined), false).unwrap_err().to_string();
+        assert!(e.starts_with("peer: ") && e.contains("SHOJI_SECCOMP=off"), "{e}");
+    }
+
+    #[test]
+    fn paired_ratios_divide_within_a_run_only() {
+        let p = Peer::Unconfined.name();
+        let r = vec![
+            result("shoji", 1, 9000.0),
+            result(p, 1, 10000.0),
+            result(p, 2, 8000.0),
+            result("shoji", 2, 8000.0),
+            // A run without its pair counts for neither side's ratio.
+            result("shoji", 3, 1.0),
+        ];
+        let v = paired_ratios(&r, p, "randread", 0);
+        assert_eq!(v.len(), 2);
+        assert!(close(v[0], 0.9) && close(v[1], 1.0), "{v:?}");
+        assert!(paired_ratios(&r, "qemu", "randread", 0).is_empty());
+        assert!(paired_ratios(&r, p, "seqwrite", 0).is_empty());
+    }
+
+    #[test]
+    fn an_unconfined_peer_is_named_in_the_header_and_the_ratio_columns() {
+        let opts = DevicesOpts { mib: 1, ios: 1000, qd: 8, runs: 2, peer: Some(Peer::Unconfined), json: false };
+        let machine = Machine {
+            nproc: 2,
+            cpu: "cpu".into(),
+            kernel: "6".into(),
+            kvm: "kvm".into(),
+            loadavg: "0.1 0.1 0.1".into(),
+            qemu: None,
+        };
+        let p = Peer::Unconfined.name();
+        let results =
+            vec![result("shoji", 1, 9000.0), result(p, 1, 10000.0), result(p, 2, 9000.0), result("shoji", 2, 9000.0)];
+        let report = Report {
+            opts: &opts,
+            command: "shoji bench devices --peer unconfined".into(),
+            machine,
+            qemu_command: None,
+            results,
+            peer_error: None,
+        };
+        let md = report.markdown();
+        assert!(md.contains("- Peer: Shoji unconfined: the same binary and VM with the VMM's confinement off"), "{md}");
+        assert!(!md.contains("QEMU"), "{md}");
+        assert!(md.contains("| Shoji | Shoji unconfined | confined/unconfined | confined/unconfined, paired runs |"));
+        // IOPS medians 9000 and 9500; the pairs 0.9 and 1.0.
+        let iops = md.lines().find(|l| l.contains("| IOPS |")).unwrap();
+        assert!(iops.ends_with(&format!("| {:.3} | 0.950 (0.900–1.000) |", 9000.0 / 9500.0)), "{iops}");
+        assert!(md.contains("| shoji-unconfined | 2 |"), "per-run rows name the peer: {md}");
+        let json = report.json();
+        assert!(json.contains("\"peer\": \"shoji-unconfined\""), "{json}");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+        assert_eq!(v["runs"][1]["vmm"], "shoji-unconfined");
     }
 
     #[test]

@@ -55,7 +55,7 @@ enum BenchCmd {
     /// the probe guest's `vsockbench` mode, next to a host unix-socket baseline (BENCHMARKS.md).
     Vsock(BenchVsockArgs),
     /// Boot latency: spawn of `shoji boot` to the guest's exit, percentiles, optionally next to
-    /// QEMU booting the same guest (BENCHMARKS.md).
+    /// QEMU booting the same guest or Shoji unconfined (BENCHMARKS.md).
     Boot(BenchBootArgs),
     /// `shoji run -- true` end to end: spawn to exit, percentiles (no peer fits).
     Run(BenchRunArgs),
@@ -69,7 +69,8 @@ struct BenchBootArgs {
     /// null: the test kit's null guest (no Linux); linux: Shoji's kernel and initramfs to /init.
     #[arg(long, value_enum, default_value = "null")]
     guest: bench::boot::Guest,
-    /// Also boot the same guest under this VMM and report ratios.
+    /// Also boot the same guest with this peer, run by run, and report ratios: QEMU, or
+    /// Shoji unconfined (`SHOJI_SECCOMP=off`: what the VMM's confinement costs).
     #[arg(long, value_enum)]
     peer: Option<bench::Peer>,
     /// Print JSON instead of Markdown.
@@ -149,7 +150,8 @@ struct BenchDevicesArgs {
     /// Runs per VMM (interleaved with the peer's).
     #[arg(long, default_value_t = 3)]
     runs: u32,
-    /// Also run the same guest under this VMM and report ratios.
+    /// Also run the same guest with this peer, run by run, and report ratios: QEMU, or Shoji
+    /// unconfined (no seccomp, Landlock or capability drops: what the confinement costs).
     #[arg(long, value_enum)]
     peer: Option<bench::Peer>,
     /// Print JSON instead of Markdown.

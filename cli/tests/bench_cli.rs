@@ -1,6 +1,6 @@
 //! `shoji bench boot` / `bench run` through the CLI: argument errors are one line and status
 //! 125 before anything runs; one quick real run of the null guest gives parseable JSON and a
-//! PNG. Nothing here asserts a timing.
+//! PNG, another runs it next to its unconfined peer. Nothing here asserts a timing.
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -38,6 +38,35 @@ fn bad_arguments_are_one_line_naming_the_field_with_status_125() {
     // Help is not an error.
     let o = shoji(&["bench", "boot", "--help"]);
     assert_eq!(o.status.code(), Some(0), "{o:?}");
+    // The unconfined peer is the confined bench's opposite: not with confinement off for both.
+    for bench in ["boot", "devices"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_shoji"))
+            .args(["bench", bench, "--peer", "unconfined"])
+            .env("SHOJI_SECCOMP", "off")
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run shoji");
+        assert_eq!(o.status.code(), Some(125), "{bench}: {o:?}");
+        let err = stderr(&o);
+        assert!(err.starts_with("shoji: error: peer: `--peer unconfined` compares with Shoji confined"), "{err}");
+        assert!(o.stdout.is_empty());
+    }
+}
+
+#[test]
+fn the_unconfined_peer_boots_in_the_same_run_and_gets_ratios() {
+    assert!(Path::new("/dev/kvm").exists(), "this test boots real VMs and needs /dev/kvm");
+    let o = shoji(&["bench", "boot", "--guest", "null", "-n", "2", "--peer", "unconfined", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+    assert_eq!(v["peer"], "shoji-unconfined");
+    let systems = v["systems"].as_array().unwrap();
+    let names: Vec<&str> = systems.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["shoji", "shoji-unconfined"]);
+    assert!(systems[1]["command"].as_str().unwrap().starts_with("SHOJI_SECCOMP=off shoji boot"), "{v}");
+    assert!(systems.iter().all(|s| s["samples_ms"].as_array().unwrap().len() == 2), "{v}");
+    assert!(v["ratio_shoji_over_peer"]["p50"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    assert!(v["machine"]["qemu"].is_null(), "no QEMU asked about: {v}");
 }
 
 #[test]

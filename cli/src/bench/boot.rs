@@ -6,11 +6,12 @@
 //! exit and teardown all count. `bench boot` runs `shoji boot` (this same binary): the null
 //! guest prints its marker and resets; the Linux guest boots the cached kernel and initramfs
 //! with `rdinit=/selftest`, whose /init prints `SHOJI-INIT-OK boottime=...` and reboots. `bench
-//! run` runs `shoji run -- true` (boot, agent, container, exit status, teardown). Each system
-//! gets one untimed warm-up run first (page cache, lazily built artifacts), then the systems
-//! alternate: shoji, qemu, shoji, qemu, ...
+//! run` runs `shoji run -- true` (boot, agent, container, exit status, teardown). The peer of
+//! `bench boot` is QEMU or `shoji boot` itself with `SHOJI_SECCOMP=off` (its confinement off).
+//! Each system gets one untimed warm-up run first (page cache, lazily built artifacts), then the
+//! systems alternate in pairs, Shoji first in odd runs and the peer first in even ones.
 use super::stats::Summary;
-use super::{command_line, machine, shell_quote, Machine, Peer, Scratch, QEMU};
+use super::{check_peer, command_line, machine, peer_first, shell_quote, Machine, Peer, Scratch, QEMU};
 use crate::artifacts;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
@@ -62,14 +63,23 @@ struct System {
     args: Vec<String>,
     /// Printed on stdout by a successful sample.
     marker: Option<&'static str>,
+    /// Set in its environment.
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl System {
     fn command_text(&self) -> String {
-        let prog = if self.name == "shoji" { "shoji".to_string() } else { self.program.display().to_string() };
+        let prog =
+            if self.name.starts_with("shoji") { "shoji".to_string() } else { self.program.display().to_string() };
+        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={} ", shell_quote(v))).collect();
         let args: Vec<String> = self.args.iter().map(|a| shell_quote(a)).collect();
-        format!("{prog} {}", args.join(" "))
+        format!("{}{prog} {}", env.concat(), args.join(" "))
     }
+}
+
+/// A system's name for a report's list: "Shoji", or the peer's title.
+fn label(name: &str) -> &'static str {
+    [Peer::Qemu, Peer::Unconfined].into_iter().find(|p| p.name() == name).map_or("Shoji", Peer::title)
 }
 
 /// One timed sample: milliseconds, and what the guest said about itself.
@@ -95,11 +105,11 @@ fn validate(o: &BootOpts) -> Result<()> {
     Ok(())
 }
 
-/// Shoji's and (with `--peer qemu`) QEMU's commands for the chosen bench and guest.
+/// Shoji's and its peer's commands for the chosen bench and guest.
 fn systems(o: &BootOpts, scratch: &Path) -> Result<Vec<System>> {
     let exe = std::env::current_exe().context("cannot find this shoji binary")?;
     let limit = SAMPLE_LIMIT.as_secs().to_string();
-    let mut shoji = System { name: "shoji", program: exe, args: Vec::new(), marker: None };
+    let mut shoji = System { name: "shoji", program: exe, args: Vec::new(), marker: None, env: Vec::new() };
     let mut qemu_boot: Option<Vec<String>> = None;
     match (o.bench, o.guest) {
         (Bench::Run, _) => {
@@ -129,6 +139,12 @@ fn systems(o: &BootOpts, scratch: &Path) -> Result<Vec<System>> {
         }
     }
     let mut v = vec![shoji];
+    if o.peer == Some(Peer::Unconfined) {
+        let s = &v[0];
+        let (program, args, marker) = (s.program.clone(), s.args.clone(), s.marker);
+        let env = vec![("SHOJI_SECCOMP", "off")];
+        v.push(System { name: Peer::Unconfined.name(), program, args, marker, env });
+    }
     if let (Some(Peer::Qemu), Some(boot)) = (o.peer, qemu_boot) {
         // QEMU's leanest machine (qboot firmware, no PCI, no ACPI): what the guest needs is a
         // UART and the i8042 line it resets through (microvm has none by default).
@@ -136,7 +152,7 @@ fn systems(o: &BootOpts, scratch: &Path) -> Result<Vec<System>> {
         args.extend(["-device".into(), "i8042".into()]);
         args.extend(boot);
         let marker = v[0].marker;
-        v.push(System { name: "qemu", program: PathBuf::from(QEMU), args, marker });
+        v.push(System { name: Peer::Qemu.name(), program: PathBuf::from(QEMU), args, marker, env: Vec::new() });
     }
     Ok(v)
 }
@@ -168,7 +184,7 @@ fn sample(s: &System, dir: &Path) -> Result<Sample> {
     let out = File::create(&out_path).with_context(|| format!("create {}", out_path.display()))?;
     let err = File::create(&err_path).with_context(|| format!("create {}", err_path.display()))?;
     let mut cmd = Command::new(&s.program);
-    cmd.args(&s.args).stdin(Stdio::null()).stdout(out).stderr(err).env_remove("RUST_LOG");
+    cmd.args(&s.args).envs(s.env.iter().copied()).stdin(Stdio::null()).stdout(out).stderr(err).env_remove("RUST_LOG");
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("{}: cannot start {}", s.name, s.program.display()))?;
     let pid = child.id() as libc::pid_t;
@@ -206,7 +222,7 @@ fn guest_boottime_ms(console: &str) -> Option<f64> {
     Some(v * 1e3)
 }
 
-const COLUMNS: [&str; 5] = ["p50", "p90", "p99", "min", "max"];
+const COLUMNS: [&str; 6] = ["min", "p25", "p50", "p90", "p99", "max"];
 
 /// Everything measured, per system in order (shoji first).
 pub struct Results {
@@ -217,6 +233,7 @@ pub struct Results {
 
 pub fn main(o: BootOpts) -> Result<()> {
     validate(&o)?;
+    check_peer(o.peer, shoji_vmm::confine::default_enabled())?;
     let machine = machine(o.peer);
     let command = command_line();
     let dir = std::env::temp_dir().join(format!("shoji-bench-boot-{}", std::process::id()));
@@ -230,7 +247,7 @@ pub fn main(o: BootOpts) -> Result<()> {
     if systems.len() > 1 {
         if let Err(e) = sample(&systems[1], &scratch.0) {
             let msg = format!("{e:#}");
-            eprintln!("shoji: bench: {} failed, reporting Shoji alone: {msg}", systems[1].name);
+            eprintln!("shoji: bench: {} failed, reporting Shoji alone: {msg}", label(systems[1].name));
             peer_error = Some(msg);
             systems.truncate(1);
         }
@@ -238,7 +255,12 @@ pub fn main(o: BootOpts) -> Result<()> {
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut guest_boottimes = Vec::new();
     for i in 1..=o.n {
-        for (k, s) in systems.iter().enumerate() {
+        let mut order: Vec<usize> = (0..systems.len()).collect();
+        if peer_first(i) {
+            order.reverse();
+        }
+        for k in order {
+            let s = &systems[k];
             let r = sample(s, &scratch.0).map_err(|e| anyhow!("run {i}: {e:#}"))?;
             if !o.json {
                 eprintln!("{:<5} {i}/{}: {:.1} ms", s.name, o.n, r.ms);
@@ -297,10 +319,10 @@ impl Report<'_> {
     }
 
     /// Shoji's percentiles over the peer's (below 1: Shoji is faster).
-    fn ratio(&self) -> Option<[f64; 5]> {
+    fn ratio(&self) -> Option<[f64; 6]> {
         let s = self.summaries();
         let (a, b) = (s.first()?.1?, s.get(1)?.1?);
-        let mut r = [0.0; 5];
+        let mut r = [0.0; 6];
         for (i, (x, y)) in a.cells().iter().zip(b.cells()).enumerate() {
             r[i] = x / y;
         }
@@ -312,11 +334,14 @@ impl Report<'_> {
         let mut s = self.machine.header(&self.command);
         let _ = writeln!(s, "- Measures: {}", what(o));
         for (name, cmd, _) in &self.results.systems {
-            let _ = writeln!(s, "- {}: `{cmd}`", if *name == "shoji" { "Shoji" } else { "QEMU" });
+            let _ = writeln!(s, "- {}: `{cmd}`", label(name));
+        }
+        if let Some(p) = o.peer.filter(|p| *p != Peer::Qemu) {
+            let _ = writeln!(s, "- Peer: {}", p.describe());
         }
         match (&self.results.peer_error, o.peer, o.bench) {
-            (Some(e), _, _) => {
-                let _ = writeln!(s, "- QEMU could not be measured: {e}");
+            (Some(e), Some(p), _) => {
+                let _ = writeln!(s, "- {} could not be measured: {e}", p.title());
             }
             (None, None, Bench::Run) => {
                 let _ = writeln!(s, "- Peer: none fits (QEMU alone runs no containers)");
@@ -325,8 +350,9 @@ impl Report<'_> {
         }
         let _ = writeln!(
             s,
-            "- Runs: {} per system, interleaved, after one untimed warm-up each; percentiles are nearest-rank",
-            o.n
+            "- Runs: {} per system, interleaved{}, after one untimed warm-up each; percentiles are nearest-rank",
+            o.n,
+            if o.peer.is_some() { " (Shoji first in odd runs, the peer in even ones)" } else { "" }
         );
         if let Some(b) = Summary::of(&self.results.guest_boottimes) {
             let _ = writeln!(
@@ -336,19 +362,19 @@ impl Report<'_> {
             );
         }
         let _ = writeln!(s);
-        let _ = writeln!(s, "| system | runs | p50 ms | p90 ms | p99 ms | min ms | max ms |");
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "| system | runs | min ms | p25 ms | p50 ms | p90 ms | p99 ms | max ms |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
         for ((name, _, v), (_, sum)) in self.results.systems.iter().zip(self.summaries()) {
             let cells = match sum {
                 Some(x) => x.cells().map(|c| format!("{c:.1}")).join(" | "),
-                None => ["–"; 5].join(" | "),
+                None => ["–"; 6].join(" | "),
             };
             let _ = writeln!(s, "| {name} | {} | {cells} |", v.len());
         }
-        if let Some(r) = self.ratio() {
-            let _ = writeln!(s, "| shoji/qemu | | {} |", r.map(|x| format!("{x:.2}")).join(" | "));
+        if let (Some(r), Some((peer, _, _))) = (self.ratio(), self.results.systems.get(1)) {
+            let _ = writeln!(s, "| shoji/{peer} | | {} |", r.map(|x| format!("{x:.3}")).join(" | "));
             let _ = writeln!(s);
-            let _ = writeln!(s, "Ratios below 1: Shoji is faster.");
+            let _ = writeln!(s, "Ratios below 1: Shoji (the first row) is faster.");
         }
         s
     }
@@ -365,7 +391,7 @@ impl Report<'_> {
                     "name": name,
                     "command": cmd,
                     "samples_ms": v,
-                    "summary_ms": sum.map(|x| json!({"p50": x.p50, "p90": x.p90, "p99": x.p99, "min": x.min, "max": x.max})),
+                    "summary_ms": sum.map(|x| json!({"min": x.min, "p25": x.p25, "p50": x.p50, "p90": x.p90, "p99": x.p99, "max": x.max})),
                 })
             })
             .collect();
@@ -381,6 +407,7 @@ impl Report<'_> {
             "guest": match self.o.guest { Guest::Null => "null", Guest::Linux => "linux" },
             "measures": what(self.o),
             "runs": self.o.n,
+            "peer": self.o.peer.map(Peer::name),
             "command": self.command,
             "machine": {
                 "nproc": m.nproc, "cpu": m.cpu, "kernel": m.kernel, "kvm": m.kvm, "pvm": host::is_pvm(),
@@ -411,8 +438,62 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), Some(10.0));
         assert_eq!(percentile(&v, 0.0), Some(1.0));
         assert_eq!(percentile(&[], 50.0), None);
-        let s = Summary::of(&[3.0, 1.0, 2.0]).unwrap();
-        assert_eq!((s.p50, s.p90, s.min, s.max), (2.0, 3.0, 1.0, 3.0));
+        let s = Summary::of(&[3.0, 1.0, 2.0, 4.0]).unwrap();
+        assert_eq!((s.p25, s.p50, s.p90, s.min, s.max), (1.0, 2.0, 4.0, 1.0, 4.0));
+        assert_eq!(s.cells(), [1.0, 1.0, 2.0, 4.0, 4.0, 4.0]);
+    }
+
+    #[test]
+    fn the_unconfined_peer_is_shoji_boot_with_seccomp_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = BootOpts {
+            bench: Bench::Boot,
+            n: 2,
+            guest: Guest::Null,
+            peer: Some(Peer::Unconfined),
+            json: false,
+            plot: None,
+        };
+        let v = systems(&o, dir.path()).unwrap();
+        assert_eq!(v.iter().map(|s| s.name).collect::<Vec<_>>(), ["shoji", "shoji-unconfined"]);
+        assert_eq!((&v[1].program, &v[1].args, v[1].marker), (&v[0].program, &v[0].args, v[0].marker));
+        assert!(v[0].env.is_empty());
+        assert_eq!(v[1].env, [("SHOJI_SECCOMP", "off")]);
+        assert!(
+            v[1].command_text().starts_with("SHOJI_SECCOMP=off shoji boot --guest null"),
+            "{}",
+            v[1].command_text()
+        );
+        assert_eq!((label("shoji"), label("shoji-unconfined"), label("qemu")), ("Shoji", "Shoji unconfined", "QEMU"));
+
+        let results = Results {
+            systems: v
+                .iter()
+                .zip([vec![10.0, 30.0], vec![10.0, 20.0]])
+                .map(|(s, x)| (s.name, s.command_text(), x))
+                .collect(),
+            guest_boottimes: Vec::new(),
+            peer_error: None,
+        };
+        let machine = Machine {
+            nproc: 2,
+            cpu: "cpu".into(),
+            kernel: "6".into(),
+            kvm: "kvm".into(),
+            loadavg: "0".into(),
+            qemu: None,
+        };
+        let r = Report { o: &o, command: "shoji bench boot".into(), machine, results };
+        assert_eq!(r.ratio(), Some([1.0, 1.0, 1.0, 1.5, 1.5, 1.5]));
+        let md = r.markdown();
+        assert!(md.contains("- Shoji unconfined: `SHOJI_SECCOMP=off shoji boot"), "{md}");
+        assert!(md.contains("- Peer: Shoji unconfined: the same binary"), "{md}");
+        assert!(md.contains("| shoji/shoji-unconfined | | 1.000 | 1.000 | 1.000 | 1.500 | 1.500 | 1.500 |"), "{md}");
+        assert!(!md.contains("QEMU"), "{md}");
+        let v: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
+        assert_eq!(v["peer"], "shoji-unconfined");
+        assert_eq!(v["ratio_shoji_over_peer"]["p90"], 1.5);
+        assert_eq!(v["systems"][1]["summary_ms"]["p25"], 10.0);
     }
 
     #[test]

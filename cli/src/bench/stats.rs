@@ -10,9 +10,10 @@ pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-/// p50, p90, p99, min, max.
+/// min, p25, p50, p90, p99, max (p25: where a bimodal latency's fast mode shows).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Summary {
+    pub p25: f64,
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
@@ -25,6 +26,7 @@ impl Summary {
         let mut v = values.to_vec();
         v.sort_by(|a, b| a.total_cmp(b));
         Some(Summary {
+            p25: percentile(&v, 25.0)?,
             p50: percentile(&v, 50.0)?,
             p90: percentile(&v, 90.0)?,
             p99: percentile(&v, 99.0)?,
@@ -32,7 +34,8 @@ impl Summary {
             max: *v.last()?,
         })
     }
-    pub fn cells(&self) -> [f64; 5] {
-        [self.p50, self.p90, self.p99, self.min, self.max]
+    /// In the order of the boot report's columns.
+    pub fn cells(&self) -> [f64; 6] {
+        [self.min, self.p25, self.p50, self.p90, self.p99, self.max]
     }
 }
