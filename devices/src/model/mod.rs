@@ -7,11 +7,11 @@
 //! - here: vsock addressing and virtio-fs share tags and where the guest mounts them.
 pub mod mount;
 pub mod pci;
+pub mod slots;
 
 pub use mount::{MountOptionError, MountOptions};
-pub use pci::{
-    DeviceKind, PciPath, PciPathError, PciPlanError, PciSlotPlan, FIRST_DEVICE_SLOT, PCI_PATH_MAX_DEPTH, PCI_SLOTS,
-};
+pub use pci::{DeviceKind, PciPath, PciPathError, PCI_PATH_MAX_DEPTH, PCI_SLOTS};
+pub use slots::{PciPlanError, PciSlotPlan, FIRST_DEVICE_SLOT};
 
 /// The vsock port the agent's ttrpc server listens on in the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

@@ -1,7 +1,8 @@
 //! PCI: root bus 0 reached through the configuration-mechanism-1 ports 0xCF8/0xCFC, a host
 //! bridge in slot 0, and the device interface the VMM dispatches config and BAR accesses to.
 //! The VMM puts each device in the slot [`crate::model::PciSlotPlan`] gives it
-//! ([`PciRoot::place`]), the plan the host also names devices to the guest by.
+//! ([`PciRoot::place`]), the plan the host also names devices to the guest by, at boot or while
+//! the guest runs (hotplug); [`PciRoot::remove`] takes a device off the bus again.
 pub mod config;
 pub mod msix;
 
@@ -100,6 +101,30 @@ impl PciRoot {
             }
             Some(Some(_)) => Err(PciError::SlotTaken(path.clone())),
             None => Err(PciError::NotOnRootBus(path.clone())),
+        }
+    }
+
+    /// Takes the device at `path` off the bus: from then on its config space reads as all ones,
+    /// as an empty slot's does. The host bridge (slot 0) stays; paths not on bus 0 hold nothing.
+    pub fn remove(&mut self, path: &PciPath) -> Option<SharedPciDevice> {
+        let &[slot] = path.slots() else { return None };
+        if slot == 0 {
+            return None;
+        }
+        self.slots.get_mut(usize::from(slot))?.take()
+    }
+
+    /// Reads config space of the device at `path` without touching CONFIG_ADDRESS (which
+    /// belongs to the guest): for the host's diagnostics and tests. An empty slot reads as all
+    /// ones, as it does for the guest.
+    pub fn config_read(&self, path: &PciPath, offset: usize, data: &mut [u8]) {
+        let dev = match path.slots() {
+            &[slot] => self.slots.get(usize::from(slot)).cloned().flatten(),
+            _ => None,
+        };
+        match dev {
+            Some(d) => d.lock().unwrap_or_else(|p| p.into_inner()).config_read(offset, data),
+            None => data.fill(0xff),
         }
     }
 
@@ -253,5 +278,33 @@ mod tests {
         assert_eq!(root.place(&p("02/01"), dummy(9)), Err(PciError::NotOnRootBus(p("02/01"))));
         // The next free slot after the plan's devices.
         assert_eq!(root.add(dummy(9)).unwrap(), p("05"));
+    }
+
+    #[test]
+    fn removed_devices_read_as_empty_slots_and_their_slot_is_free_again() {
+        let mut root = PciRoot::new();
+        let p = |s: &str| s.parse::<PciPath>().unwrap();
+        root.place(&p("03"), dummy(0x33)).unwrap();
+        assert_eq!(cfg_read32(&mut root, 3, 0), 0x0033_0001);
+        let mut b = [0; 4];
+        root.config_read(&p("03"), 0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x0033_0001, "the host's read sees the same register");
+        let gone = root.remove(&p("03")).expect("a device was there");
+        assert_eq!(cfg_read32(&mut root, 3, 0), 0xffff_ffff);
+        root.config_read(&p("03"), 0, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        // The removed device is whole (a vCPU may still hold it) and the slot takes another.
+        gone.lock().unwrap().config_read(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x0033_0001);
+        assert!(root.remove(&p("03")).is_none(), "removed twice");
+        root.place(&p("03"), dummy(0x34)).unwrap();
+        assert_eq!(cfg_read32(&mut root, 3, 0), 0x0034_0001);
+        // The host bridge, empty slots and paths off bus 0 are not removable.
+        assert!(root.remove(&p("00")).is_none());
+        assert_eq!(cfg_read32(&mut root, 0, 0), 0x0008_1b36);
+        assert!(root.remove(&p("1f")).is_none());
+        assert!(root.remove(&p("03/00")).is_none());
+        root.config_read(&p("03/00"), 0, &mut b);
+        assert_eq!(b, [0xff; 4]);
     }
 }
