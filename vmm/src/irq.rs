@@ -7,7 +7,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use shoji_devices::pci::msix::{MsiInterrupts, MsiMessage};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,9 +25,18 @@ pub enum IrqError {
     Irqfd(String),
 }
 
+/// The MSI GSIs handed out and the routes the guest programmed for them.
+struct State {
+    /// Never handed out yet: this one and every one above it.
+    next: u32,
+    /// Handed out once and given back by an unplugged device: reused lowest first.
+    free: BTreeSet<u32>,
+    routes: BTreeMap<u32, MsiMessage>,
+}
+
 pub struct IrqRouting {
     vm: Arc<VmFd>,
-    msi: Mutex<(u32, BTreeMap<u32, MsiMessage>)>,
+    state: Mutex<State>,
 }
 
 fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
@@ -59,25 +69,37 @@ pub fn routing_entries(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_e
 
 impl IrqRouting {
     pub fn new(vm: Arc<VmFd>) -> Self {
-        IrqRouting { vm, msi: Mutex::new((FIRST_MSI_GSI, BTreeMap::new())) }
+        IrqRouting {
+            vm,
+            state: Mutex::new(State { next: FIRST_MSI_GSI, free: BTreeSet::new(), routes: BTreeMap::new() }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn allocate(&self) -> Result<u32, IrqError> {
-        let mut g = self.msi.lock().unwrap_or_else(|p| p.into_inner());
-        if g.0 > MAX_GSI {
+        let mut g = self.lock();
+        if let Some(gsi) = g.free.pop_first() {
+            return Ok(gsi);
+        }
+        if g.next > MAX_GSI {
             return Err(IrqError::NoGsi);
         }
-        g.0 += 1;
-        Ok(g.0 - 1)
+        g.next += 1;
+        Ok(g.next - 1)
     }
 
-    fn set(&self, gsi: u32, msg: Option<MsiMessage>) {
-        let mut g = self.msi.lock().unwrap_or_else(|p| p.into_inner());
-        match msg {
-            Some(m) => g.1.insert(gsi, m),
-            None => g.1.remove(&gsi),
-        };
-        let entries = routing_entries(&g.1);
+    /// MSI GSIs held by devices now (a hot-unplug gives its device's back).
+    pub fn gsis_in_use(&self) -> usize {
+        let g = self.lock();
+        (g.next - FIRST_MSI_GSI) as usize - g.free.len()
+    }
+
+    /// Sends KVM the whole table (KVM_SET_GSI_ROUTING replaces it).
+    fn push(&self, g: &State) {
+        let entries = routing_entries(&g.routes);
         let result = KvmIrqRouting::from_entries(&entries)
             .map_err(|e| format!("{e:?}"))
             .and_then(|r| self.vm.set_gsi_routing(&r).map_err(|e| e.to_string()));
@@ -86,31 +108,99 @@ impl IrqRouting {
         }
     }
 
-    /// One GSI + irqfd per vector for a device with `vectors` MSI-X vectors.
+    /// One GSI + irqfd per vector for a device with `vectors` MSI-X vectors. On an error what
+    /// was already taken is given back.
     pub fn device(self: &Arc<Self>, vectors: u16) -> Result<Arc<DeviceMsi>, IrqError> {
-        let mut v = Vec::with_capacity(usize::from(vectors));
+        let mut msi = DeviceMsi {
+            routing: self.clone(),
+            vectors: Vec::with_capacity(usize::from(vectors)),
+            released: AtomicBool::new(false),
+        };
         for _ in 0..vectors {
-            let gsi = self.allocate()?;
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| IrqError::Irqfd(e.to_string()))?;
-            self.vm.register_irqfd(&evt, gsi).map_err(|e| IrqError::Irqfd(e.to_string()))?;
-            v.push((gsi, evt));
+            if let Err(e) = self.add_vector(&mut msi) {
+                let _ = msi.release();
+                return Err(e);
+            }
         }
-        Ok(Arc::new(DeviceMsi { routing: self.clone(), vectors: v }))
+        Ok(Arc::new(msi))
+    }
+
+    fn add_vector(&self, msi: &mut DeviceMsi) -> Result<(), IrqError> {
+        let gsi = self.allocate()?;
+        let wired = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| IrqError::Irqfd(e.to_string()))
+            .and_then(|evt| self.vm.register_irqfd(&evt, gsi).map(|_| evt).map_err(|e| IrqError::Irqfd(e.to_string())));
+        match wired {
+            Ok(evt) => {
+                msi.vectors.push((gsi, evt));
+                Ok(())
+            }
+            Err(e) => {
+                self.lock().free.insert(gsi);
+                Err(e)
+            }
+        }
     }
 }
 
+/// A device's MSI-X vectors: a GSI and an irqfd each. Dropping it does not give them back
+/// (at VM teardown closing the VM fd does that, and the VM's own thread may not make KVM
+/// calls): an unplug calls [`DeviceMsi::release`].
 pub struct DeviceMsi {
     routing: Arc<IrqRouting>,
     vectors: Vec<(u32, EventFd)>,
+    /// Set under the routing lock: after it, the GSIs may belong to another device, so this
+    /// one neither routes nor fires.
+    released: AtomicBool,
+}
+
+impl DeviceMsi {
+    /// Gives the vectors back: each irqfd unregistered from KVM, its route dropped from the
+    /// table, its GSI free for the next device. A second call does nothing. The first KVM error
+    /// is returned; the GSIs are freed anyway (nothing fires this device's irqfds any more).
+    pub fn release(&self) -> Result<(), IrqError> {
+        let mut g = self.routing.lock();
+        if self.released.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut result = Ok(());
+        for (gsi, evt) in &self.vectors {
+            if let Err(e) = self.routing.vm.unregister_irqfd(evt, *gsi) {
+                tracing::error!(gsi, "cannot unregister an irqfd: {e}");
+                if result.is_ok() {
+                    result = Err(IrqError::Irqfd(e.to_string()));
+                }
+            }
+            g.routes.remove(gsi);
+            g.free.insert(*gsi);
+        }
+        self.routing.push(&g);
+        result
+    }
+
+    /// The GSIs of the vectors, in vector order.
+    pub fn gsis(&self) -> Vec<u32> {
+        self.vectors.iter().map(|(g, _)| *g).collect()
+    }
 }
 
 impl MsiInterrupts for DeviceMsi {
     fn set_route(&self, vector: u16, msg: Option<MsiMessage>) {
-        if let Some((gsi, _)) = self.vectors.get(usize::from(vector)) {
-            self.routing.set(*gsi, msg);
+        let Some((gsi, _)) = self.vectors.get(usize::from(vector)) else { return };
+        let mut g = self.routing.lock();
+        if self.released.load(Ordering::Acquire) {
+            return;
         }
+        match msg {
+            Some(m) => g.routes.insert(*gsi, m),
+            None => g.routes.remove(gsi),
+        };
+        self.routing.push(&g);
     }
     fn fire(&self, vector: u16) {
+        if self.released.load(Ordering::Relaxed) {
+            return;
+        }
         if let Some((_, evt)) = self.vectors.get(usize::from(vector)) {
             if let Err(e) = evt.write(1) {
                 tracing::error!("irqfd write: {e}");

@@ -3,7 +3,8 @@
 //! one device thread), booted straight into a PVH or Linux 64-bit kernel entry with no firmware.
 //! Every thread it starts for a VM confines itself ([`confine`]). It knows no command line and
 //! no agent: the sandbox library and the `shoji` CLI drive it through [`VmConfig`] and [`run`] or
-//! [`spawn`]. The C test guests are behind the `testkit` feature.
+//! [`spawn`], and plug disks into a running VM through a [`VmControl`] ([`spawn_with_control`]).
+//! The C test guests are behind the `testkit` feature.
 pub mod boot;
 pub mod bus;
 pub mod cmdline;
@@ -23,5 +24,6 @@ pub mod vcpu;
 pub mod vm;
 
 pub use exit::StopReason;
-pub use pci::{DiskConfig, ShareConfig};
-pub use vm::{run, spawn, KernelImage, SerialOut, VmConfig, VmError, VmOutcome};
+pub use pci::{AttachedDevice, DiskConfig, HotplugError, HotplugStats, ShareConfig};
+pub use shoji_devices::model::PciPath;
+pub use vm::{run, spawn, spawn_with_control, KernelImage, SerialOut, VmConfig, VmControl, VmError, VmOutcome};

@@ -1,24 +1,27 @@
 //! The sandbox's PCI devices: the root bus on the config ports, BAR placement in the MMIO gap,
-//! MMIO dispatch to BARs, KVM ioeventfds for queue notifications, and the event-loop thread
-//! that runs the devices' queues.
+//! MMIO dispatch to BARs, KVM ioeventfds for queue notifications, the event-loop thread that
+//! runs the devices' queues, and hotplug ([`Hotplug`]) of virtio-blk into a running VM.
 use crate::confine::{Plan, ThreadKind};
 use crate::exit::ExitSignal;
-use crate::irq::IrqRouting;
+use crate::irq::{DeviceMsi, IrqRouting};
 use crate::layout::{IOAPIC_ADDR, MMIO_GAP_START};
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{
+    EventManager, EventOps, EventSet, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId, SubscriberOps,
+};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use shoji_devices::model::{DeviceKind, PciPath, PciPlanError, PciSlotPlan};
 use shoji_devices::pci::{PciRoot, SharedPciDevice};
-use shoji_devices::virtio::block::Block;
+use shoji_devices::virtio::block::{Block, BlockError};
 use shoji_devices::virtio::fs::Fs;
 use shoji_devices::virtio::transport::BAR_SIZE;
 use shoji_devices::virtio::vsock::Vsock;
 use shoji_devices::virtio::{VirtioDevice, VirtioPciDevice, VirtioPciSubscriber};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use vm_allocator::{AddressAllocator, AllocPolicy};
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -64,23 +67,60 @@ struct MmioRange {
     bar: u8,
 }
 
-/// MMIO exits go to the BAR that contains the address; anything else reads as all ones.
+/// MMIO exits go to the BAR that contains the address; anything else reads as all ones. The
+/// ranges change only when a device is plugged or unplugged, so they sit behind an RwLock: a
+/// vCPU exit takes it for reading (uncontended: one atomic), and an unplug that takes it for
+/// writing waits for the accesses already inside the device, none reaching it afterwards.
 #[derive(Default)]
 pub struct MmioBus {
-    ranges: Vec<MmioRange>,
+    ranges: RwLock<Vec<MmioRange>>,
     unclaimed: AtomicU64,
 }
 
+fn find(ranges: &[MmioRange], addr: u64) -> Option<(&MmioRange, u64)> {
+    let i = ranges.partition_point(|r| r.start <= addr);
+    let r = ranges.get(i.checked_sub(1)?)?;
+    let off = addr - r.start;
+    (off < r.len).then_some((r, off))
+}
+
 impl MmioBus {
-    fn find(&self, addr: u64) -> Option<(&MmioRange, u64)> {
-        let i = self.ranges.partition_point(|r| r.start <= addr);
-        let r = self.ranges.get(i.checked_sub(1)?)?;
-        let off = addr - r.start;
-        (off < r.len).then_some((r, off))
+    fn ranges(&self) -> std::sync::RwLockReadGuard<'_, Vec<MmioRange>> {
+        self.ranges.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ranges_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<MmioRange>> {
+        self.ranges.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a BAR, kept sorted by address (the allocator never hands out overlapping ones).
+    fn insert(&self, r: MmioRange) {
+        let mut ranges = self.ranges_mut();
+        let i = ranges.partition_point(|x| x.start < r.start);
+        ranges.insert(i, r);
+    }
+
+    /// Drops the BAR at `start`; returns whether there was one. Once it returns no vCPU is
+    /// inside that device through MMIO, and none gets there again.
+    fn remove(&self, start: u64) -> bool {
+        let mut ranges = self.ranges_mut();
+        let before = ranges.len();
+        ranges.retain(|r| r.start != start);
+        ranges.len() != before
+    }
+
+    /// BARs mapped now (for tests and leak checks).
+    pub fn len(&self) -> usize {
+        self.ranges().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn read(&self, addr: u64, data: &mut [u8]) {
-        match self.find(addr) {
+        let ranges = self.ranges();
+        match find(&ranges, addr) {
             Some((r, off)) if off + data.len() as u64 <= r.len => {
                 r.dev.lock().unwrap_or_else(|p| p.into_inner()).bar_read(r.bar, off, data)
             }
@@ -92,7 +132,8 @@ impl MmioBus {
     }
 
     pub fn write(&self, addr: u64, data: &[u8]) {
-        match self.find(addr) {
+        let ranges = self.ranges();
+        match find(&ranges, addr) {
             Some((r, off)) if off + data.len() as u64 <= r.len => {
                 r.dev.lock().unwrap_or_else(|p| p.into_inner()).bar_write(r.bar, off, data)
             }
@@ -118,12 +159,15 @@ pub struct AttachedDevice {
 pub struct PciDevices {
     pub root: Arc<Mutex<PciRoot>>,
     pub mmio: Arc<MmioBus>,
+    /// The boot devices.
     pub attached: Vec<AttachedDevice>,
     virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// What wired the boot devices, kept for hotplug ([`Hotplug::new`] takes it).
+    wiring: Option<Wiring>,
 }
 
 impl PciDevices {
-    /// Guest errors counted by all virtio devices.
+    /// Guest errors counted by the boot virtio devices.
     pub fn guest_errors(&self) -> u64 {
         self.virtio.iter().map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).errors()).sum()
     }
@@ -137,42 +181,114 @@ pub struct DeviceSet {
     pub vsock: Option<Vsock>,
 }
 
+/// What it takes to connect a virtio device to KVM: BAR space from the MMIO gap, GSIs and
+/// irqfds for its MSI-X vectors, ioeventfds for its queue notifications. The same steps at
+/// boot and on a hot-add; [`Wiring::unwire`] undoes them on an unplug.
+struct Wiring {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    routing: Arc<IrqRouting>,
+    alloc: AddressAllocator,
+    plan: PciSlotPlan,
+}
+
+/// One device connected to KVM, not yet on the bus.
+struct Wired {
+    dev: Arc<Mutex<VirtioPciDevice>>,
+    msi: Arc<DeviceMsi>,
+    bar: RangeInclusive,
+}
+
+impl Wiring {
+    fn wire(&mut self, name: &str, dev: Box<dyn VirtioDevice>) -> Result<Wired, PciSetupError> {
+        let bar = self
+            .alloc
+            .allocate(u64::from(BAR_SIZE), u64::from(BAR_SIZE), AllocPolicy::FirstMatch)
+            .map_err(|_| PciSetupError::NoMmio)?;
+        let vectors = dev.queue_max_sizes().len() as u16 + 1;
+        let msi = match self.routing.device(vectors) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = self.alloc.free(&bar);
+                return Err(e.into());
+            }
+        };
+        let t = match VirtioPciDevice::new(name, dev, self.mem.clone(), bar.start() as u32, msi.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = msi.release();
+                let _ = self.alloc.free(&bar);
+                return Err(PciSetupError::Transport(name.to_string(), e));
+            }
+        };
+        let wired = Wired { dev: Arc::new(Mutex::new(t)), msi, bar };
+        let registered = {
+            let t = wired.dev.lock().unwrap_or_else(|p| p.into_inner());
+            let mut result = Ok(());
+            for (addr, evt) in t.notify_eventfds() {
+                if let Err(e) = self.vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch) {
+                    result = Err(PciSetupError::IoEvent(e));
+                    break;
+                }
+            }
+            result
+        };
+        if let Err(e) = registered {
+            // Unregistering the ones that were not registered fails harmlessly.
+            let _ = self.unwire(&wired);
+            return Err(e);
+        }
+        Ok(wired)
+    }
+
+    /// Gives back what [`Wiring::wire`] took. Everything is attempted; the KVM calls that
+    /// failed are returned, one line each.
+    fn unwire(&mut self, w: &Wired) -> Vec<String> {
+        let mut errors = Vec::new();
+        {
+            let t = w.dev.lock().unwrap_or_else(|p| p.into_inner());
+            for (addr, evt) in t.notify_eventfds() {
+                if let Err(e) = self.vm.unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch) {
+                    errors.push(format!("ioeventfd at {addr:#x}: {e}"));
+                }
+            }
+        }
+        if let Err(e) = w.msi.release() {
+            errors.push(format!("MSI vectors: {e}"));
+        }
+        if let Err(e) = self.alloc.free(&w.bar) {
+            errors.push(format!("BAR at {:#x}: {e:?}", w.bar.start()));
+        }
+        errors
+    }
+}
+
 /// Builds the bus and wires each device to KVM. Each device goes to the slot
 /// [`PciSlotPlan`] gives it (disks as given from 01, then shares, then vsock): the plan the host
 /// side also names devices to the guest by.
 pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, set: DeviceSet) -> Result<PciDevices, PciSetupError> {
-    let routing = Arc::new(IrqRouting::new(vm.clone()));
-    let mut alloc = AddressAllocator::new(MMIO_GAP_START, u64::from(IOAPIC_ADDR) - MMIO_GAP_START)
+    let alloc = AddressAllocator::new(MMIO_GAP_START, u64::from(IOAPIC_ADDR) - MMIO_GAP_START)
         .map_err(|_| PciSetupError::NoMmio)?;
+    let plan = PciSlotPlan::new(set.disks.len(), set.shares.len(), set.vsock.is_some())?;
+    let mut wiring =
+        Wiring { vm: vm.clone(), mem: mem.clone(), routing: Arc::new(IrqRouting::new(vm.clone())), alloc, plan };
     let mut root = PciRoot::new();
-    let mut mmio = MmioBus::default();
+    let mmio = MmioBus::default();
     let mut attached = Vec::new();
     let mut virtio = Vec::new();
-    let plan = PciSlotPlan::new(set.disks.len(), set.shares.len(), set.vsock.is_some())?;
     let mut add =
         |name: String, kind: DeviceKind, index: usize, dev: Box<dyn VirtioDevice>| -> Result<(), PciSetupError> {
             let path = plan.path(kind, index).ok_or(PciSetupError::Unplanned(kind, index))?;
-            let bar = alloc
-                .allocate(u64::from(BAR_SIZE), u64::from(BAR_SIZE), AllocPolicy::FirstMatch)
-                .map_err(|_| PciSetupError::NoMmio)?;
-            let vectors = dev.queue_max_sizes().len() as u16 + 1;
-            let msi = routing.device(vectors)?;
-            let t = VirtioPciDevice::new(&name, dev, mem.clone(), bar.start() as u32, msi)
-                .map_err(|e| PciSetupError::Transport(name.clone(), e))?;
-            for (addr, evt) in t.notify_eventfds() {
-                vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(PciSetupError::IoEvent)?;
-            }
-            let t = Arc::new(Mutex::new(t));
-            let shared: SharedPciDevice = t.clone();
+            let w = wiring.wire(&name, dev)?;
+            let shared: SharedPciDevice = w.dev.clone();
             root.place(&path, shared.clone())?;
-            mmio.ranges.push(MmioRange { start: bar.start(), len: u64::from(BAR_SIZE), dev: shared, bar: 0 });
+            mmio.insert(MmioRange { start: w.bar.start(), len: u64::from(BAR_SIZE), dev: shared, bar: 0 });
             attached.push(AttachedDevice { kind: kind.name(), path, what: name });
-            virtio.push(t);
+            virtio.push(w.dev);
             Ok(())
         };
     for (i, (cfg, block)) in set.disks.into_iter().enumerate() {
-        let what = format!("{}{}", cfg.path.display(), if cfg.read_only { " (ro)" } else { "" });
-        add(what, DeviceKind::Block, i, Box::new(block))?;
+        add(disk_name(&cfg), DeviceKind::Block, i, Box::new(block))?;
     }
     for (j, (cfg, fs)) in set.shares.into_iter().enumerate() {
         let what = format!("{} tag={}{}", cfg.dir.display(), cfg.tag, if cfg.read_only { " (ro)" } else { "" });
@@ -182,8 +298,12 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, set: DeviceSet) -> Result<Pc
         let what = format!("cid={} {}", v.guest_cid(), v.uds_path().display());
         add(what, DeviceKind::Vsock, 0, Box::new(v))?;
     }
-    mmio.ranges.sort_by_key(|r| r.start);
-    Ok(PciDevices { root: Arc::new(Mutex::new(root)), mmio: Arc::new(mmio), attached, virtio })
+    Ok(PciDevices { root: Arc::new(Mutex::new(root)), mmio: Arc::new(mmio), attached, virtio, wiring: Some(wiring) })
+}
+
+/// How a disk is named in reports: its path, and "(ro)" when read-only.
+fn disk_name(cfg: &DiskConfig) -> String {
+    format!("{}{}", cfg.path.display(), if cfg.read_only { " (ro)" } else { "" })
 }
 
 /// Wakes the loop so it can see the stop flag.
@@ -204,9 +324,15 @@ impl MutEventSubscriber for Stopper {
     }
 }
 
+/// What the device thread's event loop runs.
+type Subscriber = Box<dyn MutEventSubscriber + Send>;
+/// Runs a closure on the device thread, with the loop's subscriber list.
+type Endpoint = RemoteEndpoint<Subscriber>;
+
 /// The thread that runs device queues (ioeventfd notifications) and device backends.
 pub struct EventLoop {
     wake: EventFd,
+    endpoint: Endpoint,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -215,7 +341,8 @@ impl EventLoop {
     /// cannot, it stops the VM through `exit`.
     pub fn start(devices: &PciDevices, plan: Arc<Plan>, exit: Arc<ExitSignal>) -> Result<Self, PciSetupError> {
         let err = |e: &dyn std::fmt::Debug| PciSetupError::EventLoop(format!("{e:?}"));
-        let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().map_err(|e| err(&e))?;
+        let mut em = EventManager::<Subscriber>::new().map_err(|e| err(&e))?;
+        let endpoint = em.remote_endpoint();
         let stop = Arc::new(AtomicBool::new(false));
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err(&e))?;
         em.add_subscriber(Box::new(Stopper { evt: wake.try_clone().map_err(|e| err(&e))?, stop: stop.clone() }));
@@ -237,7 +364,7 @@ impl EventLoop {
                 }
             })
             .map_err(|e| err(&e))?;
-        Ok(EventLoop { wake, thread: Some(thread) })
+        Ok(EventLoop { wake, endpoint, thread: Some(thread) })
     }
 
     pub fn stop(&mut self) {
@@ -253,5 +380,212 @@ impl EventLoop {
 impl Drop for EventLoop {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Hot-plugged virtio devices of a running VM.
+///
+/// The mechanism, with the guest booted `acpi=off` and no guest kernel patch: a hot-add wires
+/// the device to KVM (BAR, MSI-X GSIs and irqfds, ioeventfds), registers it with the device
+/// thread's event loop, maps its BAR and last puts it in the lowest free slot of bus 0
+/// ([`PciSlotPlan::hot_add`]): config space answers there from then on, and the guest agent
+/// finds it by rescanning the bus (`/sys/bus/pci/rescan`). An unplug first has the agent remove
+/// the function in the guest (the host side asks it), then [`Hotplug::remove`] takes the device
+/// off the bus whatever the guest did: config space and BAR then read as all ones, queue
+/// notifications and interrupts go nowhere, and every resource goes back for the next device.
+///
+/// The caller's thread does the work (opening the disk, the KVM calls); only the event-loop
+/// registration runs on the device thread, through its remote endpoint (an `epoll_ctl`, which
+/// that thread's seccomp filter allows). Landlock on the device thread covers only the paths the
+/// VM booted with, which is why a hot-added disk is opened here: the device thread only reads
+/// and writes the open file. virtio-fs is not hot-plugged for that reason: its server opens
+/// files below the shared directory on the device thread.
+pub struct Hotplug {
+    wiring: Wiring,
+    root: Arc<Mutex<PciRoot>>,
+    mmio: Arc<MmioBus>,
+    endpoint: Endpoint,
+    boot: Vec<AttachedDevice>,
+    /// By slot on bus 0.
+    hot: BTreeMap<u8, HotDevice>,
+    /// Guest errors counted by devices already unplugged.
+    removed_errors: u64,
+}
+
+struct HotDevice {
+    info: AttachedDevice,
+    wired: Wired,
+    subscriber: SubscriberId,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    #[error("hotplug: the VM is not running")]
+    NotRunning,
+    #[error("hotplug: {0}")]
+    Disk(#[from] BlockError),
+    #[error("hotplug: {0}")]
+    Slot(#[from] PciPlanError),
+    #[error("hotplug: {0}")]
+    Setup(#[from] PciSetupError),
+    #[error("hotplug: the device thread's event loop: {0}")]
+    EventLoop(String),
+    /// The device is off the bus, but some of its resources could not be given back.
+    #[error("hotplug: {path} was removed, but: {what}")]
+    Leak { path: PciPath, what: String },
+}
+
+/// Counts for leak checks: what the hot-plugged devices hold is given back on unplug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotplugStats {
+    /// Devices hot-plugged now.
+    pub hot_devices: usize,
+    /// MSI GSIs in use (boot and hot-plugged devices).
+    pub gsis_in_use: usize,
+    /// BARs mapped on the MMIO bus.
+    pub mmio_ranges: usize,
+}
+
+impl Hotplug {
+    /// Takes over the wiring of `devices` (boot devices stay as they are) and the event loop's
+    /// endpoint. `None` when it was taken already.
+    pub fn new(devices: &mut PciDevices, event_loop: &EventLoop) -> Option<Hotplug> {
+        Some(Hotplug {
+            wiring: devices.wiring.take()?,
+            root: devices.root.clone(),
+            mmio: devices.mmio.clone(),
+            endpoint: event_loop.endpoint.clone(),
+            boot: devices.attached.clone(),
+            hot: BTreeMap::new(),
+            removed_errors: 0,
+        })
+    }
+
+    /// Opens `disk` (on this thread) and plugs it in as virtio-blk; returns its PCI path.
+    pub fn add_disk(&mut self, disk: &DiskConfig) -> Result<PciPath, HotplugError> {
+        let block = Block::open(&disk.path, disk.read_only)?;
+        self.add(DeviceKind::Block, disk_name(disk), Box::new(block))
+    }
+
+    fn add(&mut self, kind: DeviceKind, name: String, dev: Box<dyn VirtioDevice>) -> Result<PciPath, HotplugError> {
+        let path = self.wiring.plan.hot_add(kind)?;
+        // The plan's hot slots are on bus 0: one slot number.
+        let slot = path.slots().first().copied().ok_or(PciPlanError::BusFull)?;
+        match self.plug(&path, kind, name, dev) {
+            Ok(d) => {
+                tracing::info!(path = %path, device = d.info.what, "{kind} hot-plugged");
+                self.hot.insert(slot, d);
+                Ok(path)
+            }
+            Err(e) => {
+                let _ = self.wiring.plan.hot_remove(&path);
+                Err(e)
+            }
+        }
+    }
+
+    fn plug(
+        &mut self,
+        path: &PciPath,
+        kind: DeviceKind,
+        name: String,
+        dev: Box<dyn VirtioDevice>,
+    ) -> Result<HotDevice, HotplugError> {
+        let wired = self.wiring.wire(&name, dev)?;
+        let sub: Subscriber = Box::new(VirtioPciSubscriber(wired.dev.clone()));
+        let added = self.endpoint.call_blocking(move |ops: &mut dyn SubscriberOps<Subscriber = Subscriber>| {
+            Ok::<_, event_manager::Error>(ops.add_subscriber(sub))
+        });
+        let subscriber = match added {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = self.wiring.unwire(&wired);
+                return Err(HotplugError::EventLoop(format!("{e:?}")));
+            }
+        };
+        let shared: SharedPciDevice = wired.dev.clone();
+        self.mmio.insert(MmioRange { start: wired.bar.start(), len: u64::from(BAR_SIZE), dev: shared.clone(), bar: 0 });
+        // Last: from here the guest can find it.
+        if let Err(e) = self.root.lock().unwrap_or_else(|p| p.into_inner()).place(path, shared) {
+            self.mmio.remove(wired.bar.start());
+            let _ = self.unsubscribe(subscriber);
+            let _ = self.wiring.unwire(&wired);
+            return Err(PciSetupError::from(e).into());
+        }
+        Ok(HotDevice { info: AttachedDevice { kind: kind.name(), path: path.clone(), what: name }, wired, subscriber })
+    }
+
+    /// Takes the event loop's subscriber back; it is dropped here, on the caller's thread.
+    fn unsubscribe(&self, id: SubscriberId) -> Result<(), String> {
+        self.endpoint
+            .call_blocking(move |ops: &mut dyn SubscriberOps<Subscriber = Subscriber>| ops.remove_subscriber(id))
+            .map(drop)
+            .map_err(|e| format!("event loop: {e:?}"))
+    }
+
+    /// Unplugs the hot-plugged device at `path`, whether or not the guest let it go: it leaves
+    /// config space first, then its BAR (waiting for accesses already in it), then its queue
+    /// notifications, its event-loop registration and its interrupts, and its BAR space, GSIs
+    /// and slot are free for the next device. Boot devices are not unpluggable
+    /// ([`PciPlanError::NotHotPlugged`]).
+    pub fn remove(&mut self, path: &PciPath) -> Result<(), HotplugError> {
+        let d = match path.slots() {
+            &[slot] => self.hot.remove(&slot),
+            _ => None,
+        };
+        let d = d.ok_or_else(|| PciPlanError::NotHotPlugged(path.clone()))?;
+        let mut problems = Vec::new();
+        if self.root.lock().unwrap_or_else(|p| p.into_inner()).remove(path).is_none() {
+            problems.push("it was not on the bus".to_string());
+        }
+        if !self.mmio.remove(d.wired.bar.start()) {
+            problems.push("its BAR was not mapped".to_string());
+        }
+        if let Err(e) = self.unsubscribe(d.subscriber) {
+            problems.push(e);
+        }
+        problems.extend(self.wiring.unwire(&d.wired));
+        let _ = self.wiring.plan.hot_remove(path);
+        self.removed_errors += d.wired.dev.lock().unwrap_or_else(|p| p.into_inner()).errors();
+        tracing::info!(path = %path, device = d.info.what, "{} unplugged", d.info.kind);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(HotplugError::Leak { path: path.clone(), what: problems.join("; ") })
+        }
+    }
+
+    /// Every device on the bus, boot and hot-plugged, in slot order.
+    pub fn devices(&self) -> Vec<AttachedDevice> {
+        let mut all: Vec<AttachedDevice> =
+            self.boot.iter().chain(self.hot.values().map(|d| &d.info)).cloned().collect();
+        all.sort_by(|a, b| a.path.slots().cmp(b.path.slots()));
+        all
+    }
+
+    pub fn stats(&self) -> HotplugStats {
+        HotplugStats {
+            hot_devices: self.hot.len(),
+            gsis_in_use: self.wiring.routing.gsis_in_use(),
+            mmio_ranges: self.mmio.len(),
+        }
+    }
+
+    /// Guest errors counted by hot-plugged devices, present and past.
+    pub fn guest_errors(&self) -> u64 {
+        self.removed_errors
+            + self.hot.values().map(|d| d.wired.dev.lock().unwrap_or_else(|p| p.into_inner()).errors()).sum::<u64>()
+    }
+
+    /// Reads the config space of the function at `path` the way the guest would see it,
+    /// without touching the guest's CONFIG_ADDRESS.
+    pub fn config_read(&self, path: &PciPath, offset: usize, data: &mut [u8]) {
+        self.root.lock().unwrap_or_else(|p| p.into_inner()).config_read(path, offset, data)
+    }
+
+    /// An MMIO read as a vCPU does it (tests: BAR accesses after an unplug).
+    #[cfg(feature = "testkit")]
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        self.mmio.read(addr, data)
     }
 }

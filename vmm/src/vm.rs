@@ -8,13 +8,17 @@ use crate::exit::{ExitSignal, StopReason};
 use crate::host;
 use crate::layout::{self, KVM_TSS_ADDRESS, MIN_MEMORY_MIB};
 use crate::mptable;
-use crate::pci::{self, AttachedDevice, DeviceSet, DiskConfig, EventLoop, PciSetupError, ShareConfig};
+use crate::pci::{
+    self, AttachedDevice, DeviceSet, DiskConfig, EventLoop, Hotplug, HotplugError, HotplugStats, PciSetupError,
+    ShareConfig,
+};
 use crate::regs::{self, RegsError};
 use crate::vcpu::{self, VcpuContext, VcpuStats};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use shoji_devices::legacy::{ConsoleWriter, Serial, I8042};
 use shoji_devices::legacy::{COM1_BASE, COM1_GSI, COM1_LEN, I8042_BASE, I8042_LEN};
+use shoji_devices::model::PciPath;
 use shoji_devices::pci::{CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 use shoji_devices::virtio::block::Block;
 use shoji_devices::virtio::fs::Fs;
@@ -262,7 +266,7 @@ pub fn check(cfg: &VmConfig) -> Result<(), VmError> {
 /// Boots the VM described by `cfg` and blocks until it stops. The calling thread is not
 /// confined (it is the caller's); the VM's own threads are (see [`crate::confine`]).
 pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmError> {
-    run_on(cfg, false)
+    run_on(cfg, false, None)
 }
 
 /// Boots the VM on a new thread `shoji-vm` that confines itself too (as [`ThreadKind::Vmm`])
@@ -271,11 +275,115 @@ pub fn spawn<F>(cfg: VmConfig, done: F) -> std::io::Result<std::thread::JoinHand
 where
     F: FnOnce(&Result<VmOutcome, VmError>) + Send + 'static,
 {
+    spawn_inner(cfg, None, done)
+}
+
+/// [`spawn`], with `control` serving hotplug for the VM while it runs (from when its devices
+/// are up until it stops; [`HotplugError::NotRunning`] outside that).
+pub fn spawn_with_control<F>(
+    cfg: VmConfig,
+    control: Arc<VmControl>,
+    done: F,
+) -> std::io::Result<std::thread::JoinHandle<Result<VmOutcome, VmError>>>
+where
+    F: FnOnce(&Result<VmOutcome, VmError>) + Send + 'static,
+{
+    spawn_inner(cfg, Some(control), done)
+}
+
+fn spawn_inner<F>(
+    cfg: VmConfig,
+    control: Option<Arc<VmControl>>,
+    done: F,
+) -> std::io::Result<std::thread::JoinHandle<Result<VmOutcome, VmError>>>
+where
+    F: FnOnce(&Result<VmOutcome, VmError>) + Send + 'static,
+{
     std::thread::Builder::new().name(ThreadKind::Vmm.name()).spawn(move || {
-        let r = run_on(cfg, true);
+        let r = run_on(cfg, true, control);
         done(&r);
         r
     })
+}
+
+/// A running VM's hotplug handle: virtio-blk disks plugged in and out while the guest runs
+/// (the mechanism: [`Hotplug`]). Shared between threads; one lock serialises plugs, so
+/// concurrent calls run one after the other. Call it from the caller's own (unconfined)
+/// threads: it opens disk files and makes KVM calls there.
+#[derive(Default)]
+pub struct VmControl {
+    hotplug: Mutex<Option<Hotplug>>,
+}
+
+impl VmControl {
+    pub fn new() -> Arc<Self> {
+        Arc::new(VmControl::default())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Hotplug) -> Result<T, HotplugError>) -> Result<T, HotplugError> {
+        let mut g = self.hotplug.lock().unwrap_or_else(|p| p.into_inner());
+        f(g.as_mut().ok_or(HotplugError::NotRunning)?)
+    }
+
+    /// Whether a VM is up for hotplug now.
+    pub fn is_running(&self) -> bool {
+        self.hotplug.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Opens `disk` on the calling thread and plugs it into the lowest free PCI slot after the
+    /// boot devices; returns its path, by which the guest agent finds it after a bus rescan.
+    pub fn add_disk(&self, disk: DiskConfig) -> Result<PciPath, HotplugError> {
+        self.with(|h| h.add_disk(&disk))
+    }
+
+    /// Unplugs the hot-plugged device at `path`, released by the guest or not (the caller asks
+    /// the agent first, and logs it when the guest did not let go): from then on the guest's
+    /// accesses to it hit nothing and read all ones; its slot, BAR space and GSIs are reused.
+    /// [`HotplugError::Leak`] means it is gone but a KVM call to give something back failed.
+    pub fn remove(&self, path: &PciPath) -> Result<(), HotplugError> {
+        self.with(|h| h.remove(path))
+    }
+
+    /// Every device on the bus, boot and hot-plugged, in slot order.
+    pub fn devices(&self) -> Result<Vec<AttachedDevice>, HotplugError> {
+        self.with(|h| Ok(h.devices()))
+    }
+
+    /// Counts for leak checks (GSIs, BARs, hot-plugged devices).
+    pub fn stats(&self) -> Result<HotplugStats, HotplugError> {
+        self.with(|h| Ok(h.stats()))
+    }
+
+    /// Reads config space at `path` as the guest sees it (an empty slot reads all ones).
+    pub fn config_read(&self, path: &PciPath, offset: usize, data: &mut [u8]) -> Result<(), HotplugError> {
+        self.with(|h| {
+            h.config_read(path, offset, data);
+            Ok(())
+        })
+    }
+
+    /// An MMIO access as a vCPU makes it (tests: a BAR after its device was unplugged).
+    #[cfg(feature = "testkit")]
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> Result<(), HotplugError> {
+        self.with(|h| {
+            h.mmio_read(addr, data);
+            Ok(())
+        })
+    }
+
+    /// Serves `h` until [`VmControl::detach`]; refused while it serves another VM.
+    fn attach(&self, h: Hotplug) -> Result<(), VmError> {
+        let mut g = self.hotplug.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_some() {
+            return Err(VmError::Internal("this VmControl serves another running VM".into()));
+        }
+        *g = Some(h);
+        Ok(())
+    }
+
+    fn detach(&self) -> Option<Hotplug> {
+        self.hotplug.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 /// The files the device thread may open: the disk images and shared directories.
@@ -285,7 +393,7 @@ fn plan(cfg: &VmConfig) -> confine::Plan {
     confine::Plan { enabled: cfg.confine, device_paths }
 }
 
-fn run_on(cfg: VmConfig, confine_self: bool) -> Result<VmOutcome, VmError> {
+fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) -> Result<VmOutcome, VmError> {
     let kvm = Kvm::new().map_err(|e| VmError::Kvm("/dev/kvm", e))?;
     let max = max_vcpus(&kvm);
     let Validated { mut kernel, mut initrd, devices } = validate(&cfg, max)?;
@@ -321,11 +429,16 @@ fn run_on(cfg: VmConfig, confine_self: bool) -> Result<VmOutcome, VmError> {
     pio.insert(COM1_BASE, COM1_LEN, serial.clone()).map_err(|e| VmError::Internal(e.to_string()))?;
     pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(reset))))
         .map_err(|e| VmError::Internal(e.to_string()))?;
-    let devices = pci::build(&vm, &mem, devices)?;
+    let mut devices = pci::build(&vm, &mem, devices)?;
     pio.insert(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, devices.root.clone())
         .map_err(|e| VmError::Internal(e.to_string()))?;
     let pio = Arc::new(pio);
     let mut event_loop = EventLoop::start(&devices, plan.clone(), exit.clone())?;
+    // Detached again at teardown: hotplug runs on the caller's threads while the VM is up.
+    let mut control = match (control, Hotplug::new(&mut devices, &event_loop)) {
+        (Some(c), Some(h)) => c.attach(h).map(|_| ControlGuard(Some(c)))?,
+        _ => ControlGuard(None),
+    };
 
     let supported =
         kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -394,9 +507,12 @@ fn run_on(cfg: VmConfig, confine_self: bool) -> Result<VmOutcome, VmError> {
         }
     }
     serial.lock().unwrap_or_else(|p| p.into_inner()).console().finish();
+    // Waits for a hotplug in progress (it needs the event loop), then refuses new ones.
+    let hotplug = control.detach();
     event_loop.stop();
-    let device_guest_errors = devices.guest_errors();
-    let attached = devices.attached.clone();
+    let device_guest_errors = devices.guest_errors() + hotplug.as_ref().map_or(0, Hotplug::guest_errors);
+    let attached = hotplug.as_ref().map_or_else(|| devices.attached.clone(), Hotplug::devices);
+    drop(hotplug);
     let mmio_unclaimed = devices.mmio.unclaimed();
     drop(devices);
     drop(vm);
@@ -415,6 +531,21 @@ fn run_on(cfg: VmConfig, confine_self: bool) -> Result<VmOutcome, VmError> {
         device_guest_errors,
         devices: attached,
     })
+}
+
+/// Detaches the VM from its [`VmControl`] on every way out of [`run_on`], a failed set-up too.
+struct ControlGuard(Option<Arc<VmControl>>);
+
+impl ControlGuard {
+    fn detach(&mut self) -> Option<Hotplug> {
+        self.0.take()?.detach()
+    }
+}
+
+impl Drop for ControlGuard {
+    fn drop(&mut self) {
+        drop(self.detach());
+    }
 }
 
 fn wait_for_exit(exit: &ExitSignal, stop: Option<&EventFd>, timeout: Option<Duration>) -> Result<StopReason, VmError> {
