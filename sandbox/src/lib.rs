@@ -13,5 +13,5 @@ pub use session::{
     virtiofs_storage, ContainerSpec, Device, ExitStatus, Process, Session, SessionConfig, StatsContainerResponse,
     Storage, Stream, AGENT_TIMEOUT, RPC_TIMEOUT,
 };
-pub use shoji_vmm::{DiskConfig, ShareConfig};
+pub use shoji_vmm::{DiskConfig, HotplugError, HotplugStats, PciPath, ShareConfig};
 pub use vm::*;

@@ -7,7 +7,10 @@
 use crate::artifacts;
 use crate::error::SandboxError;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
-use shoji_vmm::{cmdline, host, DiskConfig, KernelImage, SerialOut, ShareConfig, VmConfig, VmError};
+use shoji_vmm::{
+    cmdline, host, DiskConfig, HotplugError, HotplugStats, KernelImage, PciPath, SerialOut, ShareConfig, VmConfig,
+    VmControl, VmError,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,6 +89,8 @@ pub struct Sandbox {
     stop: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<Result<shoji_vmm::VmOutcome, VmError>>>,
     stopped: watch::Receiver<Option<String>>,
+    /// Hotplug into the running VM.
+    control: Arc<VmControl>,
 }
 
 impl Sandbox {
@@ -98,8 +103,9 @@ impl Sandbox {
     /// Boots an already checked VM configuration (see [`SandboxConfig::vm_config`]).
     pub fn start_vm(dir: PathBuf, vm: VmConfig, stop: Arc<EventFd>) -> Result<Sandbox, SandboxError> {
         let (tx, stopped) = watch::channel(None);
+        let control = VmControl::new();
         // The library's own thread: it confines itself once the VM runs (crate::confine).
-        let thread = shoji_vmm::vm::spawn(vm, move |r| {
+        let thread = shoji_vmm::vm::spawn_with_control(vm, control.clone(), move |r| {
             let why = match r {
                 Ok(o) => format!("the VM stopped ({:?})", o.reason),
                 Err(e) => format!("the VM failed: {e}"),
@@ -107,7 +113,36 @@ impl Sandbox {
             let _ = tx.send(Some(why));
         })
         .map_err(|e| SandboxError::Io(format!("starting the VM thread: {e}")))?;
-        Ok(Sandbox { dir, stop, thread: Some(thread), stopped })
+        Ok(Sandbox { dir, stop, thread: Some(thread), stopped, control })
+    }
+
+    /// Plugs `disk` into the running VM as virtio-blk and returns its PCI path, by which the
+    /// agent finds it once it has rescanned the guest's bus. Opens the file and makes KVM calls
+    /// on the calling thread (a few milliseconds; from async code, call it where blocking is
+    /// fine). Plugs are serialised.
+    pub fn hot_add_disk(&self, disk: DiskConfig) -> Result<PciPath, SandboxError> {
+        self.control.add_disk(disk).map_err(|e| self.hotplug_error(e))
+    }
+
+    /// Unplugs the hot-plugged device at `path`. Ask the agent to remove it in the guest first:
+    /// this takes it away whether or not the guest let go (log that case), and its slot is the
+    /// next hot-add's.
+    pub fn hot_remove(&self, path: &PciPath) -> Result<(), SandboxError> {
+        self.control.remove(path).map_err(|e| self.hotplug_error(e))
+    }
+
+    /// What hot-plugged devices hold now (for leak checks).
+    pub fn hotplug_stats(&self) -> Result<HotplugStats, SandboxError> {
+        self.control.stats().map_err(|e| self.hotplug_error(e))
+    }
+
+    fn hotplug_error(&self, e: HotplugError) -> SandboxError {
+        match e {
+            HotplugError::NotRunning => {
+                SandboxError::Stopped(self.has_stopped().unwrap_or_else(|| "the VM is not running".into()))
+            }
+            e => SandboxError::Vm(e.into()),
+        }
     }
 
     pub fn dir(&self) -> &Path {

@@ -131,6 +131,9 @@ pub enum VmError {
     /// The guest did something the VMM cannot continue from.
     #[error("{0}")]
     Guest(String),
+    /// A hot-add or unplug on a running VM failed ([`VmControl`]).
+    #[error(transparent)]
+    Hotplug(#[from] HotplugError),
 }
 
 /// What a finished VM reports.
