@@ -1,4 +1,6 @@
-//! virtio-blk disks found by PCI path: look in sysfs, else wait for the disk's uevent.
+//! virtio-blk disks found by PCI path: look in sysfs, else rescan the PCI bus once (a device
+//! hot-added by the VMM is only found by a scan: the guest runs without ACPI hotplug) and wait
+//! for the disk's uevent.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -6,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use shoji_devices::model::PciPath;
 
-use super::pci::pci_path_to_sysfs;
+use super::pci::{pci_path_to_sysfs, pci_rescan, PciResolveError};
 use super::uevent::{Uevent, UeventSource, UeventWait};
 use super::{DeviceContext, DeviceError, DeviceRequest, DeviceUpdate};
 
@@ -26,7 +28,8 @@ pub fn handle(req: &DeviceRequest, ctx: &mut DeviceContext<'_>) -> Result<Option
 /// The /dev node of the virtio-blk disk at `pci_path`, waiting up to `timeout` for it.
 ///
 /// First looks in sysfs (`<pci dev>/virtio<N>/block/<name>`, with `<dev_root>/<name>` present);
-/// otherwise waits for the kernel's `add` uevent of a block device directly under
+/// if the PCI function (or a bridge on its way) is not there, rescans the PCI bus once (see
+/// [`rescan`]); then waits for the kernel's `add` uevent of a block device directly under
 /// `<pci dev>/virtio<N>/block/`. `uevents` must have been listening since before this call.
 pub fn wait_for_virtio_blk(
     pci_path: &PciPath,
@@ -37,7 +40,17 @@ pub fn wait_for_virtio_blk(
 ) -> Result<PathBuf, DeviceError> {
     let start = Instant::now();
     let deadline = start + timeout;
-    let dev_dir = pci_path_to_sysfs(sysfs_root, pci_path)?;
+    let mut rescanned = false;
+    let dev_dir = match pci_path_to_sysfs(sysfs_root, pci_path) {
+        Ok(dir) => dir,
+        // A hot-added bridge is found by the same scan as a device.
+        Err(PciResolveError::MissingBridge { .. }) => {
+            rescan(sysfs_root, pci_path);
+            rescanned = true;
+            pci_path_to_sysfs(sysfs_root, pci_path)?
+        }
+        Err(e) => return Err(e.into()),
+    };
     // DEVPATH in uevents is relative to the sysfs mount.
     let devpath = match dev_dir.strip_prefix(sysfs_root).ok().and_then(Path::to_str) {
         Some(rel) => format!("/{rel}"),
@@ -61,6 +74,13 @@ pub fn wait_for_virtio_blk(
 
     if let Some(node) = look_in_sysfs(&mut seen_in_sysfs)? {
         return Ok(node);
+    }
+    if !rescanned && !dev_dir.exists() {
+        rescan(sysfs_root, pci_path);
+        // The scan is synchronous: the disk is usually there now. Its uevent is queued too.
+        if let Some(node) = look_in_sysfs(&mut seen_in_sysfs)? {
+            return Ok(node);
+        }
     }
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -86,6 +106,19 @@ pub fn wait_for_virtio_blk(
             }
             UeventWait::Timeout => {}
         }
+    }
+}
+
+/// Rescans the PCI bus for the device at `pci_path`. A failure is logged, not returned: the
+/// wait that follows still ends at its deadline with the error that says what is missing.
+pub fn rescan(sysfs_root: &Path, pci_path: &PciPath) {
+    match pci_rescan(sysfs_root) {
+        Ok(()) => tracing::debug!(pci_path = %pci_path, "PCI device not in sysfs; the bus was rescanned"),
+        Err(e) => tracing::warn!(
+            pci_path = %pci_path,
+            "PCI device not in sysfs and {} could not be written: {e}",
+            sysfs_root.join(super::pci::PCI_RESCAN).display()
+        ),
     }
 }
 
@@ -354,6 +387,118 @@ mod tests {
         )
         .unwrap();
         assert_eq!(node, fake.dev.path().join("vda"));
+    }
+
+    /// A fake kernel for hot-add: the host has put a virtio-blk device at `devpath` (relative to
+    /// sysfs); once "1" is in the rescan file, the next wait finds the device in sysfs, its node
+    /// in /dev and its `add` uevent (the file is emptied again, counting each rescan).
+    struct HotAddKernel {
+        sysfs: PathBuf,
+        dev: PathBuf,
+        devpath: String,
+        rescans: usize,
+        waits: usize,
+    }
+
+    impl HotAddKernel {
+        fn new(fake: &Fake, devpath: &str) -> HotAddKernel {
+            let sysfs = fake.sysfs.path().to_path_buf();
+            fs::create_dir_all(sysfs.join("bus/pci")).unwrap();
+            fs::write(sysfs.join(crate::device::pci::PCI_RESCAN), b"").unwrap();
+            HotAddKernel { sysfs, dev: fake.dev.path().to_path_buf(), devpath: devpath.into(), rescans: 0, waits: 0 }
+        }
+    }
+
+    impl UeventSource for HotAddKernel {
+        fn next_event(&mut self, timeout: Duration) -> io::Result<UeventWait> {
+            self.waits += 1;
+            let rescan = self.sysfs.join(crate::device::pci::PCI_RESCAN);
+            if fs::read(&rescan)? == b"1" {
+                fs::write(&rescan, b"")?;
+                self.rescans += 1;
+                fs::create_dir_all(self.sysfs.join(self.devpath.trim_start_matches('/')).join("virtio7/block/vdc"))?;
+                symlink("/dev/null", self.dev.join("vdc"))?;
+                return Ok(UeventWait::Event(add_block(&format!("{}/virtio7/block/vdc", self.devpath), "vdc")));
+            }
+            std::thread::sleep(timeout);
+            Ok(UeventWait::Timeout)
+        }
+    }
+
+    #[test]
+    fn a_hot_added_disk_is_found_after_one_rescan() {
+        for (pci, devpath) in [
+            ("05", "/devices/pci0000:00/0000:00:05.0"),
+            ("05.2", "/devices/pci0000:00/0000:00:05.2"),
+            ("02/04.1", "/devices/pci0000:00/0000:00:02.0/0000:01:04.1"),
+        ] {
+            let fake = Fake::new();
+            let mut kernel = HotAddKernel::new(&fake, devpath);
+            let node = wait_for_virtio_blk(
+                &pci.parse().unwrap(),
+                fake.sysfs.path(),
+                fake.dev.path(),
+                &mut kernel,
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            assert_eq!(node, fake.dev.path().join("vdc"), "{pci}");
+            assert_eq!(kernel.rescans, 1, "{pci}");
+        }
+    }
+
+    #[test]
+    fn a_device_that_is_in_sysfs_is_not_rescanned_for() {
+        let fake = Fake::new();
+        // The PCI function is there, its disk not yet (the driver is probing).
+        fs::create_dir_all(fake.sysfs.path().join(PCI_DEV)).unwrap();
+        let mut kernel = HotAddKernel::new(&fake, DEVPATH);
+        let err = wait_for_virtio_blk(
+            &"02/03".parse().unwrap(),
+            fake.sysfs.path(),
+            fake.dev.path(),
+            &mut kernel,
+            Duration::from_millis(100),
+        )
+        .unwrap_err();
+        assert!(matches!(err, DeviceError::Timeout { .. }), "{err:?}");
+        assert_eq!(kernel.rescans, 0);
+        assert!(kernel.waits > 0);
+    }
+
+    #[test]
+    fn a_missing_device_is_rescanned_for_once_then_times_out() {
+        let fake = Fake::new();
+        let rescan = fake.sysfs.path().join(crate::device::pci::PCI_RESCAN);
+        fs::create_dir_all(rescan.parent().unwrap()).unwrap();
+        fs::write(&rescan, b"").unwrap();
+        let (_tx, mut src) = ChannelUevents::new();
+        let timeout = Duration::from_millis(150);
+        let start = Instant::now();
+        let err = wait_for_virtio_blk(&"09".parse().unwrap(), fake.sysfs.path(), fake.dev.path(), &mut src, timeout)
+            .unwrap_err();
+        assert!(matches!(err, DeviceError::Timeout { .. }), "{err:?}");
+        assert!(start.elapsed() >= timeout);
+        assert_eq!(fs::read(&rescan).unwrap(), b"1", "the bus was rescanned");
+    }
+
+    #[test]
+    fn a_missing_bridge_is_rescanned_for_then_named() {
+        let fake = Fake::new();
+        let rescan = fake.sysfs.path().join(crate::device::pci::PCI_RESCAN);
+        fs::create_dir_all(rescan.parent().unwrap()).unwrap();
+        fs::write(&rescan, b"").unwrap();
+        let (_tx, mut src) = ChannelUevents::new();
+        let err = wait_for_virtio_blk(
+            &"07/03".parse().unwrap(),
+            fake.sysfs.path(),
+            fake.dev.path(),
+            &mut src,
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(matches!(err, DeviceError::Pci(PciResolveError::MissingBridge { .. })), "{err:?}");
+        assert_eq!(fs::read(&rescan).unwrap(), b"1");
     }
 
     #[test]

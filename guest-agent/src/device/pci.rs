@@ -1,5 +1,6 @@
-//! From a PCI path ("02/01": bridge in slot 2 of the root bus, then slot 1 behind it) to the
-//! device's directory in sysfs, following each bridge's secondary bus.
+//! From a PCI path ("02/01": bridge in slot 2 of the root bus, then slot 1 behind it; "02.1":
+//! function 1 of slot 2) to the device's directory in sysfs, following each bridge's secondary
+//! bus; and the bus rescan that makes a hot-added device appear.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,10 @@ pub enum PciResolveError {
     BadBusName { pci_path: String, sysfs: PathBuf, name: String },
 }
 
-/// The sysfs directory of the device at `path`: `<root>/devices/pci0000:00/0000:00:SS.0/...`.
+/// Where writing "1" makes the kernel scan every PCI bus for new devices (relative to sysfs).
+pub const PCI_RESCAN: &str = "bus/pci/rescan";
+
+/// The sysfs directory of the device at `path`: `<root>/devices/pci0000:00/0000:00:SS.F/...`.
 ///
 /// Every element but the last is a bridge whose `pci_bus/` directory must hold exactly one
 /// entry, the bus behind it. The last element is not required to exist yet: a hot-plugged
@@ -34,10 +38,10 @@ pub enum PciResolveError {
 pub fn pci_path_to_sysfs(sysfs_root: &Path, path: &PciPath) -> Result<PathBuf, PciResolveError> {
     let mut dir = sysfs_root.join("devices").join(format!("pci{PCI_ROOT_BUS}"));
     let mut bus = PCI_ROOT_BUS.to_owned();
-    let slots = path.slots();
-    for (i, slot) in slots.iter().enumerate() {
-        dir.push(format!("{bus}:{slot:02x}.0"));
-        if i + 1 == slots.len() {
+    let depth = path.slots().len();
+    for (i, e) in path.elements().enumerate() {
+        dir.push(format!("{bus}:{:02x}.{:x}", e.slot, e.function));
+        if i + 1 == depth {
             break;
         }
         if !dir.is_dir() {
@@ -58,6 +62,20 @@ pub fn pci_path_to_sysfs(sysfs_root: &Path, path: &PciPath) -> Result<PathBuf, P
         bus = next.clone();
     }
     Ok(dir)
+}
+
+/// Asks the kernel to scan the PCI buses (hot-add without ACPI: the VMM has put the device in a
+/// free slot; the scan finds it, binds its driver and sends its uevents). The write returns once
+/// the scan is done. Never creates the file: a tree without it (no PCI) is an error.
+pub fn pci_rescan(sysfs_root: &Path) -> io::Result<()> {
+    write_existing(&sysfs_root.join(PCI_RESCAN), b"1")
+}
+
+/// Writes `data` to an existing file (a sysfs attribute), in one write.
+pub(crate) fn write_existing(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.write_all(data)
 }
 
 /// The names in a directory, sorted; a name that is not UTF-8 is kept lossily (and then fails
@@ -122,6 +140,36 @@ mod tests {
         bridge(&b2, &["0000:0a"]);
         let got = pci_path_to_sysfs(root.path(), &pci("03/1e/07")).unwrap();
         assert_eq!(got, root.path().join("devices/pci0000:00/0000:00:03.0/0000:05:1e.0/0000:0a:07.0"));
+    }
+
+    #[test]
+    fn functions_other_than_zero_through_bridges() {
+        let root = tempfile::tempdir().unwrap();
+        let got = pci_path_to_sysfs(root.path(), &pci("02.3")).unwrap();
+        assert_eq!(got, root.path().join("devices/pci0000:00/0000:00:02.3"));
+        // A bridge that is function 2 of slot 3; the device is function 7 of slot 0x1e behind it.
+        let b = root.path().join("devices/pci0000:00/0000:00:03.2");
+        bridge(&b, &["0000:04"]);
+        let got = pci_path_to_sysfs(root.path(), &pci("03.2/1e.7")).unwrap();
+        assert_eq!(got, b.join("0000:04:1e.7"));
+        // Function 0 of the same slot is another device, not this bridge.
+        let err = pci_path_to_sysfs(root.path(), &pci("03/1e")).unwrap_err();
+        assert!(
+            matches!(&err, PciResolveError::MissingBridge { sysfs, .. } if sysfs.ends_with("0000:00:03.0")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rescan_writes_one_and_never_creates_the_file() {
+        let root = tempfile::tempdir().unwrap();
+        let err = pci_rescan(root.path()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(!root.path().join(PCI_RESCAN).exists());
+        fs::create_dir_all(root.path().join("bus/pci")).unwrap();
+        fs::write(root.path().join(PCI_RESCAN), b"").unwrap();
+        pci_rescan(root.path()).unwrap();
+        assert_eq!(fs::read(root.path().join(PCI_RESCAN)).unwrap(), b"1");
     }
 
     #[test]
