@@ -1,9 +1,13 @@
 //! Devices of a container: each request is handled on its own and gives a [`DeviceUpdate`]
 //! (container path → guest major:minor and final path); the updates are then applied to the OCI
 //! spec in one batch ([`apply_device_updates`]). Handlers never touch the spec.
+//!
+//! Hot-plug (no ACPI in the guest): a PCI device the guest lacks makes the blk handler rescan
+//! the bus ([`pci::pci_rescan`]); [`remove`] releases a device before the VMM drops it.
 
 pub mod blk;
 pub mod pci;
+pub mod remove;
 pub mod uevent;
 pub mod update;
 
@@ -15,11 +19,13 @@ use std::time::Duration;
 use oci_spec::runtime::Spec;
 use shoji_devices::model::PciPathError;
 
-pub use pci::{pci_path_to_sysfs, PciResolveError};
+pub use pci::{pci_path_to_sysfs, pci_rescan, PciResolveError};
+pub use remove::{remove_pci_device, RemoveError, Removed};
 pub use uevent::{ChannelUevents, NetlinkUevents, Uevent, UeventSource, UeventWait};
 pub use update::{apply_device_updates, NodeType, SpecRewriteError};
 
-/// How long a handler waits for a device to show up, unless configured otherwise.
+/// How long a handler waits for a device to show up (or a removed one to go), unless
+/// configured otherwise (`shoji.hotplug_timeout=SECS` on the kernel command line).
 pub const DEFAULT_HOTPLUG_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The request kind whose guest node the runtime already knows (`vm_path`, e.g. "/dev/vda").
@@ -28,7 +34,7 @@ pub const MMIO_BLK_KIND: &str = "mmioblk";
 /// One device the runtime asks for, as in the agent protocol's `Device` message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceRequest {
-    /// Kind-specific: a PCI path ("02/01") for `blk`.
+    /// Kind-specific: a PCI path ("02/01", "02.1") for `blk`.
     pub id: String,
     /// Selects the handler: "blk", "mmioblk".
     pub kind: String,
