@@ -230,4 +230,30 @@ mod tests {
         // SAFETY: only IRQCHIP entries are kept, whose live union member is `irqchip`.
         assert!(slave.iter().any(|x| unsafe { x.u.irqchip.irqchip == KVM_IRQCHIP_PIC_SLAVE && x.u.irqchip.pin == 4 }));
     }
+
+    /// GSIs come back on release and go out again lowest first; a released device neither
+    /// routes nor fires (its GSIs may be another device's by then). Needs /dev/kvm.
+    #[test]
+    fn released_gsis_are_reused_lowest_first_and_the_released_device_goes_quiet() {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let routing = Arc::new(IrqRouting::new(Arc::new(vm)));
+        let a = routing.device(2).unwrap();
+        let b = routing.device(3).unwrap();
+        assert_eq!((a.gsis(), b.gsis()), (vec![24, 25], vec![26, 27, 28]));
+        assert_eq!(routing.gsis_in_use(), 5);
+        a.set_route(1, Some(MsiMessage { addr: 0xfee0_0000, data: 0x41 }));
+        b.set_route(0, Some(MsiMessage { addr: 0xfee0_0000, data: 0x42 }));
+        a.release().unwrap();
+        a.release().unwrap();
+        assert_eq!(routing.gsis_in_use(), 3);
+        assert_eq!(routing.lock().routes.keys().copied().collect::<Vec<_>>(), [26], "a's route is dropped");
+        a.set_route(0, Some(MsiMessage { addr: 0xfee0_0000, data: 0x43 }));
+        assert_eq!(routing.lock().routes.len(), 1, "a released device routes nothing");
+        a.fire(0);
+        let c = routing.device(3).unwrap();
+        assert_eq!(c.gsis(), [24, 25, 29]);
+        assert_eq!(routing.gsis_in_use(), 6);
+    }
 }

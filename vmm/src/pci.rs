@@ -589,3 +589,94 @@ impl Hotplug {
         self.mmio.read(addr, data)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoji_devices::pci::{Bar, PciDevice};
+    use std::sync::atomic::AtomicUsize;
+
+    /// A BAR that reads as its byte offset and counts the accesses that reach it.
+    struct Counting(Arc<AtomicUsize>);
+
+    impl PciDevice for Counting {
+        fn config_read(&mut self, _: usize, data: &mut [u8]) {
+            data.fill(0)
+        }
+        fn config_write(&mut self, _: usize, _: &[u8]) {}
+        fn bars(&self) -> Vec<(u8, Bar)> {
+            Vec::new()
+        }
+        fn bar_read(&mut self, _: u8, offset: u64, data: &mut [u8]) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            data.fill(offset as u8)
+        }
+        fn bar_write(&mut self, _: u8, _: u64, _: &[u8]) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn range(start: u64, hits: &Arc<AtomicUsize>) -> MmioRange {
+        MmioRange { start, len: 0x1000, dev: Arc::new(Mutex::new(Counting(hits.clone()))), bar: 0 }
+    }
+
+    #[test]
+    fn ranges_are_found_in_any_insertion_order_and_gaps_read_all_ones() {
+        let bus = MmioBus::default();
+        let hits = Arc::new(AtomicUsize::new(0));
+        for start in [0x3000, 0x1000, 0x5000] {
+            bus.insert(range(start, &hits));
+        }
+        let mut b = [0u8; 4];
+        for (addr, want) in [(0x1004, [4; 4]), (0x3ffc, [0xfc; 4]), (0x5010, [0x10; 4]), (0x2000, [0xff; 4])] {
+            bus.read(addr, &mut b);
+            assert_eq!(b, want, "{addr:#x}");
+        }
+        bus.read(0x1ffe, &mut b);
+        assert_eq!(b, [0xff; 4], "an access straddling the BAR's end");
+        assert_eq!((hits.load(Ordering::Relaxed), bus.unclaimed(), bus.len()), (3, 2, 3));
+        assert!(bus.remove(0x3000));
+        assert!(!bus.remove(0x3000));
+        bus.read(0x3004, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        bus.read(0x5004, &mut b);
+        assert_eq!(b, [4; 4], "the others stay");
+    }
+
+    /// vCPUs hammering a BAR while it is unplugged: the unplug waits for the accesses inside
+    /// the device, and after it none reaches it; the rest read all ones.
+    #[test]
+    fn an_unplug_while_vcpus_poke_the_bar_leaves_no_access_behind() {
+        let bus = Arc::new(MmioBus::default());
+        let hits = Arc::new(AtomicUsize::new(0));
+        bus.insert(range(0x1000, &hits));
+        let stop = Arc::new(AtomicBool::new(false));
+        let pokers: Vec<_> = (0..2)
+            .map(|_| {
+                let (bus, stop) = (bus.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut b = [0u8; 4];
+                    while !stop.load(Ordering::Relaxed) {
+                        bus.read(0x1008, &mut b);
+                        assert!(b == [8; 4] || b == [0xff; 4], "{b:?}");
+                        bus.write(0x1008, &b);
+                    }
+                })
+            })
+            .collect();
+        while hits.load(Ordering::Relaxed) < 1000 {
+            std::thread::yield_now();
+        }
+        assert!(bus.remove(0x1000));
+        let after = hits.load(Ordering::Relaxed);
+        let unclaimed = bus.unclaimed();
+        while bus.unclaimed() < unclaimed + 1000 {
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::Relaxed);
+        for p in pokers {
+            p.join().unwrap();
+        }
+        assert_eq!(hits.load(Ordering::Relaxed), after, "an access reached the unplugged device");
+    }
+}
