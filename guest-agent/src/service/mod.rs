@@ -1,5 +1,6 @@
 //! The agent's RPC service: `AgentService` and `Health` from shoji-protocol, mapped onto a
-//! [`ContainerRuntime`], the storage handlers and the device handlers.
+//! [`ContainerRuntime`], the storage handlers and the device handlers (RemoveDevice and who
+//! uses which device: [`hotplug`]).
 //!
 //! Every request is checked before anything is done, every failure becomes a ttrpc status with a
 //! one-line message (see [`error`]), and nothing a client sends can stop the agent from serving
@@ -9,6 +10,7 @@ mod container;
 pub mod convert;
 pub mod error;
 pub mod guest;
+mod hotplug;
 
 use std::collections::HashMap;
 use std::io;
@@ -76,11 +78,14 @@ impl UeventSource for NoUevents {
     }
 }
 
-/// What the service itself keeps: the storages it mounted, per container and for the sandbox.
+/// What the service itself keeps: the storages it mounted, per container and for the sandbox,
+/// and which of them uses which PCI device.
 #[derive(Default)]
 struct State {
     sandbox: Option<Sandbox>,
     containers: HashMap<String, Container>,
+    device_uses: Vec<hotplug::DeviceUse>,
+    next_ticket: u64,
 }
 
 struct Sandbox {
@@ -160,17 +165,23 @@ impl Inner {
         let ids: Vec<String> = self.state().containers.keys().cloned().collect();
         let mut first = None;
         for id in ids {
-            if let Err(e) = self.remove_container(&id, 0).await {
-                tracing::warn!("destroying the sandbox: {e}");
-                first.get_or_insert(e);
+            match self.remove_container(&id, 0).await {
+                Ok(()) => self.release_owner(&hotplug::Owner::Container(id)),
+                Err(e) => {
+                    tracing::warn!("destroying the sandbox: {e}");
+                    first.get_or_insert(e);
+                }
             }
         }
         let sandbox = self.state().sandbox.take();
         if let Some(sb) = sandbox {
-            if let Err(e) = unmount_blocking(sb.storages).await {
-                let e = e.context(format!("sandbox {:?}", sb.id));
-                tracing::warn!("{e}");
-                first.get_or_insert(e);
+            match unmount_blocking(sb.storages).await {
+                Ok(()) => self.release_owner(&hotplug::Owner::Sandbox),
+                Err(e) => {
+                    let e = e.context(format!("sandbox {:?}", sb.id));
+                    tracing::warn!("{e}");
+                    first.get_or_insert(e);
+                }
             }
         }
         first.map_or(Ok(()), Err)
@@ -205,8 +216,15 @@ fn ids(container_id: &str, exec_id: &str) -> Result<(), RpcError> {
 #[async_trait]
 impl agent_ttrpc::AgentService for Agent {
     async fn create_sandbox(&self, _: &TtrpcContext, req: agent::CreateSandboxRequest) -> ttrpc::Result<Empty> {
-        let r = self.detached(|inner| async move { inner.create_sandbox(req).await }).await;
-        reply("CreateSandbox", r.map(|()| Empty::new()))
+        let r = self.detached(|inner| async move {
+            let ticket = inner.claim_devices(hotplug::Owner::Sandbox, &[], &req.storages);
+            let r = inner.create_sandbox(req).await;
+            if r.is_err() {
+                inner.release_ticket(ticket);
+            }
+            r
+        });
+        reply("CreateSandbox", r.await.map(|()| Empty::new()))
     }
 
     async fn destroy_sandbox(&self, _: &TtrpcContext, _: agent::DestroySandboxRequest) -> ttrpc::Result<Empty> {
@@ -223,8 +241,17 @@ impl agent_ttrpc::AgentService for Agent {
     }
 
     async fn create_container(&self, _: &TtrpcContext, req: agent::CreateContainerRequest) -> ttrpc::Result<Empty> {
-        let r = self.detached(|inner| async move { inner.create_container(req).await }).await;
-        reply("CreateContainer", r.map(|()| Empty::new()))
+        let r = self.detached(|inner| async move {
+            // Claimed before the devices are looked up: a RemoveDevice meanwhile is refused.
+            let owner = hotplug::Owner::Container(req.container_id.clone());
+            let ticket = inner.claim_devices(owner, &req.devices, &req.storages);
+            let r = inner.create_container(req).await;
+            if r.is_err() {
+                inner.release_ticket(ticket);
+            }
+            r
+        });
+        reply("CreateContainer", r.await.map(|()| Empty::new()))
     }
 
     async fn start_container(&self, _: &TtrpcContext, req: agent::StartContainerRequest) -> ttrpc::Result<Empty> {
@@ -238,9 +265,16 @@ impl agent_ttrpc::AgentService for Agent {
     async fn remove_container(&self, _: &TtrpcContext, req: agent::RemoveContainerRequest) -> ttrpc::Result<Empty> {
         let r = self.detached(|inner| async move {
             ids(&req.container_id, "")?;
-            inner.remove_container(&req.container_id, req.timeout_secs).await
+            inner.remove_container(&req.container_id, req.timeout_secs).await?;
+            inner.release_owner(&hotplug::Owner::Container(req.container_id));
+            Ok(())
         });
         reply("RemoveContainer", r.await.map(|()| Empty::new()))
+    }
+
+    async fn remove_device(&self, _: &TtrpcContext, req: agent::RemoveDeviceRequest) -> ttrpc::Result<Empty> {
+        let r = self.detached(|inner| async move { inner.remove_device(req).await });
+        reply("RemoveDevice", r.await.map(|()| Empty::new()))
     }
 
     async fn exec_process(&self, _: &TtrpcContext, req: agent::ExecProcessRequest) -> ttrpc::Result<Empty> {
