@@ -469,8 +469,8 @@ impl Hotplug {
 
     fn add(&mut self, kind: DeviceKind, name: String, dev: Box<dyn VirtioDevice>) -> Result<PciPath, HotplugError> {
         let path = self.wiring.plan.hot_add(kind)?;
-        // The plan's hot slots are on bus 0: one slot number.
-        let slot = path.slots().first().copied().ok_or(PciPlanError::BusFull)?;
+        // The plan's hot slots are function 0 of slots on bus 0.
+        let slot = path.root_slot().ok_or(PciPlanError::BusFull)?;
         match self.plug(&path, kind, name, dev) {
             Ok(d) => {
                 tracing::info!(path = %path, device = d.info.what, "{kind} hot-plugged");
@@ -529,10 +529,7 @@ impl Hotplug {
     /// and slot are free for the next device. Boot devices are not unpluggable
     /// ([`PciPlanError::NotHotPlugged`]).
     pub fn remove(&mut self, path: &PciPath) -> Result<(), HotplugError> {
-        let d = match path.slots() {
-            &[slot] => self.hot.remove(&slot),
-            _ => None,
-        };
+        let d = path.root_slot().and_then(|slot| self.hot.remove(&slot));
         let d = d.ok_or_else(|| PciPlanError::NotHotPlugged(path.clone()))?;
         let mut problems = Vec::new();
         if self.root.lock().unwrap_or_else(|p| p.into_inner()).remove(path).is_none() {
@@ -559,7 +556,7 @@ impl Hotplug {
     pub fn devices(&self) -> Vec<AttachedDevice> {
         let mut all: Vec<AttachedDevice> =
             self.boot.iter().chain(self.hot.values().map(|d| &d.info)).cloned().collect();
-        all.sort_by(|a, b| a.path.slots().cmp(b.path.slots()));
+        all.sort_by(|a, b| a.path.elements().cmp(b.path.elements()));
         all
     }
 

@@ -168,6 +168,8 @@ fn a_disk_is_plugged_unplugged_and_plugged_again_and_twenty_cycles_leave_nothing
     assert!(with_one.epoll_registrations > before.epoll_registrations, "its queue in the event loop: {with_one:?}");
     let listed: Vec<String> = c.devices().unwrap().iter().map(|d| format!("{}@{}", d.kind, d.path)).collect();
     assert_eq!(listed, ["virtio-blk@01", "virtio-blk@02"]);
+    assert!(c.remove(&path("02.1")).is_err(), "function 1 of its slot is not the disk");
+    assert_eq!(cfg32(c, &p, 0), VIRTIO_BLK_IDS);
 
     // Unplug: config space and the BAR read as all ones; boot devices and unknown paths refuse.
     c.remove(&p).unwrap();
@@ -175,7 +177,7 @@ fn a_disk_is_plugged_unplugged_and_plugged_again_and_twenty_cycles_leave_nothing
     assert_eq!(mmio32(c, bar), u32::MAX, "nothing behind the old BAR");
     assert_eq!(c.stats().unwrap(), boot_stats);
     assert_eq!(held(), before);
-    for bad in ["02", "01", "00", "1f", "02/01"] {
+    for bad in ["02", "01", "00", "1f", "02/01", "02.1"] {
         let e = c.remove(&path(bad)).unwrap_err();
         assert!(e.to_string().contains("not a hot-plugged device"), "{bad}: {e}");
     }

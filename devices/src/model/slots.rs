@@ -104,7 +104,7 @@ impl PciSlotPlan {
     /// stay where they are.
     pub fn hot_remove(&mut self, path: &PciPath) -> Result<DeviceKind, PciPlanError> {
         let not_hot = || PciPlanError::NotHotPlugged(path.clone());
-        let &[slot] = path.slots() else { return Err(not_hot()) };
+        let slot = path.root_slot().ok_or_else(not_hot)?;
         self.hot.get_mut(usize::from(slot)).and_then(Option::take).ok_or_else(not_hot)
     }
 
@@ -188,11 +188,13 @@ mod tests {
     #[test]
     fn only_hot_plugged_devices_can_be_removed() {
         let mut plan = PciSlotPlan::new(1, 0, true).unwrap();
-        for s in ["00", "01", "02", "03", "1f", "03/01"] {
+        for s in ["00", "01", "02", "03", "1f", "03/01", "03.1"] {
             let path: PciPath = s.parse().unwrap();
             assert_eq!(plan.hot_remove(&path), Err(PciPlanError::NotHotPlugged(path.clone())), "{s}");
         }
         let path = plan.hot_add(DeviceKind::Block).unwrap();
+        let fn1: PciPath = format!("{path}.1").parse().unwrap();
+        assert_eq!(plan.hot_remove(&fn1), Err(PciPlanError::NotHotPlugged(fn1)), "another function of its slot");
         assert_eq!(plan.hot_remove(&path), Ok(DeviceKind::Block));
         assert_eq!(plan.hot_remove(&path), Err(PciPlanError::NotHotPlugged(path)), "removed twice");
     }

@@ -93,7 +93,7 @@ impl PciRoot {
 
     /// Puts `dev` at `path`, a free slot of bus 0 (the host bridge has slot 0).
     pub fn place(&mut self, path: &PciPath, dev: SharedPciDevice) -> Result<(), PciError> {
-        let &[slot] = path.slots() else { return Err(PciError::NotOnRootBus(path.clone())) };
+        let Some(slot) = path.root_slot() else { return Err(PciError::NotOnRootBus(path.clone())) };
         match self.slots.get_mut(usize::from(slot)) {
             Some(s @ None) => {
                 *s = Some(dev);
@@ -107,7 +107,7 @@ impl PciRoot {
     /// Takes the device at `path` off the bus: from then on its config space reads as all ones,
     /// as an empty slot's does. The host bridge (slot 0) stays; paths not on bus 0 hold nothing.
     pub fn remove(&mut self, path: &PciPath) -> Option<SharedPciDevice> {
-        let &[slot] = path.slots() else { return None };
+        let slot = path.root_slot()?;
         if slot == 0 {
             return None;
         }
@@ -118,10 +118,7 @@ impl PciRoot {
     /// belongs to the guest): for the host's diagnostics and tests. An empty slot reads as all
     /// ones, as it does for the guest.
     pub fn config_read(&self, path: &PciPath, offset: usize, data: &mut [u8]) {
-        let dev = match path.slots() {
-            &[slot] => self.slots.get(usize::from(slot)).cloned().flatten(),
-            _ => None,
-        };
+        let dev = path.root_slot().and_then(|slot| self.slots.get(usize::from(slot)).cloned().flatten());
         match dev {
             Some(d) => d.lock().unwrap_or_else(|p| p.into_inner()).config_read(offset, data),
             None => data.fill(0xff),
@@ -304,6 +301,9 @@ mod tests {
         assert_eq!(cfg_read32(&mut root, 0, 0), 0x0008_1b36);
         assert!(root.remove(&p("1f")).is_none());
         assert!(root.remove(&p("03/00")).is_none());
+        assert!(root.remove(&p("03.1")).is_none(), "function 1 is not the device in slot 3");
+        assert_eq!(cfg_read32(&mut root, 3, 0), 0x0034_0001);
+        assert_eq!(root.place(&p("04.2"), dummy(9)), Err(PciError::NotOnRootBus(p("04.2"))));
         root.config_read(&p("03/00"), 0, &mut b);
         assert_eq!(b, [0xff; 4]);
     }
