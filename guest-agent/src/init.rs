@@ -8,6 +8,7 @@
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use libc::c_ulong;
 
@@ -170,6 +171,35 @@ pub fn power_off() -> ! {
     }
 }
 
+/// The kernel command-line parameter for how long the agent waits for a hot-plugged device to
+/// appear or a removed one to go, in seconds (fractions allowed): `shoji.hotplug_timeout=10`.
+/// A dotted parameter is a module parameter to the kernel, never passed to init: the agent reads
+/// it from /proc/cmdline (as Kata's agent does `agent.hotplug_timeout`).
+pub const HOTPLUG_TIMEOUT_PARAM: &str = "shoji.hotplug_timeout";
+/// Longer than this is a typo, not a wish.
+pub const MAX_HOTPLUG_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A hot-plug timeout in seconds: above zero, at most [`MAX_HOTPLUG_TIMEOUT`].
+pub fn parse_hotplug_timeout(secs: &str) -> Result<Duration, String> {
+    let bad = || format!("{secs:?} is not a number of seconds above 0 and at most {}", MAX_HOTPLUG_TIMEOUT.as_secs());
+    let n: f64 = secs.trim().parse().map_err(|_| bad())?;
+    let d = Duration::try_from_secs_f64(n).map_err(|_| bad())?;
+    if d.is_zero() || d > MAX_HOTPLUG_TIMEOUT {
+        return Err(bad());
+    }
+    Ok(d)
+}
+
+/// [`HOTPLUG_TIMEOUT_PARAM`] from a kernel command line (the text of /proc/cmdline): `None`
+/// when it is not there; the last one counts, as with the kernel's own parameters.
+pub fn hotplug_timeout_from_cmdline(cmdline: &str) -> Result<Option<Duration>, String> {
+    let value = cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| w.split_once('=').filter(|(k, _)| *k == HOTPLUG_TIMEOUT_PARAM).map(|(_, v)| v))
+        .last();
+    value.map(|v| parse_hotplug_timeout(v).map_err(|e| format!("{HOTPLUG_TIMEOUT_PARAM}: {e}"))).transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +248,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(!is_mount_point(dir.path()));
         assert!(!is_mount_point(&dir.path().join("missing")));
+    }
+
+    #[test]
+    fn hotplug_timeout_on_the_kernel_command_line() {
+        let t = |c: &str| hotplug_timeout_from_cmdline(c);
+        assert_eq!(t("console=ttyS0 acpi=off"), Ok(None));
+        assert_eq!(t("console=ttyS0 shoji.hotplug_timeout=10 quiet"), Ok(Some(Duration::from_secs(10))));
+        assert_eq!(t("shoji.hotplug_timeout=0.5\n"), Ok(Some(Duration::from_millis(500))));
+        assert_eq!(t("shoji.hotplug_timeout=1 shoji.hotplug_timeout=2"), Ok(Some(Duration::from_secs(2))));
+        // Other parameters that merely look alike are not it.
+        assert_eq!(t("xshoji.hotplug_timeout=9 shoji.hotplug_timeout_ms=9 shoji.hotplug_timeout"), Ok(None));
+        for bad in ["0", "-1", "abc", "", "3601", "inf", "NaN"] {
+            let err = t(&format!("shoji.hotplug_timeout={bad}")).unwrap_err();
+            assert!(err.starts_with("shoji.hotplug_timeout: "), "{err}");
+        }
+        assert_eq!(parse_hotplug_timeout("3600"), Ok(MAX_HOTPLUG_TIMEOUT));
     }
 }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -30,6 +31,10 @@ struct Args {
     /// `logging::LOG_VSOCK_PORT`).
     #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "1025")]
     log_vsock: Option<u32>,
+    /// How long to wait for a hot-plugged device, in seconds; as PID 1 the default comes from
+    /// `shoji.hotplug_timeout=SECS` on the kernel command line, else 3 s.
+    #[arg(long, value_name = "SECS", value_parser = init::parse_hotplug_timeout)]
+    hotplug_timeout: Option<Duration>,
 }
 
 /// The container runtime: real containers (namespaces, cgroups, pivot_root, seccomp).
@@ -107,11 +112,12 @@ fn agent_main(pid1: bool) -> anyhow::Result<()> {
         }
     }
 
+    let hotplug_timeout = hotplug_timeout(&args, pid1);
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")
-        .and_then(|rt| rt.block_on(run(args)));
+        .and_then(|rt| rt.block_on(run(args, hotplug_timeout)));
     if let Err(e) = &result {
         tracing::error!("{e:#}");
         eprintln!("shoji-agent: {e:#}");
@@ -128,8 +134,38 @@ fn without_kernel_words(argv: &mut Vec<std::ffi::OsString>) -> Vec<String> {
     argv.drain(1..1 + n).map(|a| a.to_string_lossy().into_owned()).collect()
 }
 
+/// The hot-plug timeout: `--hotplug-timeout`, else (as PID 1) the kernel command line's
+/// `shoji.hotplug_timeout`, else the default. A bad kernel value is logged and the default kept.
+fn hotplug_timeout(args: &Args, pid1: bool) -> Duration {
+    let default = shoji_agent::device::DEFAULT_HOTPLUG_TIMEOUT;
+    if let Some(t) = args.hotplug_timeout {
+        return t;
+    }
+    if !pid1 {
+        return default;
+    }
+    let cmdline = match std::fs::read_to_string("/proc/cmdline") {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("reading /proc/cmdline: {e}; hot-plug timeout {default:?}");
+            return default;
+        }
+    };
+    match init::hotplug_timeout_from_cmdline(&cmdline) {
+        Ok(Some(t)) => {
+            tracing::info!("hot-plug timeout {t:?} (kernel command line)");
+            t
+        }
+        Ok(None) => default,
+        Err(e) => {
+            tracing::warn!("{e}; hot-plug timeout {default:?}");
+            default
+        }
+    }
+}
+
 /// Serves until SIGTERM or SIGINT, then stops serving, removes every container and syncs.
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, hotplug_timeout: Duration) -> anyhow::Result<()> {
     let addrs: Vec<ListenAddr> =
         args.listen.iter().map(|s| s.parse()).collect::<std::result::Result<_, _>>().context("--listen")?;
     std::fs::create_dir_all(&args.state_dir)
@@ -137,7 +173,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
-    let agent = Arc::new(Agent::new(default_runtime(&args.state_dir)?, ServiceConfig::guest()));
+    let mut cfg = ServiceConfig::guest();
+    cfg.storage.hotplug_timeout = hotplug_timeout;
+    let agent = Arc::new(Agent::new(default_runtime(&args.state_dir)?, cfg));
     let mut servers = Vec::with_capacity(addrs.len());
     for addr in &addrs {
         servers.push(listen::serve(addr, agent.clone()).await?);
@@ -174,7 +212,10 @@ mod tests {
     fn arguments() {
         let a = Args::try_parse_from(["shoji-agent"]).unwrap();
         assert_eq!(a.listen, ["vsock://-1:1024"]);
-        assert_eq!((a.log, a.log_vsock), (None, None));
+        assert_eq!((a.log, a.log_vsock, a.hotplug_timeout), (None, None, None));
+        let a = Args::try_parse_from(["shoji-agent", "--hotplug-timeout", "7.5"]).unwrap();
+        assert_eq!(a.hotplug_timeout, Some(Duration::from_millis(7500)));
+        assert!(Args::try_parse_from(["shoji-agent", "--hotplug-timeout", "0"]).is_err());
         let a =
             Args::try_parse_from(["shoji-agent", "--listen", "unix:/a", "--listen", "unix:/b", "--log-vsock"]).unwrap();
         assert_eq!(a.listen, ["unix:/a", "unix:/b"]);
