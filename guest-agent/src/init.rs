@@ -196,7 +196,7 @@ pub fn hotplug_timeout_from_cmdline(cmdline: &str) -> Result<Option<Duration>, S
     let value = cmdline
         .split_ascii_whitespace()
         .filter_map(|w| w.split_once('=').filter(|(k, _)| *k == HOTPLUG_TIMEOUT_PARAM).map(|(_, v)| v))
-        .last();
+        .next_back();
     value.map(|v| parse_hotplug_timeout(v).map_err(|e| format!("{HOTPLUG_TIMEOUT_PARAM}: {e}"))).transpose()
 }
 
