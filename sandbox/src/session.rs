@@ -20,6 +20,9 @@ pub const AGENT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The limit of every set-up and tear-down RPC (the calls that wait on a process have none).
 /// Creating a container on a PVM host pays ~2.5 ms per page fault: minutes are not unheard of.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(120);
+/// How much longer than the guest's wait a RemoveDevice may take (the RPC itself, the kernel's
+/// remove write).
+const REMOVE_DEVICE_MARGIN: Duration = Duration::from_secs(5);
 /// How much one read of a process's output asks for.
 const READ_CHUNK: u32 = 64 * 1024;
 
@@ -141,6 +144,25 @@ impl Session {
     pub async fn remove_container(&self, container_id: &str) -> Result<(), SandboxError> {
         let req = agent::RemoveContainerRequest { container_id: container_id.into(), ..Default::default() };
         self.client.remove_container(ctx(RPC_TIMEOUT), &req).await.map_err(|e| rpc_error("RemoveContainer", e))?;
+        Ok(())
+    }
+
+    /// Asks the guest to release the PCI device at `pci_path` (hot-remove, before the VMM drops
+    /// it), waiting up to `timeout` for it to go (zero: the agent's hot-plug timeout). Refused
+    /// with [`crate::error::RpcCode::FailedPrecondition`], naming the container, while a
+    /// container uses the device, unless `force`. A device the guest does not have is no error.
+    pub async fn remove_device(
+        &self,
+        pci_path: &shoji_devices::model::PciPath,
+        timeout: Duration,
+        force: bool,
+    ) -> Result<(), SandboxError> {
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        let req =
+            agent::RemoveDeviceRequest { pci_path: pci_path.to_string(), timeout_ms, force, ..Default::default() };
+        // The agent's own wait ends first, so its answer says why.
+        let limit = if timeout.is_zero() { RPC_TIMEOUT } else { timeout + REMOVE_DEVICE_MARGIN };
+        self.client.remove_device(ctx(limit), &req).await.map_err(|e| rpc_error("RemoveDevice", e))?;
         Ok(())
     }
 
