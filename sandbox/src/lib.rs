@@ -5,10 +5,12 @@
 //! kernel and initramfs are looked up ([`artifacts`]) in the cache `shoji setup` fills.
 pub mod artifacts;
 mod error;
+mod hotplug;
 mod session;
 mod vm;
 
 pub use error::{RpcCode, SandboxError, StartFailure, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND};
+pub use hotplug::{Hotplug, Unplugged, RELEASE_TIMEOUT};
 pub use session::{
     virtiofs_storage, ContainerSpec, Device, ExitStatus, Process, Session, SessionConfig, StatsContainerResponse,
     Storage, Stream, AGENT_TIMEOUT, RPC_TIMEOUT,
