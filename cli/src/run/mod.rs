@@ -8,10 +8,12 @@
 //!    socket and its serial console log (`detached::sessions`: named by this process, so the
 //!    next `shoji` command removes it if this one is killed); the rootfs and `--share` dirs are
 //!    virtio-fs shares, `--disk`s virtio-blk disks.
-//! 4. Over the agent API: CreateSandbox, CreateContainer (the storages to mount, the devices,
+//! 4. Over the agent API: CreateSandbox; each `--device` is hot-plugged (`shoji_sandbox::Hotplug`,
+//!    as the shim does), then CreateContainer (the storages to mount, the devices,
 //!    the OCI spec), StartContainer; stdout and stderr are copied to ours until end of stream,
 //!    stdin forwarded with `-i`; signals are forwarded; WaitProcess gives the exit status.
 //! 5. DestroySandbox, the VM is stopped and joined, the session dir removed.
+pub(crate) mod device;
 mod image;
 pub(crate) mod rootfs;
 pub(crate) mod saved;
@@ -21,8 +23,8 @@ pub(crate) mod tty;
 
 use anyhow::{anyhow, Context, Result};
 use shoji_sandbox::{
-    console_tail, virtiofs_storage, ContainerSpec, Device, Process, Sandbox, SandboxConfig, SandboxError, Session,
-    SessionConfig, Stream,
+    console_tail, virtiofs_storage, ContainerSpec, Device, Hotplug, Process, Sandbox, SandboxConfig, SandboxError,
+    Session, SessionConfig, Stream,
 };
 use shoji_vmm::{host, testkit, DiskConfig, ShareConfig, VmConfig, VmError};
 use std::os::fd::AsRawFd;
@@ -74,6 +76,10 @@ pub struct RunArgs {
     /// A virtio-blk disk (raw image or block device), /dev/vda, /dev/vdb, ... in the container.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<String>,
+    /// A host block device, hot-plugged after boot, at CONTAINER (default: the host path) with
+    /// device cgroup permissions rwm or fewer (Docker's syntax; not with -d yet). Repeatable.
+    #[arg(long = "device", value_name = "HOST[:CONTAINER][:rwm]")]
+    pub devices: Vec<String>,
     /// Share a host directory (virtio-fs) at /mnt/<its name> in the container.
     #[arg(long = "share", value_name = "DIR[,ro]")]
     pub shares: Vec<String>,
@@ -213,6 +219,14 @@ pub(crate) fn parse_env(e: &str) -> Result<Option<String>> {
 
 /// Checks every flag and every file they name; builds, boots and writes nothing.
 pub(crate) fn plan(a: RunArgs) -> Result<Plan> {
+    Ok(plan_with_devices(a)?.0)
+}
+
+/// [`plan`] and the `--device`s (which a detached sandbox's saved plan cannot hold yet).
+pub(crate) fn plan_with_devices(a: RunArgs) -> Result<(Plan, Vec<device::HostDevice>)> {
+    if a.detach && !a.devices.is_empty() {
+        return Err(anyhow!("device: not supported with -d yet (use --disk, plugged at boot)"));
+    }
     let image = a.image.as_deref().map(image::Image::open).transpose()?;
     let image_config = image.as_ref().map(|i| i.config.clone()).unwrap_or_default();
     let mut command = a.command;
@@ -257,6 +271,8 @@ pub(crate) fn plan(a: RunArgs) -> Result<Plan> {
     if disks.len() > 26 {
         return Err(anyhow!("disk: {} disks; at most 26 (/dev/vda to /dev/vdz)", disks.len()));
     }
+    let disk_paths: Vec<String> = (0..disks.len()).map(disk_path).collect();
+    let devices = device::parse_all(&a.devices, &disk_paths)?;
     let shares = a.shares.iter().enumerate().map(|(i, s)| parse_share(s, i)).collect::<Result<Vec<_>>>()?;
     for (i, (s, name)) in shares.iter().enumerate() {
         if let Some((other, _)) = shares[..i].iter().find(|(_, n)| n == name) {
@@ -294,7 +310,12 @@ pub(crate) fn plan(a: RunArgs) -> Result<Plan> {
     (cfg.vcpus, cfg.memory_mib, cfg.disks) = (p.cpus, p.memory_mib, p.disks.clone());
     cfg.shares = p.shares.iter().map(|(s, _)| s.clone()).collect();
     shoji_vmm::vm::check(&cfg).map_err(|e| sandbox_error(e.into()))?;
-    Ok(p)
+    Ok((p, devices))
+}
+
+/// `--disk` `i`'s path in the container.
+fn disk_path(i: usize) -> String {
+    format!("/dev/vd{}", char::from(b'a' + i as u8))
 }
 
 /// The container rootfs directory (built, found or unpacked now) and whether it is a shared,
@@ -322,7 +343,7 @@ pub(crate) fn sandbox_error(e: SandboxError) -> anyhow::Error {
 }
 
 fn run(a: RunArgs) -> Result<u8> {
-    let p = plan(a)?;
+    let (p, devices) = plan_with_devices(a)?;
     let (root_dir, builtin) = root_dir(&p)?;
     // Built on first use (the sandbox library only looks them up).
     let (kernel, initrd) = crate::artifacts::ensure()?;
@@ -345,7 +366,7 @@ fn run(a: RunArgs) -> Result<u8> {
     // Signals are ours from here on (before the VM exists, so none is missed).
     let signals = rt.block_on(async { Signals::new() })?;
     let vm = Sandbox::start_vm(cfg.dir.clone(), vm_cfg, stop)?;
-    let result = rt.block_on(session(&p, builtin, &vm, signals));
+    let result = rt.block_on(session(&p, &devices, builtin, &vm, signals));
     drop(rt);
     let stopped = vm.stop();
     let code = match result {
@@ -458,6 +479,18 @@ pub(crate) async fn deadline(at: Option<tokio::time::Instant>) {
 
 /// The agent's storages, devices and spec for the plan.
 pub(crate) fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16, u16)>) -> Result<ContainerSpec> {
+    create_request_with(p, &[], builtin, console_size)
+}
+
+/// [`create_request`] with `--device`s in the spec: a node and an allow rule each, by the host's
+/// numbers (the agent rewrites both to the guest's). Their agent [`Device`]s, which need the PCI
+/// path, are added once they are plugged ([`start_command_with`]).
+pub(crate) fn create_request_with(
+    p: &Plan,
+    host_devices: &[device::HostDevice],
+    builtin: bool,
+    console_size: Option<(u16, u16)>,
+) -> Result<ContainerSpec> {
     // An image's root is an overlay (tmpfs upper) over the cached, shared image: writable, and
     // mount points that a `FROM scratch` image lacks can be made.
     let overlay = p.rootfs == Rootfs::Image;
@@ -477,7 +510,7 @@ pub(crate) fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16,
     // The slots the VMM gives the disks (the rootfs share and `--share`s come after them).
     let slots = model::PciSlotPlan::new(p.disks.len(), 1 + p.shares.len(), true).map_err(|e| anyhow!("disk: {e}"))?;
     for (i, _) in p.disks.iter().enumerate() {
-        let path = format!("/dev/vd{}", char::from(b'a' + i as u8));
+        let path = disk_path(i);
         // Disks are on PCI slots 01, 02, ... in order (docs/design.md).
         let slot = slots.disk(i).ok_or_else(|| anyhow!("disk {i}: not in the PCI slot plan"))?;
         devices.push(Device {
@@ -486,7 +519,15 @@ pub(crate) fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16,
             container_path: path.clone(),
             ..Default::default()
         });
-        spec_devices.push(spec::Device { path, major: 0, minor: i as i64 });
+        spec_devices.push(spec::Device { path, major: 0, minor: i as i64, access: "rwm".into() });
+    }
+    for d in host_devices {
+        spec_devices.push(spec::Device {
+            path: d.container.clone(),
+            major: d.major,
+            minor: d.minor,
+            access: d.perms.clone(),
+        });
     }
     let env = spec::environment(&p.env, p.tty);
     let spec = spec::build(&spec::Input {
@@ -513,18 +554,24 @@ pub(crate) fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16,
 }
 
 /// Boots to a running command, forwards its stdio and signals, returns its exit status.
-async fn session(p: &Plan, builtin: bool, vm: &Sandbox, mut sig: Signals) -> Result<u8, Failure> {
+async fn session(
+    p: &Plan,
+    host_devices: &[device::HostDevice],
+    builtin: bool,
+    vm: &Sandbox,
+    mut sig: Signals,
+) -> Result<u8, Failure> {
     let until = p.timeout.map(|t| tokio::time::Instant::now() + t);
     // Raw mode only when the host's stdin is the container's keyboard.
     let stdin_fd = std::io::stdin().as_raw_fd();
     let stdout_fd = std::io::stdout().as_raw_fd();
     let size_fd = if tty::is_tty(stdout_fd) { stdout_fd } else { stdin_fd };
     let console_size = if p.tty { tty::window_size(size_fd) } else { None };
-    let req = create_request(p, builtin, console_size)?;
+    let req = create_request_with(p, host_devices, builtin, console_size)?;
 
     // Up to a started command: any of these ends it.
     let (session, process) = tokio::select! {
-        r = start_command(vm, req, format!("shoji-run-{}", std::process::id())) => r?,
+        r = start_command_with(vm, req, format!("shoji-run-{}", std::process::id()), host_devices) => r?,
         s = sig.stop.stop() => return Err(Failure::Signal(s)),
         why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} before the command started"))),
         _ = deadline(until) => return Err(Failure::Timeout),
@@ -542,9 +589,40 @@ pub(crate) async fn start_command(
     container: ContainerSpec,
     sandbox_id: String,
 ) -> Result<(Session, Process), Failure> {
+    start_command_with(vm, container, sandbox_id, &[]).await
+}
+
+/// [`start_command`], with `host_devices` hot-plugged between CreateSandbox and CreateContainer
+/// (the path the shim takes): each gets the next free PCI slot, and the container a blk
+/// [`Device`] naming it, which the agent finds after a rescan. They are unplugged when the VM
+/// stops, with the sandbox.
+pub(crate) async fn start_command_with(
+    vm: &Sandbox,
+    mut container: ContainerSpec,
+    sandbox_id: String,
+    host_devices: &[device::HostDevice],
+) -> Result<(Session, Process), Failure> {
     let cfg = SessionConfig { sandbox_id, hostname: spec::HOSTNAME.into(), ..Default::default() };
     let session = Session::create(vm, cfg).await.map_err(|e| Failure::Sandbox(anyhow!(e)))?;
-    let process = session.create_container(container).await.map_err(command_failure)?;
+    let hotplug = Hotplug::new();
+    for d in host_devices {
+        let at = hotplug.plug_disk(vm, d.disk()).await.map_err(|e| match e {
+            e @ (SandboxError::Stopped(_) | SandboxError::Agent(_)) => Failure::Sandbox(anyhow!(e)),
+            e => Failure::Error(anyhow!("device: {}: {e}", d.host.display())),
+        })?;
+        tracing::debug!("device {}: plugged at PCI path {at}", d.host.display());
+        container.devices.push(Device {
+            id: at.to_string(),
+            type_: "blk".into(),
+            container_path: d.container.clone(),
+            ..Default::default()
+        });
+    }
+    // No plug or unplug while the agent rescans for this container's devices.
+    let process = {
+        let _plugs = hotplug.lock().await;
+        session.create_container(container).await.map_err(command_failure)?
+    };
     process.start().await.map_err(command_failure)?;
     Ok((session, process))
 }
@@ -770,5 +848,39 @@ mod tests {
         assert_eq!(GUEST_ROOTFS, model::guest_share_dir(ROOTFS_TAG));
         let spec: oci_spec::runtime::Spec = serde_json::from_slice(&r.spec_json).unwrap();
         assert!(spec.mounts().as_ref().unwrap().iter().any(|m| m.destination() == std::path::Path::new("/mnt/d")));
+
+        // A --device: a node and a rule by the host's numbers, with its permissions; its agent
+        // Device comes once it is plugged (the PCI path is the VMM's choice).
+        let loop3 = device::HostDevice {
+            host: "/dev/loop3".into(),
+            container: "/dev/xvdz".into(),
+            perms: "r".into(),
+            major: 7,
+            minor: 3,
+        };
+        let r = create_request_with(&p, &[loop3], true, None).unwrap();
+        assert_eq!(r.devices.len(), 2);
+        let spec: oci_spec::runtime::Spec = serde_json::from_slice(&r.spec_json).unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        let node = linux.devices().as_ref().unwrap().last().unwrap();
+        assert_eq!((node.path().to_str(), node.major(), node.minor()), (Some("/dev/xvdz"), 7, 3));
+        let rule = linux.resources().as_ref().unwrap().devices().as_ref().unwrap().last().unwrap();
+        assert_eq!(
+            (rule.allow(), rule.major(), rule.minor(), rule.access().as_deref()),
+            (true, Some(7), Some(3), Some("r"))
+        );
+    }
+
+    #[test]
+    fn device_flags_are_checked_before_anything_starts() {
+        let err = |args: &[&str]| one_line(&plan_with_devices(parse(args).unwrap()).unwrap_err());
+        assert_eq!(
+            err(&["--device", "/dev/null:/dev/x", "--", "true"]),
+            "device: /dev/null: character devices cannot be passed into the sandbox"
+        );
+        assert!(err(&["--device", "/dev/sda:/dev/x:q", "--", "true"]).starts_with("device: "));
+        assert!(err(&["-d", "--device", "/dev/loop0", "--", "true"]).starts_with("device: not supported with -d"));
+        let r = parse(&["--device", "/dev/loop0:/dev/xvdz:rw", "--device", "/dev/loop1", "--", "true"]).unwrap();
+        assert_eq!(r.devices, ["/dev/loop0:/dev/xvdz:rw", "/dev/loop1"]);
     }
 }

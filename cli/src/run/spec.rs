@@ -1,6 +1,7 @@
 //! The OCI runtime spec of `shoji run`'s container, written with oci-spec's builders: Docker's
 //! defaults where they matter (namespaces, mounts, capabilities, masked paths), the command,
-//! its environment and terminal, the shares as bind mounts and the disks as devices.
+//! its environment and terminal, the shares as bind mounts and the disks and `--device`s as
+//! devices.
 use anyhow::Result;
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceBuilder, LinuxDeviceCgroup,
@@ -20,13 +21,16 @@ pub struct Bind {
     pub read_only: bool,
 }
 
-/// A disk in the container. The numbers are placeholders the agent replaces with the guest
-/// node's (found by PCI path): only the path has to be unique.
+/// A block device in the container: a `--disk` (placeholder numbers `0:i`) or a `--device` (the
+/// host node's numbers). The agent replaces the numbers of both the node and its cgroup rule
+/// with the guest node's (found by PCI path), so path and numbers must each be unique.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
     pub path: String,
     pub major: i64,
     pub minor: i64,
+    /// The device cgroup access the container gets ("rwm" or a subset).
+    pub access: String,
 }
 
 #[derive(Debug, Clone)]
@@ -82,7 +86,8 @@ const CAPS: &[Capability] = &[
 
 /// The device cgroup (`linux.resources.devices`), Docker's: deny everything, allow creating any
 /// node (opening it is what the cgroup guards), the standard devices every container gets, and
-/// each disk by its placeholder numbers, which the agent's batched rewrite turns into the guest's.
+/// each device by the numbers in its node entry, which the agent's batched rewrite turns into the
+/// guest's, with its access.
 fn device_rules(devices: &[Device]) -> Result<Vec<LinuxDeviceCgroup>> {
     let r = |allow: bool, typ: Option<LinuxDeviceType>, major: Option<i64>, minor: Option<i64>, access: &str| {
         let mut b = LinuxDeviceCgroupBuilder::default().allow(allow).access(access);
@@ -111,7 +116,7 @@ fn device_rules(devices: &[Device]) -> Result<Vec<LinuxDeviceCgroup>> {
         rules.push(r(true, Some(C), Some(major), minor, "rwm")?);
     }
     for d in devices {
-        rules.push(r(true, Some(B), Some(d.major), Some(d.minor), "rwm")?);
+        rules.push(r(true, Some(B), Some(d.major), Some(d.minor), &d.access)?);
     }
     Ok(rules)
 }
@@ -253,7 +258,10 @@ mod tests {
         let args = vec!["sh".to_string(), "-c".to_string(), "echo hi".to_string()];
         let env = environment(&[], false);
         let binds = vec![Bind { source: "/run/shoji/share0".into(), destination: "/mnt/data".into(), read_only: true }];
-        let devices = vec![Device { path: "/dev/vda".into(), major: 0, minor: 0 }];
+        let devices = vec![
+            Device { path: "/dev/vda".into(), major: 0, minor: 0, access: "rwm".into() },
+            Device { path: "/dev/xvdz".into(), major: 7, minor: 3, access: "rm".into() },
+        ];
         let spec = build(&input(&args, &env, &binds, &devices)).unwrap();
         // What the agent receives is JSON: it must parse back to the same spec.
         let json = serde_json::to_vec(&spec).unwrap();
@@ -278,13 +286,25 @@ mod tests {
             ns,
             [LinuxNamespaceType::Mount, LinuxNamespaceType::Pid, LinuxNamespaceType::Uts, LinuxNamespaceType::Ipc]
         );
-        assert_eq!(linux.devices().as_ref().unwrap()[0].path().to_str(), Some("/dev/vda"));
+        let nodes: Vec<_> = linux
+            .devices()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|d| (d.path().to_str().unwrap(), d.typ(), d.major(), d.minor()))
+            .collect();
+        assert_eq!(nodes, [("/dev/vda", LinuxDeviceType::B, 0, 0), ("/dev/xvdz", LinuxDeviceType::B, 7, 3)]);
         assert!(linux.seccomp().is_some());
-        // Deny first, then the standard devices, then the disk by its placeholder numbers.
+        // Deny first, then the standard devices, then each device by its node's numbers, with
+        // its access.
         let rules = linux.resources().as_ref().unwrap().devices().as_ref().unwrap();
         assert!(!rules[0].allow() && rules[0].typ().is_none() && rules[0].access().as_deref() == Some("rwm"));
-        let last = rules.last().unwrap();
-        assert_eq!((last.typ(), last.major(), last.minor()), (Some(LinuxDeviceType::B), Some(0), Some(0)));
+        let tail: Vec<_> = rules[rules.len() - 2..]
+            .iter()
+            .map(|r| (r.allow(), r.typ(), r.major(), r.minor(), r.access().as_deref()))
+            .collect();
+        let b = Some(LinuxDeviceType::B);
+        assert_eq!(tail, [(true, b, Some(0), Some(0), Some("rwm")), (true, b, Some(7), Some(3), Some("rm"))]);
         assert!(!rules.iter().any(|r| r.allow() && r.major().is_none() && r.access().as_deref() != Some("m")));
         assert_eq!(spec.hostname().as_deref(), Some(HOSTNAME));
     }
