@@ -3,6 +3,7 @@
 //! its address), talks ttrpc to the server, and runs `delete` after the server is gone.
 //! See docs/shim.md.
 mod config;
+mod devices;
 mod events;
 mod mount;
 mod stats;

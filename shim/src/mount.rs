@@ -34,7 +34,7 @@ pub fn parse_options(options: &[String]) -> io::Result<(libc::c_ulong, String)> 
     Ok((m.mount_flags(), m.data_string()))
 }
 
-fn cstr(p: &[u8], what: &str) -> io::Result<CString> {
+pub(crate) fn cstr(p: &[u8], what: &str) -> io::Result<CString> {
     CString::new(p).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{what}: contains NUL")))
 }
 
@@ -56,12 +56,18 @@ fn owned(r: libc::c_long) -> io::Result<OwnedFd> {
 
 /// Resolution below a root that no symlink, magic link or `..` can leave, and that does not
 /// cross into another mount (a target is a plain directory of ours, never a mount already).
-const BENEATH: u64 =
+pub(crate) const BENEATH: u64 =
     libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV;
 /// As [`BENEATH`], but through our own mounts (for finding mounts to unmount).
 const BENEATH_XDEV: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
 
-fn openat2(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int, mode: u32, resolve: u64) -> io::Result<OwnedFd> {
+pub(crate) fn openat2(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    flags: libc::c_int,
+    mode: u32,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
     let flags = flags | libc::O_CLOEXEC;
     // SAFETY: open_how is plain data; zeroed is its valid "no options" value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
@@ -82,7 +88,7 @@ fn openat2(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int, mode: u32, reso
 }
 
 /// An O_PATH descriptor of a directory the shim owns the path of.
-fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     let p = cstr(path.as_os_str().as_bytes(), "path")?;
     // SAFETY: a NUL-terminated path that outlives the call.
     owned(unsafe {
@@ -99,7 +105,7 @@ fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<(
     }
 }
 
-fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+pub(crate) fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     // SAFETY: stat is plain data, filled by the kernel.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: a valid descriptor and a stat buffer that outlives the call.

@@ -6,6 +6,7 @@
 //! one virtio-fs share, read-only but for those binds (see [`mount::Share`]). The VM stops when
 //! the last container is deleted.
 use crate::config::{options_config_path, ShimConfig};
+use crate::devices::{self, HostNode};
 use crate::events::Events;
 use crate::mount::{self, MountSpec};
 use crate::stdio::{self, Target};
@@ -20,8 +21,8 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code, TtrpcContext};
 use containerd_shim::ExitSignal;
 use shoji_sandbox::{
-    virtiofs_storage, ContainerSpec, RpcCode, Sandbox, SandboxConfig, SandboxError, Session, SessionConfig,
-    ShareConfig, EXIT_NOT_EXECUTABLE,
+    virtiofs_storage, ContainerSpec, Device, DiskConfig, Hotplug, PciPath, RpcCode, Sandbox, SandboxConfig,
+    SandboxError, Session, SessionConfig, ShareConfig, Unplugged, EXIT_NOT_EXECUTABLE, RELEASE_TIMEOUT,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -86,6 +87,8 @@ struct Container {
     bundle: String,
     /// `<bundle>/rootfs` is ours to unmount.
     rootfs_mounted: bool,
+    /// Its spec's block devices, hot-plugged at Create; unplugged at Delete.
+    devices: Vec<Plugged>,
     procs: HashMap<String, Process>,
 }
 
@@ -93,6 +96,14 @@ struct Container {
 struct Vm {
     sandbox: Sandbox,
     session: Session,
+    hotplug: Hotplug,
+}
+
+/// A host block device plugged into the sandbox for a container.
+#[derive(Debug, Clone)]
+struct Plugged {
+    pci: PciPath,
+    container_path: String,
 }
 
 pub struct Service {
@@ -189,7 +200,7 @@ impl Inner {
             }
         };
         tracing::info!("sandbox: agent ready after {:.1} s", started.elapsed().as_secs_f64());
-        let vm = Arc::new(Vm { sandbox, session });
+        let vm = Arc::new(Vm { sandbox, session, hotplug: Hotplug::new() });
         *slot = Some(vm.clone());
         Ok(vm)
     }
@@ -220,6 +231,37 @@ impl Inner {
             .as_ref()
             .map(|v| v.session.clone())
             .ok_or_else(|| status(Code::UNAVAILABLE, "sandbox: not running"))
+    }
+
+    /// Unplugs a container's devices (the guest releases each first; `force`: even one it still
+    /// counts as in use). A device the guest will not release is removed from the VM anyway.
+    fn unplug(&self, id: &str, devices: &[Plugged], force: bool) {
+        if devices.is_empty() {
+            return;
+        }
+        let Some(vm) = lock(&self.vm).clone() else { return };
+        if let Some(why) = vm.sandbox.has_stopped() {
+            tracing::debug!("container {id}: devices not unplugged: the sandbox stopped ({why})");
+            return;
+        }
+        for d in devices {
+            let what = format!("container {id}: {} (PCI {})", d.container_path, d.pci);
+            let unplug = |force| vm.hotplug.unplug(&vm.sandbox, &vm.session, &d.pci, RELEASE_TIMEOUT, force);
+            let r = match self.rt.block_on(unplug(force)) {
+                Err(e) if !force && e.rpc_code() == Some(RpcCode::FailedPrecondition) => {
+                    tracing::warn!("{what}: the guest still uses it ({e}); unplugging it anyway");
+                    self.rt.block_on(unplug(true))
+                }
+                r => r,
+            };
+            match r {
+                Ok(Unplugged::Released) => tracing::info!("{what}: unplugged (released by the guest)"),
+                Ok(Unplugged::Forced(why)) => {
+                    tracing::warn!("{what}: unplugged; the guest did not release it: {why}")
+                }
+                Err(e) => tracing::warn!("{what}: unplugging: {e}"),
+            }
+        }
     }
 
     /// Marks a process exited, wakes waiters and publishes TaskExit.
@@ -289,6 +331,37 @@ impl Inner {
     }
 }
 
+/// The spec's host block devices, found and opened for plugging; anything the sandbox cannot
+/// take fails here, naming the entry. A privileged spec's host devices are dropped.
+fn host_devices(id: &str, spec: &mut serde_json::Value) -> RpcResult<Vec<(devices::BlockDevice, HostNode)>> {
+    let plan = devices::plan(spec).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+    if plan.dropped > 0 {
+        devices::drop_host_devices(spec);
+        tracing::info!(
+            "container {id}: privileged: the {} host devices of linux.devices are not passed into the sandbox \
+             (the container gets the guest's)",
+            plan.dropped
+        );
+    }
+    let sys = Path::new(devices::SYS_DEV_BLOCK);
+    plan.blocks
+        .into_iter()
+        .map(|b| {
+            let node = devices::open_host_block(sys, Path::new(devices::DEV), b.major, b.minor).map_err(|source| {
+                let e = devices::DeviceError::Host {
+                    index: b.index,
+                    path: b.container_path.clone(),
+                    major: b.major,
+                    minor: b.minor,
+                    source,
+                };
+                status(Code::INVALID_ARGUMENT, e.to_string())
+            })?;
+            Ok((b, node))
+        })
+        .collect()
+}
+
 /// Host paths the spec bind-mounts are bound at `<id>/mounts/<n>` in the share; the spec (JSON)
 /// gets their guest paths. Mounts of kernel filesystems are left to the guest.
 fn share_binds(spec: &mut serde_json::Value, id: &str, share: &mount::Share) -> RpcResult<()> {
@@ -332,6 +405,8 @@ impl Inner {
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("bundle: {}: {e}", spec_path.display())))?;
+        // Before anything is mounted or booted: a device the sandbox cannot take leaves nothing.
+        let host_devices = host_devices(&id, &mut spec)?;
 
         let rootfs = bundle.join("rootfs");
         // Registered before the (slow) boot: what containerd sends meanwhile (stdin, CloseIO,
@@ -343,7 +418,10 @@ impl Inner {
                 return Err(status(Code::ALREADY_EXISTS, format!("container {id}: already exists")));
             }
             let procs = HashMap::from([(String::new(), init)]);
-            cs.insert(id.clone(), Container { bundle: req.bundle.clone(), rootfs_mounted: false, procs });
+            cs.insert(
+                id.clone(),
+                Container { bundle: req.bundle.clone(), rootfs_mounted: false, devices: Vec::new(), procs },
+            );
         }
         let forget = || {
             lock(&self.containers).remove(&id);
@@ -367,6 +445,7 @@ impl Inner {
             }
         }
         let mounted = !mounts.is_empty();
+        let mut plugged = Vec::new();
         let prepared = (|| {
             let vm = self.vm()?;
             let share = mount::Share::open(&self.dir)
@@ -375,19 +454,47 @@ impl Inner {
                 .bind(&Path::new(&id).join("rootfs"), &rootfs, false)
                 .map_err(|e| status(Code::INTERNAL, format!("rootfs: sharing {}: {e}", rootfs.display())))?;
             share_binds(&mut spec, &id, &share)?;
+            for (b, node) in &host_devices {
+                let disk = DiskConfig { path: node.fd_path(), read_only: b.read_only };
+                let what = format!("linux.devices[{}] {}", b.index, b.container_path);
+                let pci = self
+                    .rt
+                    .block_on(vm.hotplug.plug_disk(&vm.sandbox, disk))
+                    .map_err(|e| status(Code::INTERNAL, format!("{what}: plugging {}: {e}", node.path.display())))?;
+                tracing::info!(
+                    "container {id}: {what}: host {} plugged at PCI {pci}{}",
+                    node.path.display(),
+                    if b.read_only { " (read-only)" } else { "" }
+                );
+                plugged.push(Plugged { pci, container_path: b.container_path.clone() });
+            }
+            let devices = plugged
+                .iter()
+                .map(|p| Device {
+                    id: p.pci.to_string(),
+                    type_: "blk".into(),
+                    container_path: p.container_path.clone(),
+                    ..Default::default()
+                })
+                .collect();
             let create = ContainerSpec {
                 id: id.clone(),
                 spec_json: serde_json::to_vec(&spec).map_err(|e| status(Code::INTERNAL, e.to_string()))?,
                 rootfs: format!("{GUEST_SHARED}/{id}/rootfs"),
+                devices,
                 terminal: req.terminal,
                 ..Default::default()
             };
+            // The agent rescans the PCI bus for them: no unplug may run meanwhile.
+            let _hotplug = (!plugged.is_empty()).then(|| self.rt.block_on(vm.hotplug.lock()));
             self.rt
                 .block_on(vm.session.create_container(create))
                 .map_err(|e| agent_status(&e, format!("container {id}")))?;
             Ok::<_, ttrpc::Error>(())
         })();
         if let Err(e) = prepared {
+            // No container holds them: the guest need not be asked twice.
+            self.unplug(&id, &plugged, true);
             cleanup(mounted);
             forget();
             if lock(&self.containers).is_empty() {
@@ -397,6 +504,7 @@ impl Inner {
         }
         if let Some(c) = lock(&self.containers).get_mut(&id) {
             c.rootfs_mounted = mounted;
+            c.devices = plugged;
         }
         tracing::info!("container {id}: created");
         self.events.publish(
@@ -506,6 +614,8 @@ impl Inner {
             }
         }
         let Some(c) = lock(&self.containers).remove(&t.container_id) else { return Err(not_found(&t)) };
+        // After RemoveContainer: the agent no longer counts them as in use.
+        self.unplug(&t.container_id, &c.devices, false);
         mount::remove_container(&self.dir, &t.container_id);
         if c.rootfs_mounted {
             mount::unmount_all(&Path::new(&c.bundle).join("rootfs"));
