@@ -17,6 +17,7 @@
 //! ([`peer_first`]), so a drift weighs on both; each run gets a freshly written and synced disk
 //! image (untimed), so each starts with the same clean page cache.
 pub mod boot;
+pub mod hotplug;
 pub mod plot;
 pub mod stats;
 pub mod vsock;

@@ -59,6 +59,22 @@ enum BenchCmd {
     Boot(BenchBootArgs),
     /// `shoji run -- true` end to end: spawn to exit, percentiles (no peer fits).
     Run(BenchRunArgs),
+    /// A disk hot-plugged into a running sandbox to its bytes in a new container, next to a
+    /// boot disk (`--disk`) and what one adds to the boot (BENCHMARKS.md).
+    Hotplug(BenchHotplugArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchHotplugArgs {
+    /// Timed hot and cold rounds each (interleaved), after one untimed round each.
+    #[arg(short = 'n', long = "runs", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    n: u32,
+    /// Timed boots with and without a disk each (0: none).
+    #[arg(long, default_value_t = 3)]
+    boots: u32,
+    /// Print JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -404,6 +420,11 @@ fn main() -> ExitCode {
         .context("bench vsock"),
         Cmd::Bench(BenchCmd::Boot(a)) => {
             bench::boot::main(a.opts(bench::boot::Bench::Boot)).map(|()| ExitCode::SUCCESS).context("bench boot")
+        }
+        Cmd::Bench(BenchCmd::Hotplug(a)) => {
+            bench::hotplug::main(bench::hotplug::HotplugOpts { runs: a.n, boots: a.boots, json: a.json })
+                .map(|()| ExitCode::SUCCESS)
+                .context("bench hotplug")
         }
         Cmd::Bench(BenchCmd::Run(a)) => {
             bench::boot::main(a.opts(bench::boot::Bench::Run)).map(|()| ExitCode::SUCCESS).context("bench run")
