@@ -7,8 +7,10 @@
 # Cases: echo; exit status 3; stderr; stdin piped through cat; a tty session; detached task +
 # exec + ps + SIGKILL + delete; SIGKILL of the shim then delete; (our shim only) a guest that
 # resets its VM ends the task with 255; (our shim only) guest root cannot plant links in the
-# shared tree; $CYCLES (default 20) run/delete cycles; then nothing of
-# ours may be left: no shim process, mount, shim socket, sandbox directory, task or container.
+# shared tree; (our shim only) a loop device passed with --device is hot-plugged, read, written,
+# cgroup-confined and unplugged, and a char device refused; $CYCLES (default 20) run/delete
+# cycles; then nothing of ours may be left: no shim process, mount, shim socket, sandbox
+# directory, task or container.
 # Setup (private containerd, image): lib.sh.
 # Needs root. Installs containerd, runc, busybox-static and python3 when missing.
 # Prints "N passed, M failed"; exits non-zero on any failure.
@@ -146,6 +148,59 @@ if [ "$RUNTIME" = io.containerd.shoji.v2 ]; then
   else
     no "guest root plants links" "status $rc: $out" "links in staging: $links"
   fi
+fi
+
+# Host block devices (our shim only): `ctr run --device` puts the container path and the host
+# node's numbers in linux.devices (never the host path); the shim finds the node by its numbers,
+# hot-plugs it as virtio-blk, and the agent gives the container a node with the guest's numbers,
+# rewriting the device cgroup to match. ctr 1.6's --device takes one path (no HOST:CONTAINER), so
+# the spec's path is a second host node of the loop device's numbers, $devnode: the container sees
+# /dev/xvdz while the shim opens /dev/loopN. A char device fails Create, naming it.
+if [ "$RUNTIME" = io.containerd.shoji.v2 ]; then
+  devnode=/dev/xvdz
+  [ -e $devnode ] && devnode=/dev/shoji-test-xvdz
+  img=$WORK/disk.img
+  { printf 'shoji-block-0123'; head -c $((1024 * 1024 - 16)) /dev/zero; } >"$img"
+  loop=$(losetup -f --show "$img")
+  dev_cleanup() {
+    rm -f "$devnode"
+    [ -n "${loop:-}" ] && losetup -d "$loop" 2>/dev/null
+  }
+  trap 'dev_cleanup; teardown' EXIT
+  lmaj=$((0x$(stat -c %t "$loop"))) lmin=$((0x$(stat -c %T "$loop")))
+  mknod -m 600 "$devnode" b "$lmaj" "$lmin"
+  out=$(ctr_ run --rm --device "$devnode" $R $IMG t-dev sh -c '
+    d='"$devnode"'
+    head -c 16 $d; echo
+    ls -l $d
+    printf from-the-container | dd of=$d bs=512 seek=1 conv=notrunc,sync,fsync 2>&1 >/dev/null && echo written
+    maj=$(ls -l $d | awk "{print \$5}" | tr -d ,) min=$(ls -l $d | awk "{print \$6}")
+    echo "neighbour: $( { mknod /dev/nb b $maj $((min + 16)) && head -c1 /dev/nb; } 2>&1 >/dev/null)"
+    echo "host numbers: $( { mknod /dev/hn b '"$lmaj $lmin"' && head -c1 /dev/hn; } 2>&1 >/dev/null)"' 2>&1)
+  rc=$?
+  node=$(sed -n 2p <<<"$out")
+  gmaj=$(awk '{print $5}' <<<"$node" | tr -d ,)
+  [ $rc = 0 ] && [ "$(sed -n 1p <<<"$out")" = shoji-block-0123 ] && [ "${node:0:1}" = b ] &&
+    [ -n "$gmaj" ] && [ "$gmaj" != "$lmaj" ] &&
+    ok "ctr run --device: the container reads the loop device's bytes at $devnode, a node with the guest's numbers ($gmaj:x, host $lmaj:$lmin)" ||
+    no "device read" "status $rc: $out"
+  written=$(dd if="$img" bs=512 skip=1 count=1 2>/dev/null | head -c 18)
+  grep -qx written <<<"$out" && [ "$written" = from-the-container ] &&
+    ok "a write from the container lands in the host file" || no "device write" "host file: $written" "$out"
+  grep -q '^neighbour: .*Operation not permitted' <<<"$out" && grep -q '^host numbers: .*Operation not permitted' <<<"$out" &&
+    ok "the device cgroup denies a neighbour and the host's numbers" || no "device cgroup" "$out"
+  for _ in $(seq 20); do grep -q 'container t-dev: .*: unplugged' "$WORK/containerd.log" && break; sleep 0.5; done
+  unplugged=$(grep -o "container t-dev: $devnode (PCI [^)]*): unplugged.*" "$WORK/containerd.log" | head -1)
+  grep -q 'released by the guest' <<<"$unplugged" && ok "delete unplugs it: $unplugged" ||
+    no "device unplug" "log: ${unplugged:-none}" "$(grep 't-dev' "$WORK/containerd.log" | grep -iE 'device|plug' | tail -5)"
+
+  out=$(ctr_ run --rm --device /dev/kmsg $R $IMG t-chr true 2>&1)
+  rc=$?
+  [ $rc != 0 ] && [ "$(grep -c 'linux.devices\[0\] /dev/kmsg: character devices cannot be passed into the sandbox' <<<"$out")" = 1 ] &&
+    [ -z "$(our_mounts | grep t-chr)" ] && ! grep -q 't-chr.*plugged at PCI' "$WORK/containerd.log" &&
+    ok "a char device fails Create with one line naming it: $(grep -o 'linux.devices.*sandbox' <<<"$out")" ||
+    no "char device" "status $rc: $out"
+  $C container delete t-chr >/dev/null 2>&1
 fi
 
 failed_cycles=0
