@@ -76,7 +76,10 @@ fn check_handoff(guest: &str, boot: &str) {
     assert_eq!(probe_line(&out, "initrd"), format!("probe: initrd size={} fnv={:#x}", data.len(), fnv1a(&data)));
     assert_eq!(probe_line(&out, "mptable"), "probe: mptable cpus=2 checksum=ok");
     let e820: Vec<&str> = out.lines().filter(|l| l.starts_with("probe: e820 ")).collect();
-    assert_eq!(e820, ["probe: e820 0x0 0x9fc00 1", "probe: e820 0x100000 0x3f00000 1"]);
+    assert_eq!(
+        e820,
+        ["probe: e820 0x0 0x9fc00 1", "probe: e820 0x100000 0x3f00000 1", "probe: e820 0x4000000 0xbc000000 2"]
+    );
     assert!(out.ends_with("PROBE-DONE\n"), "{out}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -39,6 +39,7 @@ pub const MIN_MEMORY_MIB: u64 = 2;
 
 /// E820 entry types.
 pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
 
 /// One range of guest RAM as the guest's E820 map shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +68,15 @@ pub fn e820_map(mem_bytes: u64) -> Vec<E820Entry> {
     if low_end > himem {
         map.push(E820Entry { addr: himem, size: low_end - himem, kind: E820_RAM });
     }
+    // Address space between the end of low RAM and the MMIO gap is reserved, so the guest's
+    // PCI allocator starts where ours does (MMIO_GAP_START). Linux assigns a hot-plugged
+    // device's BARs itself on a rescan (it claims only firmware-assigned ones at boot), lowest
+    // free address first, as the VMM's allocator does: with the same start, the same BAR
+    // size and the same holes, both pick the same address, which the VMM has mapped.
+    if low_end < MMIO_GAP_START {
+        let from = low_end.max(himem);
+        map.push(E820Entry { addr: from, size: MMIO_GAP_START - from, kind: E820_RESERVED });
+    }
     if mem_bytes > MMIO_GAP_START {
         map.push(E820Entry { addr: MMIO_GAP_END, size: mem_bytes - MMIO_GAP_START, kind: E820_RAM });
     }
@@ -87,6 +97,7 @@ mod tests {
             vec![
                 E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM },
                 E820Entry { addr: 0x10_0000, size: 127 * MIB, kind: E820_RAM },
+                E820Entry { addr: 128 * MIB, size: MMIO_GAP_START - 128 * MIB, kind: E820_RESERVED },
             ]
         );
     }
