@@ -58,3 +58,17 @@ pub fn process_resources() -> ProcessResources {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     ProcessResources { fds: count("/proc/self/fd"), threads: count("/proc/self/task"), mappings: maps.lines().count() }
 }
+
+/// What each of this process's fds is (its /proc/self/fd link), for a leak's report.
+pub fn fd_targets() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|t| t.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
