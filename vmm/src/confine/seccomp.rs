@@ -12,8 +12,8 @@
 //! syscall number to find the calls it may allow without running the filter again (its
 //! per-thread action cache), so attaching cost ≈ (syscall table) × (chain length): 0.15–0.3 ms
 //! per thread here, on the boot's path. A binary search on the number in front of the chain
-//! makes every walk ~20 instructions and halves the attaching time; the calls with argument
-//! rules still go through seccompiler's code for those rules.
+//! makes every walk ~20 instructions and attaching 2–4× faster; the calls with argument rules
+//! still go through seccompiler's code for those rules (BENCHMARKS.md, confinement).
 use super::ThreadKind;
 use seccompiler::{
     sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond,
