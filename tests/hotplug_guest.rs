@@ -272,7 +272,12 @@ fn hot_add_use_remove_reuse_and_cycles_leave_nothing_behind() {
             eprintln!("{CYCLES} add/read/remove cycles: {:?}", t.elapsed());
             let after = process_resources();
             assert_eq!(vm.hotplug_stats().unwrap(), stats, "the VMM kept hot-plug resources");
-            assert_eq!(after, before, "the process kept fds, threads or mappings");
+            // No growth (a leak); a helper thread that happened to run at `before` (tokio's
+            // blocking pool, a stream copier) may be gone by now, so fewer is fine.
+            assert!(
+                after.fds <= before.fds && after.threads <= before.threads && after.mappings <= before.mappings,
+                "the process kept fds, threads or mappings: {after:?} after the cycles, {before:?} before"
+            );
             // Against the counts before the first plug too, but without the virtio-fs inode fds
             // of the rootfs share: the guest's dentry cache keeps what the first container looked
             // up (capped by the fs device, and no hot-plug's).
@@ -280,8 +285,19 @@ fn hot_add_use_remove_reuse_and_cycles_leave_nothing_behind() {
                 fds.into_iter().filter(|f| !Path::new(f).starts_with(&rootfs_dir)).collect()
             };
             let (fds_then, fds_now) = (not_share(start_fds), not_share(shoji_tests::fd_targets()));
-            assert_eq!(fds_now, fds_then, "fds other than the rootfs share's, before the first plug and after");
-            assert_eq!(after.threads, start.threads, "threads before the first plug: {start:?}");
+            let mut left = fds_then.clone();
+            let new: Vec<&String> = fds_now
+                .iter()
+                .filter(|f| match left.iter().position(|x| x == *f) {
+                    Some(i) => {
+                        left.remove(i);
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            assert!(new.is_empty(), "fds opened since before the first plug and still open: {new:?}");
+            assert!(after.threads <= start.threads, "threads: {after:?} now, {start:?} before the first plug");
             if let Err(e) = session.destroy(Duration::from_secs(30)).await {
                 eprintln!("destroy: {e}");
             }
