@@ -8,12 +8,14 @@
 //!   the host's bytes through a node with the guest's numbers and its write lands in the file;
 //! - with the sandbox library, in one boot: add, use, remove (released by the guest), add again
 //!   into the freed slot, then cycles of add, use and remove, after which the VMM holds no more
-//!   devices, GSIs or BARs and the process no more fds, threads or mappings than before.
+//!   devices, GSIs or BARs and the process no more fds, threads or mappings than before; then the
+//!   seed's collision case: two disks whose spec numbers are each other's guest numbers, each
+//!   read through its own path (the agent's batched rewrite).
 use shoji_sandbox::{
     virtiofs_storage, ContainerSpec, Device, DiskConfig, Hotplug, PciPath, Sandbox, SandboxConfig, Session,
     SessionConfig, Stream, Unplugged,
 };
-use shoji_tests::{guest_artifacts, process_resources, require_kvm, shoji_bin};
+use shoji_tests::{guest_artifacts, process_resources, require_kvm, shoji_bin, Loop};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,6 +25,11 @@ use std::time::{Duration, Instant};
 const MAGIC: &[u8; 16] = b"SHOJI-HOTPLUG-01";
 /// The container's path for the device (not the host's).
 const XVDZ: &str = "/dev/xvdz";
+/// The second disk's first bytes.
+const OTHER_MAGIC: &[u8; 16] = b"SHOJI-HOTPLUG-02";
+/// The numbers the first disk hot-plugged into a sandbox gets in our guest (virtblk's dynamic
+/// major, minor 0); the collision case checks them.
+const FIRST_GUEST_DISK: (u32, u32) = (254, 0);
 /// Add/use/remove cycles after the first add-remove-add (issue 12 asks for 20).
 const CYCLES: usize = 20;
 
@@ -31,23 +38,6 @@ fn image(path: &Path) {
     let mut data = vec![0u8; 1 << 20];
     data[..MAGIC.len()].copy_from_slice(MAGIC);
     std::fs::write(path, &data).unwrap();
-}
-
-/// A loop device over a file, detached when dropped.
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().expect("run losetup (as root)");
-        assert!(out.status.success(), "losetup -f --show: {}", String::from_utf8_lossy(&out.stderr));
-        Loop(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
 }
 
 /// The major and minor of an `ls -l` line of a device node ("brw-rw----  1 root root 254,  0 ...").
@@ -132,16 +122,31 @@ fn run_rootfs() -> PathBuf {
 
 const GUEST_ROOTFS: &str = "/run/shoji/rootfs";
 
-/// A container that prints the first 16 bytes of its hot-plugged disk (placeholder numbers in
-/// the spec, which the agent rewrites).
-fn reader(id: &str, pci: &PciPath) -> ContainerSpec {
+/// A hot-plugged disk as a container spec names it: its path in the container, the numbers the
+/// spec gives it (the host's, in the shim's flow; the agent rewrites them) and its PCI path.
+struct SpecDisk<'a> {
+    path: &'a str,
+    numbers: (u32, u32),
+    pci: &'a PciPath,
+}
+
+/// A container running `args` with `disks` (read-only in its device cgroup).
+fn with_disks(id: &str, args: &[&str], disks: &[SpecDisk<'_>]) -> ContainerSpec {
+    let nodes: Vec<_> = disks
+        .iter()
+        .map(|d| serde_json::json!({ "path": d.path, "type": "b", "major": d.numbers.0, "minor": d.numbers.1, "fileMode": 432 }))
+        .collect();
+    let mut rules = vec![serde_json::json!({ "allow": false, "access": "rwm" })];
+    rules.extend(disks.iter().map(
+        |d| serde_json::json!({ "allow": true, "type": "b", "major": d.numbers.0, "minor": d.numbers.1, "access": "r" }),
+    ));
     let spec = serde_json::json!({
         "ociVersion": "1.0.2",
         "root": { "path": GUEST_ROOTFS, "readonly": true },
         "process": {
             "terminal": false,
             "user": { "uid": 0, "gid": 0 },
-            "args": ["head", "-c", "16", XVDZ],
+            "args": args,
             "env": ["PATH=/bin:/sbin:/usr/bin"],
             "cwd": "/"
         },
@@ -151,43 +156,56 @@ fn reader(id: &str, pci: &PciPath) -> ContainerSpec {
         ],
         "linux": {
             "namespaces": [ { "type": "pid" }, { "type": "mount" } ],
-            "devices": [ { "path": XVDZ, "type": "b", "major": 0, "minor": 99, "fileMode": 432 } ],
-            "resources": { "devices": [
-                { "allow": false, "access": "rwm" },
-                { "allow": true, "type": "b", "major": 0, "minor": 99, "access": "r" }
-            ]}
+            "devices": nodes,
+            "resources": { "devices": rules }
         }
     });
     ContainerSpec {
         id: id.into(),
         spec_json: serde_json::to_vec(&spec).unwrap(),
         rootfs: GUEST_ROOTFS.into(),
-        devices: vec![Device {
-            id: pci.to_string(),
-            type_: "blk".into(),
-            container_path: XVDZ.into(),
-            ..Default::default()
-        }],
+        devices: disks
+            .iter()
+            .map(|d| Device {
+                id: d.pci.to_string(),
+                type_: "blk".into(),
+                container_path: d.path.into(),
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     }
 }
 
-/// How long a reader container may take, create to removal (a hung device must fail the test,
-/// not hang it: waiting on a process has no RPC limit).
+/// A container that prints the first 16 bytes of its hot-plugged disk (placeholder numbers in
+/// the spec, which the agent rewrites).
+fn reader(id: &str, pci: &PciPath) -> ContainerSpec {
+    with_disks(id, &["head", "-c", "16", XVDZ], &[SpecDisk { path: XVDZ, numbers: (0, 99), pci }])
+}
+
+/// How long a container may take, create to removal (a hung device must fail the test, not
+/// hang it: waiting on a process has no RPC limit).
 const CONTAINER_LIMIT: Duration = Duration::from_secs(180);
 
 /// Creates, runs and removes a reader of `pci` (holding the plug lock across the create):
 /// what it printed.
 async fn read_in_container(session: &Session, hotplug: &Hotplug, id: &str, pci: &PciPath) -> String {
-    tokio::time::timeout(CONTAINER_LIMIT, read_in_container_unbounded(session, hotplug, id, pci))
-        .await
-        .unwrap_or_else(|_| panic!("{id} ({pci}): not done in {CONTAINER_LIMIT:?}"))
+    run_in_container(session, hotplug, reader(id, pci)).await
 }
 
-async fn read_in_container_unbounded(session: &Session, hotplug: &Hotplug, id: &str, pci: &PciPath) -> String {
+/// Creates, runs and removes `spec`'s container: what it printed.
+async fn run_in_container(session: &Session, hotplug: &Hotplug, spec: ContainerSpec) -> String {
+    let id = spec.id.clone();
+    tokio::time::timeout(CONTAINER_LIMIT, run_in_container_unbounded(session, hotplug, spec))
+        .await
+        .unwrap_or_else(|_| panic!("{id}: not done in {CONTAINER_LIMIT:?}"))
+}
+
+async fn run_in_container_unbounded(session: &Session, hotplug: &Hotplug, spec: ContainerSpec) -> String {
+    let id = spec.id.clone();
     let process = {
         let _plugs = hotplug.lock().await;
-        session.create_container(reader(id, pci)).await.unwrap_or_else(|e| panic!("create {id}: {e}"))
+        session.create_container(spec).await.unwrap_or_else(|e| panic!("create {id}: {e}"))
     };
     process.start().await.unwrap();
     let mut out = Vec::new();
@@ -196,7 +214,7 @@ async fn read_in_container_unbounded(session: &Session, hotplug: &Hotplug, id: &
     process.copy_output(Stream::Stderr, &mut err).await.unwrap();
     let status = process.wait().await.unwrap();
     assert_eq!(status.status, 0, "{id}: {}", String::from_utf8_lossy(&err));
-    session.remove_container(id).await.unwrap();
+    session.remove_container(&id).await.unwrap();
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -298,6 +316,39 @@ fn hot_add_use_remove_reuse_and_cycles_leave_nothing_behind() {
                 .collect();
             assert!(new.is_empty(), "fds opened since before the first plug and still open: {new:?}");
             assert!(after.threads <= start.threads, "threads: {after:?} now, {start:?} before the first plug");
+
+            // The seed's collision case, arranged: two disks whose spec numbers are each other's
+            // guest numbers (the first disk plugged gets virtblk minor 0, the second minor 16).
+            // A rewrite that maps one device at a time would turn the first's rewritten entry
+            // into the second's numbers: both paths would then read the same disk.
+            let other = dir.path().join("other.img");
+            let mut data = vec![0u8; 1 << 20];
+            data[..16].copy_from_slice(OTHER_MAGIC);
+            std::fs::write(&other, &data).unwrap();
+            let a = plug().await.unwrap();
+            let b = hotplug.plug_disk(&vm, DiskConfig { path: other.clone(), read_only: true }).await.unwrap();
+            let (first_disk, second_disk) = (FIRST_GUEST_DISK, (FIRST_GUEST_DISK.0, FIRST_GUEST_DISK.1 + 16));
+            let spec = with_disks(
+                "c-collide",
+                &["sh", "-c", "head -c 16 /dev/xa; echo; head -c 16 /dev/xb; echo; ls -l /dev/xa /dev/xb"],
+                &[
+                    SpecDisk { path: "/dev/xa", numbers: second_disk, pci: &a },
+                    SpecDisk { path: "/dev/xb", numbers: first_disk, pci: &b },
+                ],
+            );
+            let out = run_in_container(&session, &hotplug, spec).await;
+            let lines: Vec<&str> = out.lines().collect();
+            let numbers: Vec<_> = lines.iter().skip(2).filter_map(|l| ls_numbers(l)).collect();
+            assert_eq!(
+                numbers,
+                [first_disk, second_disk],
+                "the guest gave the disks other numbers than the collision needs: {out}"
+            );
+            assert_eq!(lines[..2], [std::str::from_utf8(MAGIC).unwrap(), std::str::from_utf8(OTHER_MAGIC).unwrap()], "{out}");
+            eprintln!("collision: /dev/xa {second_disk:?} -> {first_disk:?}, /dev/xb {first_disk:?} -> {second_disk:?}; each read its own disk");
+            assert_eq!(unplug(a).await, Unplugged::Released);
+            assert_eq!(unplug(b).await, Unplugged::Released);
+
             if let Err(e) = session.destroy(Duration::from_secs(30)).await {
                 eprintln!("destroy: {e}");
             }

@@ -69,3 +69,26 @@ pub fn fd_targets() -> Vec<String> {
     v.sort();
     v
 }
+
+/// A loop device over a file (root only), detached when dropped.
+pub struct Loop(pub PathBuf);
+
+impl Loop {
+    pub fn attach(file: &Path) -> Loop {
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().expect("run losetup (as root)");
+        assert!(out.status.success(), "losetup -f --show: {}", String::from_utf8_lossy(&out.stderr));
+        Loop(PathBuf::from(String::from_utf8(out.stdout).expect("losetup's output").trim()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// Whether this process runs as root (loop devices, containerd).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}

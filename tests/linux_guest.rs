@@ -1,7 +1,7 @@
 //! The shared slow suite: our Linux kernel (kernel-config/) with our initramfs (rootfs/) on the
 //! real /dev/kvm, driven through the `shoji` CLI exactly as a user runs it. One boot per test
 //! binary: on PVM hosts the guest kernel is emulated and takes ~10-20 s to reach /init.
-use shoji_tests::{guest_artifacts, require_kvm, shoji_bin};
+use shoji_tests::{guest_artifacts, is_root, require_kvm, shoji_bin, Loop};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
@@ -294,8 +294,28 @@ fn detached_sandbox_execs_is_killed_and_removed() {
     }
     let _cleanup = Cleanup(runs.path());
 
+    // With a --device (root only, for the loop device): plugged by the sandbox process from the
+    // saved plan, read through `exec`.
+    let scratch = tempfile::tempdir().unwrap();
+    let image = scratch.path().join("disk.img");
+    let mut data = vec![0u8; 1 << 20];
+    data[..16].copy_from_slice(b"SHOJI-DETACHED-1");
+    std::fs::write(&image, &data).unwrap();
+    let lo = if is_root() {
+        Some(Loop::attach(&image))
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "CI runs the tests as root");
+        eprintln!("not root: `run -d --device` is not tried here");
+        None
+    };
+    let device = lo.as_ref().map(|l| format!("{}:/dev/xvdz:r", l.0.display()));
+    let mut args = vec!["run", "-d", "--name", "x"];
+    if let Some(d) = &device {
+        args.extend(["--device", d]);
+    }
+    args.extend(["--", "sh", "-c", "echo started; sleep 1000"]);
     let start = Instant::now();
-    let (code, out, _) = shoji(&["run", "-d", "--name", "x", "--", "sh", "-c", "echo started; sleep 1000"]);
+    let (code, out, _) = shoji(&args);
     eprintln!("run -d took {:?}", start.elapsed());
     assert_eq!((code, out.as_str()), (Some(0), "x\n"), "run -d prints the name");
     let dir = runs.path().join("x");
@@ -316,6 +336,10 @@ fn detached_sandbox_execs_is_killed_and_removed() {
     assert_eq!((code, out.as_str(), err.as_str()), (Some(3), "from-exec\n", "to-stderr\n"));
     let (code, _, err) = shoji(&["exec", "x", "--", "no-such-command"]);
     assert_eq!(code, Some(127), "{err}");
+    if lo.is_some() {
+        let (code, out, err) = shoji(&["exec", "x", "--", "head", "-c", "16", "/dev/xvdz"]);
+        assert_eq!((code, out.as_str()), (Some(0), "SHOJI-DETACHED-1"), "{err}");
+    }
 
     let (code, _, _) = shoji(&["kill", "x"]);
     assert_eq!(code, Some(0));

@@ -386,7 +386,7 @@ fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Resul
     let vm = Sandbox::start_vm(cfg.dir.clone(), vm_cfg, stop).map_err(|e| fail(e.to_string()))?;
     let started = rt.block_on(async {
         tokio::select! {
-            r = run::start_command(&vm, req, format!("shoji-{}", st.name)) => r,
+            r = run::start_command(&vm, req, format!("shoji-{}", st.name), &p.devices) => r,
             s = signals.stop.stop() => Err(Failure::Signal(s)),
             why = vm.stopped() => Err(Failure::Sandbox(anyhow!("sandbox: {why} before the command started"))),
             _ = run::deadline(until) => Err(Failure::Timeout),

@@ -77,7 +77,7 @@ pub struct RunArgs {
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<String>,
     /// A host block device, hot-plugged after boot, at CONTAINER (default: the host path) with
-    /// device cgroup permissions rwm or fewer (Docker's syntax; not with -d yet). Repeatable.
+    /// device cgroup permissions rwm or fewer (Docker's syntax). Repeatable.
     #[arg(long = "device", value_name = "HOST[:CONTAINER][:rwm]")]
     pub devices: Vec<String>,
     /// Share a host directory (virtio-fs) at /mnt/<its name> in the container.
@@ -134,6 +134,8 @@ pub(crate) struct Plan {
     pub command: Vec<String>,
     /// Whether the container gets the default seccomp profile (`run::seccomp`).
     pub seccomp: bool,
+    /// `--device`s: hot-plugged after boot, in order.
+    pub devices: Vec<device::HostDevice>,
 }
 
 /// `shoji run`: the command's exit status, or 125 with one line on stderr.
@@ -219,14 +221,6 @@ pub(crate) fn parse_env(e: &str) -> Result<Option<String>> {
 
 /// Checks every flag and every file they name; builds, boots and writes nothing.
 pub(crate) fn plan(a: RunArgs) -> Result<Plan> {
-    Ok(plan_with_devices(a)?.0)
-}
-
-/// [`plan`] and the `--device`s (which a detached sandbox's saved plan cannot hold yet).
-pub(crate) fn plan_with_devices(a: RunArgs) -> Result<(Plan, Vec<device::HostDevice>)> {
-    if a.detach && !a.devices.is_empty() {
-        return Err(anyhow!("device: not supported with -d yet (use --disk, plugged at boot)"));
-    }
     let image = a.image.as_deref().map(image::Image::open).transpose()?;
     let image_config = image.as_ref().map(|i| i.config.clone()).unwrap_or_default();
     let mut command = a.command;
@@ -303,6 +297,7 @@ pub(crate) fn plan_with_devices(a: RunArgs) -> Result<(Plan, Vec<device::HostDev
         timeout,
         command,
         seccomp,
+        devices,
     };
     // The VMM's own checks (vCPUs and memory within this host's limits, disks and shares
     // openable), with a built-in test guest standing in for the kernel: no VM is created.
@@ -310,7 +305,7 @@ pub(crate) fn plan_with_devices(a: RunArgs) -> Result<(Plan, Vec<device::HostDev
     (cfg.vcpus, cfg.memory_mib, cfg.disks) = (p.cpus, p.memory_mib, p.disks.clone());
     cfg.shares = p.shares.iter().map(|(s, _)| s.clone()).collect();
     shoji_vmm::vm::check(&cfg).map_err(|e| sandbox_error(e.into()))?;
-    Ok((p, devices))
+    Ok(p)
 }
 
 /// `--disk` `i`'s path in the container.
@@ -343,7 +338,7 @@ pub(crate) fn sandbox_error(e: SandboxError) -> anyhow::Error {
 }
 
 fn run(a: RunArgs) -> Result<u8> {
-    let (p, devices) = plan_with_devices(a)?;
+    let p = plan(a)?;
     let (root_dir, builtin) = root_dir(&p)?;
     // Built on first use (the sandbox library only looks them up).
     let (kernel, initrd) = crate::artifacts::ensure()?;
@@ -366,7 +361,7 @@ fn run(a: RunArgs) -> Result<u8> {
     // Signals are ours from here on (before the VM exists, so none is missed).
     let signals = rt.block_on(async { Signals::new() })?;
     let vm = Sandbox::start_vm(cfg.dir.clone(), vm_cfg, stop)?;
-    let result = rt.block_on(session(&p, &devices, builtin, &vm, signals));
+    let result = rt.block_on(session(&p, builtin, &vm, signals));
     drop(rt);
     let stopped = vm.stop();
     let code = match result {
@@ -477,20 +472,11 @@ pub(crate) async fn deadline(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// The agent's storages, devices and spec for the plan.
+/// The agent's storages, devices and spec for the plan. `--device`s are in the spec as a node
+/// and an allow rule each, by the host's numbers (the agent rewrites both to the guest's); their
+/// agent [`Device`]s, which need the PCI path, are added once they are plugged
+/// ([`start_command`]).
 pub(crate) fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16, u16)>) -> Result<ContainerSpec> {
-    create_request_with(p, &[], builtin, console_size)
-}
-
-/// [`create_request`] with `--device`s in the spec: a node and an allow rule each, by the host's
-/// numbers (the agent rewrites both to the guest's). Their agent [`Device`]s, which need the PCI
-/// path, are added once they are plugged ([`start_command_with`]).
-pub(crate) fn create_request_with(
-    p: &Plan,
-    host_devices: &[device::HostDevice],
-    builtin: bool,
-    console_size: Option<(u16, u16)>,
-) -> Result<ContainerSpec> {
     // An image's root is an overlay (tmpfs upper) over the cached, shared image: writable, and
     // mount points that a `FROM scratch` image lacks can be made.
     let overlay = p.rootfs == Rootfs::Image;
@@ -521,7 +507,7 @@ pub(crate) fn create_request_with(
         });
         spec_devices.push(spec::Device { path, major: 0, minor: i as i64, access: "rwm".into() });
     }
-    for d in host_devices {
+    for d in &p.devices {
         spec_devices.push(spec::Device {
             path: d.container.clone(),
             major: d.major,
@@ -554,24 +540,18 @@ pub(crate) fn create_request_with(
 }
 
 /// Boots to a running command, forwards its stdio and signals, returns its exit status.
-async fn session(
-    p: &Plan,
-    host_devices: &[device::HostDevice],
-    builtin: bool,
-    vm: &Sandbox,
-    mut sig: Signals,
-) -> Result<u8, Failure> {
+async fn session(p: &Plan, builtin: bool, vm: &Sandbox, mut sig: Signals) -> Result<u8, Failure> {
     let until = p.timeout.map(|t| tokio::time::Instant::now() + t);
     // Raw mode only when the host's stdin is the container's keyboard.
     let stdin_fd = std::io::stdin().as_raw_fd();
     let stdout_fd = std::io::stdout().as_raw_fd();
     let size_fd = if tty::is_tty(stdout_fd) { stdout_fd } else { stdin_fd };
     let console_size = if p.tty { tty::window_size(size_fd) } else { None };
-    let req = create_request_with(p, host_devices, builtin, console_size)?;
+    let req = create_request(p, builtin, console_size)?;
 
     // Up to a started command: any of these ends it.
     let (session, process) = tokio::select! {
-        r = start_command_with(vm, req, format!("shoji-run-{}", std::process::id()), host_devices) => r?,
+        r = start_command(vm, req, format!("shoji-run-{}", std::process::id()), &p.devices) => r?,
         s = sig.stop.stop() => return Err(Failure::Signal(s)),
         why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} before the command started"))),
         _ = deadline(until) => return Err(Failure::Timeout),
@@ -583,20 +563,11 @@ async fn session(
     result
 }
 
-/// The session and the container, up to a running command.
+/// The session and the container, up to a running command, with `host_devices` hot-plugged
+/// between CreateSandbox and CreateContainer (the path the shim takes): each gets the next free
+/// PCI slot, and the container a blk [`Device`] naming it, which the agent finds after a rescan.
+/// They are unplugged when the VM stops, with the sandbox.
 pub(crate) async fn start_command(
-    vm: &Sandbox,
-    container: ContainerSpec,
-    sandbox_id: String,
-) -> Result<(Session, Process), Failure> {
-    start_command_with(vm, container, sandbox_id, &[]).await
-}
-
-/// [`start_command`], with `host_devices` hot-plugged between CreateSandbox and CreateContainer
-/// (the path the shim takes): each gets the next free PCI slot, and the container a blk
-/// [`Device`] naming it, which the agent finds after a rescan. They are unplugged when the VM
-/// stops, with the sandbox.
-pub(crate) async fn start_command_with(
     vm: &Sandbox,
     mut container: ContainerSpec,
     sandbox_id: String,
@@ -837,6 +808,7 @@ mod tests {
             timeout: None,
             command: vec!["true".into()],
             seccomp: true,
+            devices: vec![],
         };
         let r = create_request(&p, true, None).unwrap();
         let st: Vec<_> =
@@ -858,7 +830,8 @@ mod tests {
             major: 7,
             minor: 3,
         };
-        let r = create_request_with(&p, &[loop3], true, None).unwrap();
+        let p = Plan { devices: vec![loop3], ..p };
+        let r = create_request(&p, true, None).unwrap();
         assert_eq!(r.devices.len(), 2);
         let spec: oci_spec::runtime::Spec = serde_json::from_slice(&r.spec_json).unwrap();
         let linux = spec.linux().as_ref().unwrap();
@@ -873,13 +846,12 @@ mod tests {
 
     #[test]
     fn device_flags_are_checked_before_anything_starts() {
-        let err = |args: &[&str]| one_line(&plan_with_devices(parse(args).unwrap()).unwrap_err());
+        let err = |args: &[&str]| one_line(&plan(parse(args).unwrap()).unwrap_err());
         assert_eq!(
             err(&["--device", "/dev/null:/dev/x", "--", "true"]),
             "device: /dev/null: character devices cannot be passed into the sandbox"
         );
         assert!(err(&["--device", "/dev/sda:/dev/x:q", "--", "true"]).starts_with("device: "));
-        assert!(err(&["-d", "--device", "/dev/loop0", "--", "true"]).starts_with("device: not supported with -d"));
         let r = parse(&["--device", "/dev/loop0:/dev/xvdz:rw", "--device", "/dev/loop1", "--", "true"]).unwrap();
         assert_eq!(r.devices, ["/dev/loop0:/dev/xvdz:rw", "/dev/loop1"]);
     }

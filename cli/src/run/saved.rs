@@ -5,6 +5,7 @@
 //!
 //! A mirror rather than serde on [`Plan`] itself: the VMM's `DiskConfig` and `ShareConfig`
 //! have no serde, and the on-disk shape stays put when the in-memory one changes.
+use super::device::{self, DeviceArg};
 use super::image::Image;
 use super::{Plan, Rootfs};
 use anyhow::{anyhow, Result};
@@ -27,6 +28,16 @@ pub(crate) enum SavedRootfs {
 pub(crate) struct SavedDisk {
     pub path: PathBuf,
     pub read_only: bool,
+}
+
+/// A `--device` as checked by `shoji run -d` (the sandbox process checks the node again).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SavedDevice {
+    pub host: PathBuf,
+    pub container: String,
+    pub perms: String,
+    pub major: i64,
+    pub minor: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +66,8 @@ pub(crate) struct SavedPlan {
     pub timeout: Option<Duration>,
     pub command: Vec<String>,
     pub seccomp: bool,
+    #[serde(default)]
+    pub devices: Vec<SavedDevice>,
 }
 
 impl From<&Plan> for SavedPlan {
@@ -86,6 +99,17 @@ impl From<&Plan> for SavedPlan {
             timeout: p.timeout,
             command: p.command.clone(),
             seccomp: p.seccomp,
+            devices: p
+                .devices
+                .iter()
+                .map(|d| SavedDevice {
+                    host: d.host.clone(),
+                    container: d.container.clone(),
+                    perms: d.perms.clone(),
+                    major: d.major,
+                    minor: d.minor,
+                })
+                .collect(),
         }
     }
 }
@@ -112,6 +136,26 @@ impl TryFrom<SavedPlan> for Plan {
         if s.disks.len() > 26 {
             return Err(anyhow!("plan: {} disks; at most 26", s.disks.len()));
         }
+        // The node is looked at again: it must still be the block device `run -d` checked.
+        let devices = s
+            .devices
+            .into_iter()
+            .map(|d| {
+                let arg = DeviceArg { host: d.host, container: d.container, perms: d.perms };
+                let now = device::check(arg)?;
+                if (now.major, now.minor) != (d.major, d.minor) {
+                    return Err(anyhow!(
+                        "device: {} is {}:{} now, not {}:{} as when `shoji run -d` checked it",
+                        now.host.display(),
+                        now.major,
+                        now.minor,
+                        d.major,
+                        d.minor
+                    ));
+                }
+                Ok(now)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Plan {
             rootfs,
             image: s.image,
@@ -130,6 +174,7 @@ impl TryFrom<SavedPlan> for Plan {
             timeout: s.timeout,
             command: s.command,
             seccomp: s.seccomp,
+            devices,
         })
     }
 }
@@ -156,6 +201,7 @@ mod tests {
             timeout: Some(Duration::from_millis(1500)),
             command: vec!["sh".into(), "-c".into(), "echo $A".into()],
             seccomp: false,
+            devices: vec![],
         }
     }
 
@@ -183,5 +229,24 @@ mod tests {
         assert!(bad(|p| p.rootfs = Rootfs::Dir("rel".into())).contains("not an absolute path"));
         assert!(bad(|p| p.command.clear()).starts_with("plan: command"));
         assert!(bad(|p| p.workdir = "tmp".into()).starts_with("plan: workdir"));
+    }
+
+    #[test]
+    fn a_saved_device_is_checked_again() {
+        let mut saved = SavedPlan::from(&plan(Rootfs::BuiltIn));
+        saved.devices.push(SavedDevice {
+            host: "/nonexistent/dev/loop3".into(),
+            container: "/dev/xvdz".into(),
+            perms: "rwm".into(),
+            major: 7,
+            minor: 3,
+        });
+        let json = serde_json::to_string(&saved).unwrap();
+        let e = Plan::try_from(serde_json::from_str::<SavedPlan>(&json).unwrap()).unwrap_err().to_string();
+        assert!(e.starts_with("device: /nonexistent/dev/loop3: No such file"), "{e}");
+        // A state.json from before devices were saved has none.
+        let old = json.replace(r#","devices":[{"host":"/nonexistent/dev/loop3","container":"/dev/xvdz","perms":"rwm","major":7,"minor":3}]"#, "");
+        assert!(!old.contains("devices"), "{old}");
+        assert!(Plan::try_from(serde_json::from_str::<SavedPlan>(&old).unwrap()).unwrap().devices.is_empty());
     }
 }
