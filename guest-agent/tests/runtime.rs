@@ -705,3 +705,57 @@ async fn cpu_limits_and_stats() {
     }
     b.rt.remove(&id, 0).await.unwrap();
 }
+
+/// A CRI pod in the guest: an app container joins its sandbox container's namespaces through
+/// the paths the shim writes (`model::guest_container_ns`), which the agent resolves to that
+/// container's init; a wrong kind, an unknown container and an exited one are refused naming
+/// the field.
+#[tokio::test]
+async fn a_container_joins_another_containers_namespaces_by_guest_path() {
+    let b = bundle();
+    let pod = unique("pod");
+    let mut v = spec_json(&b.rootfs, &pod, &["sleep", "100"]);
+    v["hostname"] = json!("the-pod");
+    v["linux"]["namespaces"].as_array_mut().unwrap().push(json!({ "type": "network" }));
+    b.rt.create(cfg(&pod, v)).await.unwrap();
+    b.rt.start(&pod).await.unwrap();
+    let pod_pid = b.rt.pid(&pod, "").unwrap();
+    let ns = |pid: i32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+
+    let app = unique("app");
+    let mut v =
+        spec_json(&b.rootfs, &app, &["sh", "-c", "hostname; readlink /proc/self/ns/net; readlink /proc/self/ns/ipc"]);
+    v.as_object_mut().unwrap().remove("hostname");
+    v["linux"]["namespaces"] = json!([
+        { "type": "pid" },
+        { "type": "mount" },
+        { "type": "ipc", "path": shoji_devices::model::guest_container_ns(&pod, "ipc") },
+        { "type": "uts", "path": shoji_devices::model::guest_container_ns(&pod, "uts") },
+        { "type": "network", "path": shoji_devices::model::guest_container_ns(&pod, "net") }
+    ]);
+    let (st, out, err) = run(&b, v.clone(), &app).await;
+    assert_eq!(st, exited(0), "{err}");
+    let want = format!("the-pod\n{}\n{}\n", ns(pod_pid, "net").display(), ns(pod_pid, "ipc").display());
+    assert_eq!(out, want, "the app container is in the pod's uts, net and ipc namespaces");
+    assert_ne!(ns(pod_pid, "net"), ns(std::process::id() as i32, "net"), "the pod has a network namespace of its own");
+
+    let refused = |v: serde_json::Value, id: &str| {
+        let rt = &b.rt;
+        let id = id.to_string();
+        async move { rt.create(cfg(&id, v)).await.unwrap_err().to_string() }
+    };
+    let mut wrong = v.clone();
+    wrong["linux"]["namespaces"][2]["path"] = json!(shoji_devices::model::guest_container_ns(&pod, "net"));
+    let e = refused(wrong, &unique("wrong")).await;
+    assert!(e.contains("linux.namespaces[2].path") && e.contains("names a net namespace, not ipc"), "{e}");
+    let mut missing = v.clone();
+    missing["linux"]["namespaces"][2]["path"] = json!(shoji_devices::model::guest_container_ns("nope", "ipc"));
+    let e = refused(missing, &unique("missing")).await;
+    assert!(e.contains("linux.namespaces[2].path") && e.contains("no container \"nope\""), "{e}");
+
+    b.rt.signal(&pod, "", libc::SIGKILL, false).await.unwrap();
+    wait(&b.rt, &pod, "").await;
+    let e = refused(v, &unique("late")).await;
+    assert!(e.contains("has exited"), "{e}");
+    b.rt.remove(&pod, 0).await.unwrap();
+}

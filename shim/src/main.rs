@@ -6,9 +6,11 @@ mod config;
 mod devices;
 mod events;
 mod mount;
+mod namespaces;
 mod stats;
 mod stdio;
 mod task;
+mod volumes;
 
 use containerd_shim::api::DeleteResponse;
 use containerd_shim::protos::protobuf::MessageField;
@@ -152,7 +154,7 @@ impl Shim for ShojiShim {
             self.id,
             dir.display()
         );
-        task::Service::new(config, dir, events, self.exit.clone())
+        task::Service::new(config, dir, self.id.clone(), events, self.exit.clone())
     }
 }
 

@@ -9,7 +9,9 @@ use crate::config::{options_config_path, ShimConfig};
 use crate::devices::{self, HostNode};
 use crate::events::Events;
 use crate::mount::{self, MountSpec};
+use crate::namespaces;
 use crate::stdio::{self, Target};
+use crate::volumes;
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
@@ -22,7 +24,7 @@ use containerd_shim::protos::ttrpc::{self, Code, TtrpcContext};
 use containerd_shim::ExitSignal;
 use shoji_sandbox::{
     virtiofs_storage, ContainerSpec, Device, DiskConfig, Hotplug, PciPath, RpcCode, Sandbox, SandboxConfig,
-    SandboxError, Session, SessionConfig, ShareConfig, Unplugged, EXIT_NOT_EXECUTABLE, RELEASE_TIMEOUT,
+    SandboxError, Session, SessionConfig, ShareConfig, Storage, Unplugged, EXIT_NOT_EXECUTABLE, RELEASE_TIMEOUT,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -87,7 +89,7 @@ struct Container {
     bundle: String,
     /// `<bundle>/rootfs` is ours to unmount.
     rootfs_mounted: bool,
-    /// Its spec's block devices, hot-plugged at Create; unplugged at Delete.
+    /// Its spec's block devices and volumes, hot-plugged at Create; unplugged at Delete.
     devices: Vec<Plugged>,
     procs: HashMap<String, Process>,
 }
@@ -99,7 +101,7 @@ struct Vm {
     hotplug: Hotplug,
 }
 
-/// A host block device plugged into the sandbox for a container.
+/// A host block device or volume plugged into the sandbox for a container.
 #[derive(Debug, Clone)]
 struct Plugged {
     pci: PciPath,
@@ -117,6 +119,9 @@ struct Inner {
     /// `/run/shoji/s/<hash>` (0700): vsock socket, console log, staging/ and its read-only view
     /// shared/ (see [`mount::Share`]).
     dir: PathBuf,
+    /// The sandbox this shim serves: the CRI pod sandbox id (its sandbox container's id), else
+    /// the first container's id.
+    sandbox_id: String,
     events: Events,
     exit: Arc<ExitSignal>,
     containers: Mutex<HashMap<String, Container>>,
@@ -126,7 +131,7 @@ struct Inner {
 }
 
 impl Service {
-    pub fn new(config: ShimConfig, dir: PathBuf, events: Events, exit: Arc<ExitSignal>) -> Service {
+    pub fn new(config: ShimConfig, dir: PathBuf, sandbox_id: String, events: Events, exit: Arc<ExitSignal>) -> Service {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("shim-rt")
@@ -141,6 +146,7 @@ impl Service {
                 rt,
                 config: Mutex::new(config),
                 dir,
+                sandbox_id,
                 events,
                 exit,
                 containers: Mutex::new(HashMap::new()),
@@ -364,6 +370,19 @@ fn host_devices(id: &str, spec: &mut serde_json::Value) -> RpcResult<Vec<(device
 
 /// Host paths the spec bind-mounts are bound at `<id>/mounts/<n>` in the share; the spec (JSON)
 /// gets their guest paths. Mounts of kernel filesystems are left to the guest.
+/// The spec's mounts carried as disks (volumes.rs), their sources open; checked before anything
+/// is mounted or booted.
+fn block_volumes(spec: &serde_json::Value) -> RpcResult<Vec<(volumes::BlockVolume, volumes::OpenSource)>> {
+    let invalid = |e: volumes::VolumeError| status(Code::INVALID_ARGUMENT, e.to_string());
+    let mut out = Vec::new();
+    for v in volumes::candidates(spec).map_err(invalid)? {
+        if let Some(source) = volumes::open_source(&v).map_err(invalid)? {
+            out.push((v, source));
+        }
+    }
+    Ok(out)
+}
+
 fn share_binds(spec: &mut serde_json::Value, id: &str, share: &mount::Share) -> RpcResult<()> {
     let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else { return Ok(()) };
     for (i, m) in mounts.iter_mut().enumerate() {
@@ -387,6 +406,22 @@ fn share_binds(spec: &mut serde_json::Value, id: &str, share: &mount::Share) -> 
 }
 
 impl Inner {
+    /// The spec's namespace paths, for the guest (namespaces.rs).
+    fn namespaces(&self, id: &str, spec: &mut serde_json::Value) -> RpcResult<()> {
+        let r = namespaces::rewrite(spec, pid(), &self.sandbox_id)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        if !r.joined.is_empty() {
+            let kinds: Vec<&str> = r.joined.iter().map(|(_, k)| k.as_str()).collect();
+            tracing::info!("container {id}: joins the {} namespaces of {}", kinds.join(", "), self.sandbox_id);
+        }
+        for p in r.dropped_net {
+            tracing::info!(
+                "container {id}: network namespace {p} is the host's; a new one in the guest (no network device yet)"
+            );
+        }
+        Ok(())
+    }
+
     fn create(self: &Arc<Self>, req: api::CreateTaskRequest) -> RpcResult<api::CreateTaskResponse> {
         let id = req.id.clone();
         if id.is_empty() || id.contains('/') || id.starts_with('.') {
@@ -407,6 +442,8 @@ impl Inner {
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("bundle: {}: {e}", spec_path.display())))?;
         // Before anything is mounted or booted: a device the sandbox cannot take leaves nothing.
         let host_devices = host_devices(&id, &mut spec)?;
+        let volumes = block_volumes(&spec)?;
+        self.namespaces(&id, &mut spec)?;
 
         let rootfs = bundle.join("rootfs");
         // Registered before the (slow) boot: what containerd sends meanwhile (stdin, CloseIO,
@@ -468,7 +505,35 @@ impl Inner {
                 );
                 plugged.push(Plugged { pci, container_path: b.container_path.clone() });
             }
-            let devices = plugged
+            let n_devices = plugged.len();
+            // After share_binds: the rewritten mounts are binds of guest paths.
+            let mut storages = Vec::new();
+            for (v, source) in &volumes {
+                let disk = DiskConfig { path: source.fd_path(), read_only: v.read_only };
+                let what = v.what();
+                let pci = self
+                    .rt
+                    .block_on(vm.hotplug.plug_disk(&vm.sandbox, disk))
+                    .map_err(|e| status(Code::INTERNAL, format!("{what}: plugging {}: {e}", v.source.display())))?;
+                tracing::info!(
+                    "container {id}: {what}: {} volume {} plugged at PCI {pci}{}",
+                    v.fstype,
+                    v.source.display(),
+                    if v.read_only { " (read-only)" } else { "" }
+                );
+                let at = v.guest_mount_point(&id);
+                storages.push(Storage {
+                    driver: "blk".into(),
+                    source: pci.to_string(),
+                    fstype: v.fstype.clone(),
+                    options: v.options.clone(),
+                    mount_point: at.clone(),
+                    ..Default::default()
+                });
+                volumes::rewrite(&mut spec, v, &at);
+                plugged.push(Plugged { pci, container_path: what });
+            }
+            let devices = plugged[..n_devices]
                 .iter()
                 .map(|p| Device {
                     id: p.pci.to_string(),
@@ -481,9 +546,9 @@ impl Inner {
                 id: id.clone(),
                 spec_json: serde_json::to_vec(&spec).map_err(|e| status(Code::INTERNAL, e.to_string()))?,
                 rootfs: format!("{GUEST_SHARED}/{id}/rootfs"),
+                storages,
                 devices,
                 terminal: req.terminal,
-                ..Default::default()
             };
             // The agent rescans the PCI bus for them: no unplug may run meanwhile.
             let _hotplug = (!plugged.is_empty()).then(|| self.rt.block_on(vm.hotplug.lock()));

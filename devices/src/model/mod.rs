@@ -37,9 +37,45 @@ pub fn guest_share_dir(tag: &str) -> String {
     format!("{GUEST_SHARES_DIR}/{tag}")
 }
 
+/// Namespace paths a container spec may name to join another container's namespaces in the
+/// guest: `<this>/<container id>/<kind>` ("net", "ipc", "uts", "pid", "cgroup"). Not a real
+/// directory: the agent resolves it to that container's init process. The shim writes them
+/// where containerd named a host process's namespaces (a CRI pod's sandbox container).
+pub const GUEST_CONTAINER_NS_DIR: &str = "/run/shoji-ns";
+
+/// The namespace path of container `id`'s `kind` namespace.
+pub fn guest_container_ns(id: &str, kind: &str) -> String {
+    format!("{GUEST_CONTAINER_NS_DIR}/{id}/{kind}")
+}
+
+/// (container id, kind) of a [`guest_container_ns`] path; `None` for any other path.
+pub fn parse_guest_container_ns(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix(GUEST_CONTAINER_NS_DIR)?.strip_prefix('/')?;
+    let (id, kind) = rest.split_once('/')?;
+    let bad = |s: &str| s.is_empty() || s == "." || s == ".." || s.contains('/');
+    (!bad(id) && !bad(kind)).then_some((id, kind))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_namespace_paths_round_trip() {
+        let p = guest_container_ns("pod1", "net");
+        assert_eq!(p, "/run/shoji-ns/pod1/net");
+        assert_eq!(parse_guest_container_ns(&p), Some(("pod1", "net")));
+        for bad in [
+            "/run/shoji-ns/pod1",
+            "/run/shoji-ns//net",
+            "/run/shoji-ns/a/b/c",
+            "/run/shoji-nsx/a/net",
+            "/proc/1/ns/net",
+            "/run/shoji-ns/../net",
+        ] {
+            assert_eq!(parse_guest_container_ns(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn share_names() {

@@ -446,6 +446,25 @@ impl Inner {
         lock(&self.containers).get(id).cloned().ok_or_else(|| RuntimeError::NoContainer(id.into()))
     }
 
+    /// The file to open for a namespace to join: a `model::guest_container_ns` path names
+    /// another container of this sandbox (a CRI pod's sandbox container), whose init must still
+    /// run; any other path is taken as it is.
+    fn namespace_file(&self, kind: NsKind, path: &Path, i: usize) -> Result<PathBuf> {
+        let Some((id, name)) = path.to_str().and_then(shoji_devices::model::parse_guest_container_ns) else {
+            return Ok(path.to_path_buf());
+        };
+        let bad =
+            |why: String| spec::invalid(format!("linux.namespaces[{i}].path"), format!("{}: {why}", path.display()));
+        if name != kind.proc_name() {
+            return Err(bad(format!("names a {name} namespace, not {}", kind.proc_name())));
+        }
+        let c = self.container(id).map_err(|_| bad(format!("no container {id:?} in this sandbox")))?;
+        if c.init.exited() {
+            return Err(bad(format!("container {id:?} has exited")));
+        }
+        Ok(PathBuf::from(format!("/proc/{}/ns/{name}", c.init.pid)))
+    }
+
     fn create_blocking(&self, cfg: ContainerConfig) -> Result<Created> {
         let ContainerConfig { id, spec } = cfg;
         let Checked { process, ns, hostname, domainname, sysctls, seccomp, pplan, rel, root } =
@@ -478,6 +497,7 @@ impl Inner {
         )?;
         let mut setns = Vec::new();
         for (kind, path, i) in &ns.join {
+            let path = &self.namespace_file(*kind, path, *i)?;
             let fd = sys::open(path, libc::O_RDONLY).map_err(|e| {
                 spec::invalid(format!("linux.namespaces[{i}].path"), format!("{}: {e}", path.display()))
             })?;

@@ -1,0 +1,443 @@
+//! Kubernetes pods through containerd's CRI plugin (issue 13), driven as kubelet drives it: a CRI
+//! v1 client (`k8s-cri`) on a private containerd (Debian's package) with the CRI plugin on and
+//! our runtime handler configured by the very block docs/kubernetes.md gives. First with runc (a
+//! check on the test and the host), then with our shim:
+//!
+//! - a host-network pod: the sandbox (pause) container and two app containers in ONE VM (one
+//!   shim process, one sandbox directory), one app container in the pod's PID namespace and one
+//!   in its own, both in the pod's IPC namespace; a host directory mounted into both (one writes, the other reads);
+//!   ExecSync output and exit code; ContainerStats not zero; the CRI log file; ContainerStatus
+//!   with the exit code;
+//! - a second pod gets a VM (and shim) of its own;
+//! - StopPodSandbox and RemovePodSandbox leave no shim process, sandbox directory, mount,
+//!   container or task.
+//!
+//! Each of our pods boots our Linux guest: slow on PVM hosts, so generous timeouts.
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest, ContainerStatusRequest,
+    CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    VersionRequest,
+};
+use shoji_tests::{guest_artifacts, is_root, require_kvm, shoji_bin};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The app containers' image and the sandbox ("pause") image, both built here (no network).
+const IMAGE: &str = "docker.io/library/busybox:test";
+const PAUSE: &str = "docker.io/library/busybox:pause";
+/// Per CRI call: RunPodSandbox boots the guest (20-60 s on PVM hosts, more under load).
+const CALL: Duration = Duration::from_secs(400);
+/// Where our shim keeps its sandbox directories.
+const SANDBOX_DIRS: &str = "/run/shoji/s";
+
+/// The runtime block of docs/kubernetes.md, with the shim config path given.
+fn documented_runtime(shim_config: &Path) -> String {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/kubernetes.md"))
+        .expect("docs/kubernetes.md");
+    let block = doc
+        .split("<!-- cri-runtime-begin -->")
+        .nth(1)
+        .and_then(|s| s.split("<!-- cri-runtime-end -->").next())
+        .expect("the cri-runtime block of docs/kubernetes.md");
+    let toml = block.trim().trim_start_matches("```toml").trim_end_matches("```");
+    assert!(toml.contains("/etc/shoji/shim.toml"), "the documented block names the shim config: {toml}");
+    toml.replace("/etc/shoji/shim.toml", &shim_config.display().to_string())
+}
+
+/// A private containerd with the CRI plugin, its images imported; stopped (with whatever it
+/// still runs) when dropped.
+struct Containerd {
+    work: tempfile::TempDir,
+    sock: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    fn start(shim: &Path, shim_config: &Path) -> Containerd {
+        let work = tempfile::Builder::new().prefix("shoji-cri-").tempdir().unwrap();
+        let w = work.path();
+        let sock = w.join("containerd.sock");
+        let opt = w.join("opt/bin");
+        std::fs::create_dir_all(&opt).unwrap();
+        std::os::unix::fs::symlink(shim, opt.join("containerd-shim-shoji-v2")).unwrap();
+        for d in ["cni-conf", "cni-bin", "logs"] {
+            std::fs::create_dir_all(w.join(d)).unwrap();
+        }
+        let config = format!(
+            r#"version = 2
+root = "{w}/root"
+state = "{w}/state"
+[grpc]
+  address = "{sock}"
+[debug]
+  level = "debug"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{w}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    conf_dir = "{w}/cni-conf"
+    bin_dir = "{w}/cni-bin"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+{runtime}
+"#,
+            w = w.display(),
+            sock = sock.display(),
+            runtime = documented_runtime(shim_config),
+        );
+        std::fs::write(w.join("config.toml"), config).unwrap();
+        let log = std::fs::File::create(w.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(w.join("config.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd (apt-get install containerd; CI installs it)");
+        let c = Containerd { work, sock, child };
+        let start = Instant::now();
+        while !c.ctr(&["version"]).status.success() {
+            assert!(start.elapsed() < Duration::from_secs(30), "containerd did not start:\n{}", c.log_tail(30));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let plugins = String::from_utf8_lossy(&c.ctr(&["plugins", "ls"]).stdout).into_owned();
+        assert!(
+            plugins
+                .lines()
+                .any(|l| l.contains("io.containerd.grpc.v1") && l.contains(" cri ") && l.trim_end().ends_with(" ok")),
+            "the CRI plugin is not ok:\n{plugins}\n{}",
+            c.log_tail(30)
+        );
+        let builder = Path::new(env!("CARGO_MANIFEST_DIR")).join("containerd/make-busybox-image.py");
+        for (reference, cmd) in [(IMAGE, r#"["/bin/sh"]"#), (PAUSE, r#"["/bin/sleep","2147483647"]"#)] {
+            let tar = c.work.path().join("image.tar");
+            let ok = Command::new("python3").arg(&builder).arg(&tar).args([reference, "", cmd]).status().unwrap();
+            assert!(ok.success(), "make-busybox-image.py {reference}");
+            let out = c.ctr(&["-n", "k8s.io", "images", "import", tar.to_str().unwrap()]);
+            assert!(out.status.success(), "import {reference}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr").arg("--address").arg(&self.sock).args(args).output().expect("ctr")
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(self.work.path().join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Shim processes serving this containerd.
+    fn shims(&self) -> Vec<String> {
+        let out =
+            Command::new("pgrep").args(["-f", "-a", "--"]).arg(format!("-address {}", self.sock.display())).output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        text.lines().filter(|l| l.contains("containerd-shim")).map(str::to_string).collect()
+    }
+
+    /// Mounts under the work dir or our sandbox dirs.
+    fn mounts(&self) -> Vec<String> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let work = self.work.path().display().to_string();
+        info.lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&work) || m.starts_with(SANDBOX_DIRS))
+            .map(str::to_string)
+            .collect()
+    }
+
+    async fn client(&self) -> RuntimeServiceClient<Channel> {
+        let sock = self.sock.clone();
+        let channel = Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let sock = sock.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(sock).await?)) }
+            }))
+            .await
+            .expect("connecting to containerd's CRI socket");
+        RuntimeServiceClient::new(channel)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let ns = ["-n", "k8s.io"];
+        let ids = |what: &str| -> Vec<String> {
+            let out = self.ctr(&[ns[0], ns[1], what, "ls", "-q"]);
+            String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+        };
+        for t in ids("tasks") {
+            let _ = self.ctr(&[ns[0], ns[1], "tasks", "kill", "-s", "SIGKILL", &t]);
+            let _ = self.ctr(&[ns[0], ns[1], "tasks", "delete", "-f", &t]);
+        }
+        for c in ids("containers") {
+            let _ = self.ctr(&[ns[0], ns[1], "containers", "delete", &c]);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for s in self.shims() {
+            if let Some(pid) = s.split_whitespace().next() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        let mut mounts = self.mounts();
+        mounts.sort();
+        for m in mounts.iter().rev().filter(|m| m.starts_with(&self.work.path().display().to_string())) {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
+    }
+}
+
+fn sandbox_dirs() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(SANDBOX_DIRS)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A host-network pod (the VM has no network device yet), PID namespace per container.
+fn pod_config(name: &str, logs: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.join(name).display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An app container of `image` running `script`, the host dir `shared` at /shared; `own_pid`: a
+/// PID namespace of its own, else the pod's (the sandbox container's).
+fn container(name: &str, script: &str, shared: &Path, own_pid: bool) -> ContainerConfig {
+    let pid = if own_pid { NamespaceMode::Container } else { NamespaceMode::Pod };
+    ContainerConfig {
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: pid as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(ImageSpec { image: IMAGE.into(), ..Default::default() }),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}.log"),
+        mounts: vec![Mount {
+            container_path: "/shared".into(),
+            host_path: shared.display().to_string(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+async fn call<T>(what: &str, f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> T {
+    let start = Instant::now();
+    let r = tokio::time::timeout(CALL, f).await.unwrap_or_else(|_| panic!("{what}: no answer in {CALL:?}"));
+    let r = r.unwrap_or_else(|e| panic!("{what}: {e}")).into_inner();
+    eprintln!("{what}: {:?}", start.elapsed());
+    r
+}
+
+/// The whole scenario with one runtime handler.
+async fn pods(cd: &Containerd, handler: &str) {
+    let mut cri = cd.client().await;
+    let v = call("Version", cri.version(VersionRequest::default())).await;
+    eprintln!("CRI {} {} {}", v.runtime_name, v.runtime_version, v.runtime_api_version);
+    let logs = cd.work.path().join("logs");
+    let shared = cd.work.path().join(format!("shared-{handler}"));
+    std::fs::create_dir_all(&shared).unwrap();
+    let (shims_before, dirs_before) = (cd.shims(), sandbox_dirs());
+
+    let config = pod_config(&format!("pod-a-{handler}"), &logs);
+    let pod = call(
+        "RunPodSandbox",
+        cri.run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() }),
+    )
+    .await
+    .pod_sandbox_id;
+
+    let create = |name: &str, script: &str| CreateContainerRequest {
+        pod_sandbox_id: pod.clone(),
+        config: Some(container(name, script, &shared, name == "reader")),
+        sandbox_config: Some(config.clone()),
+    };
+    let writer = call(
+        "CreateContainer writer",
+        cri.create_container(create(
+            "writer",
+            "echo from-writer > /shared/from-writer; readlink /proc/self/ns/ipc > /shared/writer-ipc; exec sleep 1000",
+        )),
+    )
+    .await
+    .container_id;
+    call("StartContainer writer", cri.start_container(StartContainerRequest { container_id: writer.clone() })).await;
+    let reader = call(
+        "CreateContainer reader",
+        cri.create_container(create(
+            "reader",
+            "for i in $(seq 600); do [ -s /shared/writer-ipc ] && break; sleep 0.2; done; cat /shared/from-writer; \
+             [ \"$(readlink /proc/self/ns/ipc)\" = \"$(cat /shared/writer-ipc)\" ] && echo same-ipc; \
+             echo \"pid1=$(tr '\\0' ' ' </proc/1/cmdline)\"; exit 7",
+        )),
+    )
+    .await
+    .container_id;
+    call("StartContainer reader", cri.start_container(StartContainerRequest { container_id: reader.clone() })).await;
+
+    // One VM for the pod: one shim, one sandbox directory (ours).
+    let shims = cd.shims();
+    assert_eq!(shims.len(), shims_before.len() + 1, "one shim for the pod: {shims:?}");
+    if handler == "shoji" {
+        let dirs = sandbox_dirs();
+        assert_eq!(dirs.len(), dirs_before.len() + 1, "one sandbox (VM) for the pod: {dirs:?}");
+    }
+
+    let exec = call(
+        "ExecSync",
+        cri.exec_sync(ExecSyncRequest {
+            container_id: writer.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "cat /shared/from-writer; tr '\\0' ' ' </proc/1/cmdline; echo; echo to-stderr >&2; exit 3".into(),
+            ],
+            timeout: 300,
+        }),
+    )
+    .await;
+    assert_eq!(
+        (
+            String::from_utf8_lossy(&exec.stdout).as_ref(),
+            String::from_utf8_lossy(&exec.stderr).as_ref(),
+            exec.exit_code
+        ),
+        ("from-writer\n/bin/sleep 2147483647 \n", "to-stderr\n", 3),
+        "ExecSync in the writer, which shares the pod's PID namespace (PID 1: the sandbox container)"
+    );
+
+    // Stats of a running container: what kubelet's summary API reads.
+    let stats = call("ContainerStats", cri.container_stats(ContainerStatsRequest { container_id: writer.clone() }))
+        .await
+        .stats
+        .expect("stats");
+    let memory = stats.memory.as_ref().and_then(|m| m.working_set_bytes.as_ref()).map_or(0, |v| v.value);
+    let cpu = stats.cpu.as_ref().and_then(|c| c.usage_core_nano_seconds.as_ref()).map_or(0, |v| v.value);
+    assert!(memory > 0 && cpu > 0, "stats are not zero: {stats:?}");
+
+    // The reader ends with 7; its CRI log has what it printed.
+    let start = Instant::now();
+    let status = loop {
+        let s = call(
+            "ContainerStatus",
+            cri.container_status(ContainerStatusRequest { container_id: reader.clone(), verbose: false }),
+        )
+        .await
+        .status
+        .expect("a status");
+        if s.state == ContainerState::ContainerExited as i32 {
+            break s;
+        }
+        assert!(start.elapsed() < CALL, "the reader did not exit: {s:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(status.exit_code, 7, "{status:?}");
+    let log = std::fs::read_to_string(&status.log_path).unwrap_or_else(|e| panic!("{}: {e}", status.log_path));
+    let printed: Vec<&str> = log.lines().filter_map(|l| l.splitn(4, ' ').nth(3)).collect();
+    assert_eq!(printed.first(), Some(&"from-writer"), "{log}");
+    assert!(printed.contains(&"same-ipc"), "the app containers share the pod's IPC namespace: {log}");
+    let pid1 = printed.iter().find_map(|l| l.strip_prefix("pid1=")).unwrap_or_default();
+    assert!(pid1.starts_with("sh -c for i in"), "the reader is PID 1 of its own PID namespace: {log}");
+    assert_eq!(std::fs::read_to_string(shared.join("from-writer")).unwrap(), "from-writer\n", "on the host too");
+
+    // A second pod gets a VM of its own.
+    let config_b = pod_config(&format!("pod-b-{handler}"), &logs);
+    let pod_b = call(
+        "RunPodSandbox b",
+        cri.run_pod_sandbox(RunPodSandboxRequest { config: Some(config_b), runtime_handler: handler.into() }),
+    )
+    .await
+    .pod_sandbox_id;
+    assert_eq!(cd.shims().len(), shims_before.len() + 2, "a shim per pod: {:?}", cd.shims());
+    if handler == "shoji" {
+        assert_eq!(sandbox_dirs().len(), dirs_before.len() + 2, "a VM per pod: {:?}", sandbox_dirs());
+    }
+
+    for p in [&pod, &pod_b] {
+        call("StopPodSandbox", cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: p.clone() })).await;
+        call("RemovePodSandbox", cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: p.clone() })).await;
+    }
+    // Shims exit after their last Shutdown: give them a moment.
+    let start = Instant::now();
+    while cd.shims().len() > shims_before.len() && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(cd.shims(), shims_before, "no shim left");
+    assert_eq!(sandbox_dirs(), dirs_before, "no sandbox directory left");
+    let mounts: Vec<String> =
+        cd.mounts().into_iter().filter(|m| !m.ends_with("/shm") && !m.contains("/root/")).collect();
+    assert!(mounts.is_empty(), "no mount left: {mounts:?}");
+    for what in ["containers", "tasks"] {
+        let out = cd.ctr(&["-n", "k8s.io", what, "ls", "-q"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "", "no {what} left");
+    }
+}
+
+#[test]
+fn cri_pods_run_in_one_vm_each_with_runc_and_with_the_shoji_shim() {
+    assert!(is_root(), "this test runs containerd and mounts: it needs root (CI runs as root)");
+    require_kvm();
+    guest_artifacts();
+    let built = shoji_bin().with_file_name("containerd-shim-shoji-v2");
+    assert!(built.is_file(), "{} is missing: `cargo test --workspace` builds it", built.display());
+    let dir = tempfile::tempdir().unwrap();
+    let shim_config = dir.path().join("shim.toml");
+    std::fs::write(&shim_config, "vcpus = 1\nmemory_mib = 256\nlog_level = \"debug\"\n").unwrap();
+
+    let cd = Containerd::start(&built, &shim_config);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for handler in ["runc", "shoji"] {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(pods(&cd, handler))));
+        if let Err(panic) = result {
+            eprintln!("--- with {handler}; containerd's log (last 80 lines):\n{}", cd.log_tail(80));
+            std::panic::resume_unwind(panic);
+        }
+        eprintln!("--- {handler}: passed");
+    }
+    drop(cd);
+}
