@@ -7,7 +7,7 @@
 //!   shim process, one sandbox directory), one app container in the pod's PID namespace and one
 //!   in its own, both in the pod's IPC namespace; a host directory mounted into both (one writes, the other reads);
 //!   ExecSync output and exit code; ContainerStats not zero; the CRI log file; ContainerStatus
-//!   with the exit code;
+//!   with the exit code; a container over its memory limit ends "OOMKilled" (137);
 //! - a second pod gets a VM (and shim) of its own;
 //! - StopPodSandbox and RemovePodSandbox leave no shim process, sandbox directory, mount,
 //!   container or task.
@@ -16,11 +16,11 @@
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
-    VersionRequest,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest, ContainerStatus, ContainerStatusRequest,
+    CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxContainerConfig, LinuxContainerResources,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use shoji_tests::{guest_artifacts, is_root, require_kvm, shoji_bin};
 use std::path::{Path, PathBuf};
@@ -274,6 +274,25 @@ async fn call<T>(what: &str, f: impl std::future::Future<Output = Result<tonic::
     r
 }
 
+/// The status of container `id` once it has exited.
+async fn exited(cri: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
+    let start = Instant::now();
+    loop {
+        let s = call(
+            "ContainerStatus",
+            cri.container_status(ContainerStatusRequest { container_id: id.into(), verbose: false }),
+        )
+        .await
+        .status
+        .expect("a status");
+        if s.state == ContainerState::ContainerExited as i32 {
+            return s;
+        }
+        assert!(start.elapsed() < CALL, "{id} did not exit: {s:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// The whole scenario with one runtime handler.
 async fn pods(cd: &Containerd, handler: &str) {
     let mut cri = cd.client().await;
@@ -361,21 +380,7 @@ async fn pods(cd: &Containerd, handler: &str) {
     assert!(memory > 0 && cpu > 0, "stats are not zero: {stats:?}");
 
     // The reader ends with 7; its CRI log has what it printed.
-    let start = Instant::now();
-    let status = loop {
-        let s = call(
-            "ContainerStatus",
-            cri.container_status(ContainerStatusRequest { container_id: reader.clone(), verbose: false }),
-        )
-        .await
-        .status
-        .expect("a status");
-        if s.state == ContainerState::ContainerExited as i32 {
-            break s;
-        }
-        assert!(start.elapsed() < CALL, "the reader did not exit: {s:?}");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let status = exited(&mut cri, &reader).await;
     assert_eq!(status.exit_code, 7, "{status:?}");
     let log = std::fs::read_to_string(&status.log_path).unwrap_or_else(|e| panic!("{}: {e}", status.log_path));
     let printed: Vec<&str> = log.lines().filter_map(|l| l.splitn(4, ' ').nth(3)).collect();
@@ -384,6 +389,26 @@ async fn pods(cd: &Containerd, handler: &str) {
     let pid1 = printed.iter().find_map(|l| l.strip_prefix("pid1=")).unwrap_or_default();
     assert!(pid1.starts_with("sh -c for i in"), "the reader is PID 1 of its own PID namespace: {log}");
     assert_eq!(std::fs::read_to_string(shared.join("from-writer")).unwrap(), "from-writer\n", "on the host too");
+
+    // Over its memory limit: the kernel's OOM killer ends it, and containerd says so (the
+    // shim's /tasks/oom event before the exit).
+    let mut hog = container("hog", "exec dd if=/dev/zero of=/dev/null bs=64M count=1", &shared, true);
+    if let Some(linux) = hog.linux.as_mut() {
+        linux.resources = Some(LinuxContainerResources { memory_limit_in_bytes: 16 << 20, ..Default::default() });
+    }
+    let hog = call(
+        "CreateContainer hog",
+        cri.create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(hog),
+            sandbox_config: Some(config.clone()),
+        }),
+    )
+    .await
+    .container_id;
+    call("StartContainer hog", cri.start_container(StartContainerRequest { container_id: hog.clone() })).await;
+    let status = exited(&mut cri, &hog).await;
+    assert_eq!((status.exit_code, status.reason.as_str()), (137, "OOMKilled"), "{status:?}");
 
     // A second pod gets a VM of its own.
     let config_b = pod_config(&format!("pod-b-{handler}"), &logs);

@@ -14,7 +14,7 @@ use crate::stdio::{self, Target};
 use crate::volumes;
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -309,7 +309,17 @@ impl Inner {
                 }
             });
             let code = match r {
-                Ok(r) => u32::try_from(r.status).unwrap_or(EXIT_SANDBOX_GONE),
+                Ok(r) => {
+                    // Before the exit: containerd (CRI) marks the exit it then sees "OOMKilled".
+                    if r.oom_killed {
+                        tracing::warn!("{}/{}: killed by the guest's OOM killer", t.container_id, t.exec_id);
+                        inner.events.publish(
+                            topics::TASK_OOM_EVENT_TOPIC,
+                            Box::new(TaskOOM { container_id: t.container_id.clone(), ..Default::default() }),
+                        );
+                    }
+                    u32::try_from(r.status).unwrap_or(EXIT_SANDBOX_GONE)
+                }
                 Err(e) => {
                     // The connection usually breaks a moment before the VM thread reports why.
                     let why = inner.rt.block_on(async {

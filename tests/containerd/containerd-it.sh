@@ -74,9 +74,20 @@ case_basic() {
   out=$( (printf 'piped line\n'; sleep 2) | ctr_ run --rm $R $IMG t-stdin cat 2>&1)
   [ "$out" = "piped line" ] && ok "stdin piped through cat" || no "stdin" "got: $out"
 
-  # ctr -t needs a real terminal: script(1) gives it one.
-  out=$(timeout -s KILL "$T" script -qec "$C run --rm -t $R $IMG t-tty sh -c 'tty && echo tty-ok'" /dev/null </dev/null 2>&1 | tr -d '\r\000')
-  echo "$out" | grep -q '/dev/pts/' && echo "$out" | grep -q '^tty-ok' && ok "tty session" || no "tty" "got: $out"
+  # ctr -t needs a real terminal: script(1) gives it one. Once in a few dozen runs on a loaded
+  # host the last line never reached script's output (seen once, with PAR=2; not reproduced in
+  # 12 runs under load): a second try is allowed and said, so a steady loss still fails.
+  tty_case() {
+    timeout -s KILL "$T" script -qec "$C run --rm -t $R $IMG t-tty$1 sh -c 'tty && echo tty-ok'" /dev/null </dev/null 2>&1 |
+      tr -d '\r\000'
+  }
+  tty_ok() { echo "$1" | grep -q '/dev/pts/' && echo "$1" | grep -q '^tty-ok'; }
+  out=$(tty_case "")
+  if ! tty_ok "$out"; then
+    echo "# note: tty session, first try lost output: $(echo "$out" | tr '\n' '|'); trying again"
+    out=$(tty_case 2)
+  fi
+  tty_ok "$out" && ok "tty session" || no "tty" "got: $out"
 
 }
 
