@@ -8,8 +8,8 @@ use crate::artifacts;
 use crate::error::SandboxError;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
 use shoji_vmm::{
-    cmdline, host, DiskConfig, HotplugError, HotplugStats, KernelImage, PciPath, SerialOut, ShareConfig, VmConfig,
-    VmControl, VmError,
+    cmdline, host, DiskConfig, HotplugError, HotplugStats, KernelImage, PauseError, PciPath, SerialOut, ShareConfig,
+    VmConfig, VmControl, VmError,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +21,9 @@ use vmm_sys_util::eventfd::EventFd;
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 /// Name of the console log in the sandbox directory.
 pub const CONSOLE_LOG: &str = "console.log";
+/// How long every vCPU may take to stop when the VM is paused (one is kicked out of KVM_RUN at
+/// once; this bounds a thread stuck in the kernel).
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a sandbox is made of.
 #[derive(Debug, Clone)]
@@ -134,6 +137,30 @@ impl Sandbox {
     /// What hot-plugged devices hold now (for leak checks).
     pub fn hotplug_stats(&self) -> Result<HotplugStats, SandboxError> {
         self.control.stats().map_err(|e| self.hotplug_error(e))
+    }
+
+    /// Pauses the VM (every vCPU parked; memory and devices kept): containerd's Pause of a
+    /// task. Fails, the VM running on, when a vCPU does not stop within [`PAUSE_TIMEOUT`].
+    pub fn pause(&self) -> Result<(), SandboxError> {
+        self.control.pause(PAUSE_TIMEOUT).map_err(|e| self.pause_error(e))
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&self) -> Result<(), SandboxError> {
+        self.control.resume().map_err(|e| self.pause_error(e))
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    fn pause_error(&self, e: PauseError) -> SandboxError {
+        match e {
+            PauseError::NotRunning => {
+                SandboxError::Stopped(self.has_stopped().unwrap_or_else(|| "the VM is not running".into()))
+            }
+            e => SandboxError::Io(format!("pause: {e}")),
+        }
     }
 
     fn hotplug_error(&self, e: HotplugError) -> SandboxError {

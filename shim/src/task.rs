@@ -14,7 +14,8 @@ use crate::stdio::{self, Target};
 use crate::volumes;
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
+    TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -28,6 +29,7 @@ use shoji_sandbox::{
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -128,6 +130,8 @@ struct Inner {
     exited: Condvar,
     /// Held while the VM boots (Create), so the state lock is not.
     vm: Mutex<Option<Arc<Vm>>>,
+    /// The VM's vCPUs are paused (Pause): its tasks read PAUSED and cannot be reached.
+    paused: AtomicBool,
 }
 
 impl Service {
@@ -152,6 +156,7 @@ impl Service {
                 containers: Mutex::new(HashMap::new()),
                 exited: Condvar::new(),
                 vm: Mutex::new(None),
+                paused: AtomicBool::new(false),
             }),
         }
     }
@@ -230,6 +235,35 @@ impl Inner {
             Err(_) => tracing::debug!("sandbox: stopping when the last stream copier ends"),
         }
         tracing::info!("sandbox: stopped");
+    }
+
+    /// Pauses or resumes the sandbox VM (for container `id`'s request) and says so.
+    fn set_paused(&self, id: &str, paused: bool) -> RpcResult<()> {
+        let vm = lock(&self.vm).clone().ok_or_else(|| status(Code::UNAVAILABLE, "sandbox: not running"))?;
+        let what = if paused { "pause" } else { "resume" };
+        let r = if paused { vm.sandbox.pause() } else { vm.sandbox.resume() };
+        r.map_err(|e| status(Code::INTERNAL, format!("container {id}: {what}: {e}")))?;
+        self.paused.store(paused, Ordering::Release);
+        tracing::info!("container {id}: sandbox VM {}", if paused { "paused" } else { "resumed" });
+        let container_id = id.to_string();
+        if paused {
+            self.events
+                .publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(TaskPaused { container_id, ..Default::default() }));
+        } else {
+            self.events.publish(
+                topics::TASK_RESUMED_EVENT_TOPIC,
+                Box::new(TaskResumed { container_id, ..Default::default() }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses what needs the guest while it is paused (it would wait for the RPC timeout).
+    fn not_paused(&self, id: &str) -> RpcResult<()> {
+        if self.paused.load(Ordering::Acquire) {
+            return Err(status(Code::FAILED_PRECONDITION, format!("container {id}: the sandbox is paused")));
+        }
+        Ok(())
     }
 
     fn session(&self) -> RpcResult<Session> {
@@ -760,6 +794,7 @@ impl containerd_shim::Task for Service {
 
     fn exec(&self, _: &TtrpcContext, req: api::ExecProcessRequest) -> RpcResult<api::Empty> {
         let t = Target { container_id: req.id.clone(), exec_id: req.exec_id.clone() };
+        self.inner.not_paused(&t.container_id)?;
         if t.exec_id.is_empty() {
             return Err(status(Code::INVALID_ARGUMENT, "exec_id: empty"));
         }
@@ -790,6 +825,7 @@ impl containerd_shim::Task for Service {
         let p = c.procs.get(&t.exec_id).ok_or_else(|| not_found(&t))?;
         let st = match p.state {
             State::Created => api::Status::CREATED,
+            State::Running if self.inner.paused.load(Ordering::Acquire) => api::Status::PAUSED,
             State::Running => api::Status::RUNNING,
             State::Stopped => api::Status::STOPPED,
         };
@@ -845,6 +881,12 @@ impl containerd_shim::Task for Service {
             }
             State::Running => {}
         }
+        // A paused guest cannot take the signal: it runs again first (runc delivers a signal to
+        // a frozen task once thawed; a paused VM would leave the call hanging instead).
+        if self.inner.paused.load(Ordering::Acquire) {
+            tracing::info!("{}: signal {} to a paused sandbox: resuming it first", name(&t), req.signal);
+            self.inner.set_paused(&t.container_id, false)?;
+        }
         let session = self.inner.session()?;
         let p = session.process(&t.container_id, &t.exec_id);
         self.inner
@@ -894,6 +936,7 @@ impl containerd_shim::Task for Service {
     }
 
     fn update(&self, _: &TtrpcContext, req: api::UpdateTaskRequest) -> RpcResult<api::Empty> {
+        self.inner.not_paused(&req.id)?;
         let session = self.inner.session()?;
         // containerd sends the OCI LinuxResources as JSON in the Any.
         let resources_json = req.resources.as_ref().map(|a: &Any| a.value.clone()).unwrap_or_default();
@@ -905,6 +948,7 @@ impl containerd_shim::Task for Service {
     }
 
     fn stats(&self, _: &TtrpcContext, req: api::StatsRequest) -> RpcResult<api::StatsResponse> {
+        self.inner.not_paused(&req.id)?;
         let session = self.inner.session()?;
         let s = self
             .inner
@@ -912,6 +956,26 @@ impl containerd_shim::Task for Service {
             .block_on(session.stats(&req.id))
             .map_err(|e| agent_status(&e, format!("container {}: stats", req.id)))?;
         Ok(api::StatsResponse { stats: MessageField::some(crate::stats::metrics_any(&s)?), ..Default::default() })
+    }
+
+    /// Pauses the sandbox VM's vCPUs (Kata's semantics: the whole pod stops, memory kept).
+    fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> RpcResult<api::Empty> {
+        let t = Target { container_id: req.id.clone(), exec_id: String::new() };
+        if process(&lock(&self.inner.containers), &t)?.state != State::Running {
+            return Err(status(Code::FAILED_PRECONDITION, format!("{}: not running", name(&t))));
+        }
+        self.inner.set_paused(&req.id, true)?;
+        Ok(api::Empty::new())
+    }
+
+    fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> RpcResult<api::Empty> {
+        let t = Target { container_id: req.id.clone(), exec_id: String::new() };
+        process(&lock(&self.inner.containers), &t)?;
+        if !self.inner.paused.load(Ordering::Acquire) {
+            return Err(status(Code::FAILED_PRECONDITION, format!("{}: not paused", name(&t))));
+        }
+        self.inner.set_paused(&req.id, false)?;
+        Ok(api::Empty::new())
     }
 
     fn connect(&self, _: &TtrpcContext, _: api::ConnectRequest) -> RpcResult<api::ConnectResponse> {

@@ -9,7 +9,8 @@
 # resets its VM ends the task with 255; (our shim only) guest root cannot plant links in the
 # shared tree; (our shim only) a loop device passed with --device is hot-plugged, read, written,
 # cgroup-confined and unplugged, and a char device refused; (our shim only) an ext4 volume from a
-# block device and from an image file is plugged and mounted by the agent; $CYCLES (default 20) run/delete
+# block device and from an image file is plugged and mounted by the agent; (our shim only) task
+# pause stops a ticking container and resume restarts it; $CYCLES (default 20) run/delete
 # cycles; then nothing of ours may be left: no shim process, mount, shim socket, sandbox
 # directory, task or container. The cases and cycles run in $PAR (default 2) streams at once.
 # Setup (private containerd, image): lib.sh.
@@ -296,6 +297,36 @@ case_volume() {
   fi
 }
 
+case_pause() {
+  # Pause/Resume (our shim only): the sandbox VM's vCPUs stop (task ls: PAUSED), so a container
+  # that ticks into a host directory stops ticking, and ticks again after resume.
+  if [ "$RUNTIME" = io.containerd.shoji.v2 ]; then
+    tick=$WORK/tick
+    mkdir -p "$tick"
+    ctr_ run -d --mount "type=bind,src=$tick,dst=/tick,options=rbind:rw" $R $IMG t-pause \
+      sh -c 'while :; do echo x >>/tick/n; sleep 0.2; done' >/dev/null 2>&1
+    ticks() { { wc -l <"$tick/n"; } 2>/dev/null || echo 0; }
+    for _ in $(seq 240); do [ "$(ticks)" -gt 2 ] && break; sleep 0.5; done
+    ctr_ task pause t-pause
+    state=$($C task ls 2>/dev/null | awk '$1 == "t-pause" { print $3 }')
+    sleep 0.5 # a tick the device thread was serving lands
+    n1=$(ticks)
+    sleep 3
+    n2=$(ticks)
+    ctr_ task resume t-pause
+    for _ in $(seq 60); do [ "$(ticks)" -gt "$n2" ] && break; sleep 0.5; done
+    n3=$(ticks)
+    after=$($C task ls 2>/dev/null | awk '$1 == "t-pause" { print $3 }')
+    [ "$state" = PAUSED ] && [ "$n1" -gt 0 ] && [ "$n1" = "$n2" ] && [ "$n3" -gt "$n2" ] && [ "$after" = RUNNING ] &&
+      ok "task pause stops the ticks (PAUSED, $n1 -> $n2 in 3 s), resume restarts them ($n3)" ||
+      no "pause/resume" "state $state -> $after, ticks $n1 $n2 $n3" "$(grep t-pause "$WORK/containerd.log" | grep -iE 'pause|resum' | tail -3)"
+    ctr_ task kill -s SIGKILL t-pause
+    for _ in $(seq 60); do $C task ls 2>/dev/null | grep -qE '^t-pause .*STOPPED' && break; sleep 1; done
+    ctr_ task delete t-pause >/dev/null 2>&1
+    ctr_ container delete t-pause >/dev/null 2>&1
+  fi
+}
+
 # Run/delete cycles, numbered from a counter the streams share.
 next_cycle() {
   (
@@ -315,7 +346,7 @@ cycles() {
 
 # Two streams of about equal work (VM boots); with PAR=1 one after the other.
 stream1() { case_basic; case_detached; case_volume; cycles; }
-stream2() { case_k9; case_crash; case_plant; case_device; cycles; }
+stream2() { case_k9; case_crash; case_plant; case_device; case_pause; cycles; }
 if [ "$PAR" -ge 2 ]; then
   stream1 &
   s1=$!

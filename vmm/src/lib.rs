@@ -3,7 +3,7 @@
 //! one device thread), booted straight into a PVH or Linux 64-bit kernel entry with no firmware.
 //! Every thread it starts for a VM confines itself ([`confine`]). It knows no command line and
 //! no agent: the sandbox library and the `shoji` CLI drive it through [`VmConfig`] and [`run`] or
-//! [`spawn`], and plug disks into a running VM through a [`VmControl`] ([`spawn_with_control`]).
+//! [`spawn`], and plug disks into a running VM, or pause it, through a [`VmControl`] ([`spawn_with_control`]).
 //! The C test guests are behind the `testkit` feature.
 pub mod boot;
 pub mod bus;
@@ -16,6 +16,7 @@ pub mod irq;
 pub mod layout;
 pub mod logfile;
 pub mod mptable;
+pub mod pause;
 pub mod pci;
 pub mod regs;
 #[cfg(feature = "testkit")]
@@ -24,6 +25,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use exit::StopReason;
+pub use pause::PauseError;
 pub use pci::{AttachedDevice, DiskConfig, HotplugError, HotplugStats, ShareConfig};
 pub use shoji_devices::model::PciPath;
 pub use vm::{run, spawn, spawn_with_control, KernelImage, SerialOut, VmConfig, VmControl, VmError, VmOutcome};

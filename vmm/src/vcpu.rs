@@ -3,6 +3,7 @@
 use crate::bus::PioBus;
 use crate::confine::{self, ThreadKind};
 use crate::exit::{ExitSignal, StopReason};
+use crate::pause::PauseGate;
 use crate::pci::MmioBus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -45,6 +46,8 @@ pub struct VcpuContext {
     pub mmio: Arc<MmioBus>,
     pub exit: Arc<ExitSignal>,
     pub stop: Arc<AtomicBool>,
+    /// Closed while the VM is paused: the thread parks before its next KVM_RUN.
+    pub gate: Arc<PauseGate>,
     pub stats: Arc<VcpuStats>,
     /// What the thread confines itself to before its first KVM_RUN.
     pub confine: Arc<confine::Plan>,
@@ -69,6 +72,10 @@ impl VcpuContext {
             }
         };
         while !self.stop.load(Ordering::Acquire) {
+            self.gate.pass(&self.stop);
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
             let outcome = self.step();
             if let Some(r) = outcome {
                 if let Err(msg) = &r {

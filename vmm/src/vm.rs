@@ -8,6 +8,7 @@ use crate::exit::{ExitSignal, StopReason};
 use crate::host;
 use crate::layout::{self, KVM_TSS_ADDRESS, MIN_MEMORY_MIB};
 use crate::mptable;
+use crate::pause::{PauseError, PauseGate};
 use crate::pci::{
     self, AttachedDevice, DeviceSet, DiskConfig, EventLoop, Hotplug, HotplugError, HotplugStats, PciSetupError,
     ShareConfig,
@@ -316,6 +317,14 @@ where
 #[derive(Default)]
 pub struct VmControl {
     hotplug: Mutex<Option<Hotplug>>,
+    /// The running VM's vCPU threads, for pause and resume; detached before they are joined.
+    vcpus: Mutex<Option<Vcpus>>,
+}
+
+/// What pausing needs of the vCPU threads: their gate, and their pthreads to kick.
+struct Vcpus {
+    gate: Arc<PauseGate>,
+    threads: Vec<libc::pthread_t>,
 }
 
 impl VmControl {
@@ -372,6 +381,46 @@ impl VmControl {
             h.mmio_read(addr, data);
             Ok(())
         })
+    }
+
+    /// Pauses the VM: every vCPU thread parks before its next KVM_RUN (kicked out of the
+    /// current one). Idempotent. Fails, leaving the VM running, when a vCPU does not stop in
+    /// `timeout`.
+    pub fn pause(&self, timeout: Duration) -> Result<(), PauseError> {
+        let g = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
+        let v = g.as_ref().ok_or(PauseError::NotRunning)?;
+        let total = v.threads.len();
+        v.gate
+            .close(total, timeout, || {
+                for t in &v.threads {
+                    // SAFETY: the threads are joined only after `detach_vcpus`, which waits for
+                    // this lock: each pthread_t still names a live thread; the kick signal has a
+                    // no-op handler.
+                    unsafe { libc::pthread_kill(*t, vcpu::kick_signal()) };
+                }
+            })
+            .map_err(|parked| PauseError::Timeout { parked, total, timeout })
+    }
+
+    /// Resumes a paused VM (a running one is left as it is).
+    pub fn resume(&self) -> Result<(), PauseError> {
+        let g = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref().ok_or(PauseError::NotRunning)?.gate.open();
+        Ok(())
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.vcpus.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|v| v.gate.is_closed())
+    }
+
+    fn attach_vcpus(&self, v: Vcpus) {
+        *self.vcpus.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+    }
+
+    /// Before the vCPU threads are stopped and joined (waits for a pause in progress).
+    fn detach_vcpus(&self) {
+        self.vcpus.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Serves `h` until [`VmControl::detach`]; refused while it serves another VM.
@@ -446,6 +495,7 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
     let supported =
         kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
     let stop = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(PauseGate::default());
     let stats = Arc::new(VcpuStats::default());
     let mut contexts = Vec::with_capacity(usize::from(cfg.vcpus));
     for id in 0..cfg.vcpus {
@@ -467,6 +517,7 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
             mmio: devices.mmio.clone(),
             exit: exit.clone(),
             stop: stop.clone(),
+            gate: gate.clone(),
             stats: stats.clone(),
             confine: plan.clone(),
         });
@@ -483,6 +534,13 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
             }
         }
     }
+    if let Some(c) = &control.0 {
+        use std::os::unix::thread::JoinHandleExt;
+        c.attach_vcpus(Vcpus {
+            gate: gate.clone(),
+            threads: threads.iter().map(|t| t.handle.as_pthread_t()).collect(),
+        });
+    }
     // The VM's own thread confines itself last: the threads it starts must not inherit its
     // filter (filters stack), and set-up needs far more than waiting and teardown do.
     let confined = match (spawn_error, confine_self) {
@@ -495,8 +553,13 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
         Ok(c) => (wait_for_exit(&exit, cfg.stop.as_deref(), cfg.timeout), Some(c)),
     };
 
-    // Teardown: stop every vCPU, kicking it out of KVM_RUN until its thread is gone.
+    // Teardown: stop every vCPU (a paused one too), kicking it out of KVM_RUN until its thread
+    // is gone.
+    if let Some(c) = &control.0 {
+        c.detach_vcpus();
+    }
     stop.store(true, Ordering::Release);
+    gate.release();
     for t in threads {
         while !t.handle.is_finished() {
             use std::os::unix::thread::JoinHandleExt;

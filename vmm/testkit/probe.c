@@ -184,6 +184,11 @@ void probe_main(u64 info, int kind)
 		puts("probe: crashing\n");
 		triple_fault();
 	}
+	if (has_word(cmdline, "tick")) {
+		/* A dot a line, forever (the console is line-buffered): a paused VM's output stops growing. */
+		puts("probe: ticking\n");
+		for (;;) { puts(".\n"); delay(20000); }
+	}
 	if (has_word(cmdline, "hang")) {
 		puts("probe: hanging\n");
 		for (;;) __asm__ volatile("cli; hlt");
