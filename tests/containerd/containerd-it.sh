@@ -10,7 +10,8 @@
 # shared tree; (our shim only) a loop device passed with --device is hot-plugged, read, written,
 # cgroup-confined and unplugged, and a char device refused; (our shim only) an ext4 volume from a
 # block device and from an image file is plugged and mounted by the agent; (our shim only) task
-# pause stops a ticking container and resume restarts it; $CYCLES (default 20) run/delete
+# pause stops a ticking container and resume restarts it; containerd restarts under a running
+# task; $CYCLES (default 20) run/delete
 # cycles; then nothing of ours may be left: no shim process, mount, shim socket, sandbox
 # directory, task or container. The cases and cycles run in $PAR (default 2) streams at once.
 # Setup (private containerd, image): lib.sh.
@@ -357,6 +358,25 @@ else
   stream1
   stream2
 fi
+# containerd restarts under a running task (alone: the other streams' calls would fail): it finds
+# the shim again by its address file, the task is still RUNNING, exec works, and it is stopped
+# and deleted.
+ctr_ run -d $R $IMG t-restart sleep 1000 >/dev/null 2>&1
+for _ in $(seq 120); do $C task ls 2>/dev/null | grep -qE '^t-restart .*RUNNING' && break; sleep 1; done
+kill -9 "$CPID"
+wait "$CPID" 2>/dev/null
+start_containerd
+for _ in $(seq 60); do $C task ls 2>/dev/null | grep -qE '^t-restart .*RUNNING' && break; sleep 1; done
+listed=$($C task ls 2>&1 | grep '^t-restart')
+out=$(ctr_ task exec --exec-id r1 t-restart echo after-restart 2>&1)
+ctr_ task kill -s SIGKILL t-restart
+for _ in $(seq 60); do $C task ls 2>/dev/null | grep -qE '^t-restart .*STOPPED' && break; sleep 1; done
+ctr_ task delete t-restart >/dev/null 2>&1
+ctr_ container delete t-restart >/dev/null 2>&1
+grep -q RUNNING <<<"$listed" && [ "$out" = after-restart ] && ! $C container ls -q 2>/dev/null | grep -qx t-restart &&
+  ok "containerd restarted under a task: RUNNING again, exec works, then killed and deleted" ||
+  no "containerd restart" "listed: $listed" "exec: $out" "$($C task ls 2>&1)"
+
 failed_cycles=$(grep -c . "$WORK/cycle.failed" 2>/dev/null)
 [ "${failed_cycles:-0}" = 0 ] && ok "$CYCLES run/delete cycles" ||
   no "cycles" "$failed_cycles of $CYCLES failed: $(tr '\n' ' ' <"$WORK/cycle.failed")"

@@ -2,7 +2,8 @@
 # dir, our shim linked into its PATH, and a busybox image built here (no network).
 #
 # In:  SHIM_BIN (optional: a shim binary), RUNTIME (io.containerd.NAME.v2, for SHIM_BIN's name)
-# Out: WORK, SOCK, C (the ctr command), IMG, SNAP (overlayfs or native), CPID; teardown on EXIT.
+# Out: WORK, SOCK, C (the ctr command), IMG, SNAP (overlayfs or native), CPID, start_containerd;
+# teardown on EXIT.
 
 [ "$(id -u)" = 0 ] || { echo "containerd tests: need root (containerd, mounts)"; exit 2; }
 missing=()
@@ -57,10 +58,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [plugins."io.containerd.internal.v1.opt"]
   path = "$WORK/opt"
 EOF_CONFIG
-containerd --config "$WORK/config.toml" >"$WORK/containerd.log" 2>&1 &
-CPID=$!
-for _ in $(seq 100); do $C version >/dev/null 2>&1 && break; sleep 0.1; done
-$C version >/dev/null 2>&1 || { echo "containerd did not start:"; tail -20 "$WORK/containerd.log"; exit 1; }
+# Also called again by a test that restarts containerd (its log goes on in the same file).
+start_containerd() {
+  containerd --config "$WORK/config.toml" >>"$WORK/containerd.log" 2>&1 &
+  CPID=$!
+  for _ in $(seq 100); do $C version >/dev/null 2>&1 && break; sleep 0.1; done
+  $C version >/dev/null 2>&1 || { echo "containerd did not start:"; tail -20 "$WORK/containerd.log"; exit 1; }
+}
+start_containerd
 SNAP=overlayfs
 $C plugins ls 2>/dev/null | grep -E 'io.containerd.snapshotter.v1 +overlayfs .* ok' >/dev/null || SNAP=native
 
