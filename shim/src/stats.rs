@@ -1,28 +1,24 @@
-//! The agent's container stats as containerd's cgroup v1 `Metrics` (what `ctr task metrics`
-//! and CRI's stats read, whatever the guest's cgroup version).
-use containerd_shim::protos::cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat};
+//! The agent's container stats as containerd's cgroup v2 `Metrics` (what `ctr task metrics` and
+//! the CRI plugin's ContainerStats decode; containerd 1.6 reads v1 and v2 alike), whatever the
+//! guest's cgroup version.
+use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat};
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::{Message, MessageField};
 use containerd_shim::protos::ttrpc::{self, Code};
 use shoji_sandbox::StatsContainerResponse;
 
-pub const METRICS_TYPE_URL: &str = "io.containerd.cgroups.v1.Metrics";
+pub const METRICS_TYPE_URL: &str = "io.containerd.cgroups.v2.Metrics";
 
 pub fn metrics(s: &StatsContainerResponse) -> Metrics {
     Metrics {
         pids: MessageField::some(PidsStat { current: s.pids_current, limit: s.pids_limit, ..Default::default() }),
-        cpu: MessageField::some(CPUStat {
-            usage: MessageField::some(CPUUsage { total: s.cpu_usage_usec.saturating_mul(1000), ..Default::default() }),
-            ..Default::default()
-        }),
+        cpu: MessageField::some(CPUStat { usage_usec: s.cpu_usage_usec, ..Default::default() }),
         memory: MessageField::some(MemoryStat {
-            usage: MessageField::some(MemoryEntry {
-                usage: s.memory_usage_bytes,
-                limit: s.memory_limit_bytes,
-                ..Default::default()
-            }),
+            usage: s.memory_usage_bytes,
+            usage_limit: s.memory_limit_bytes,
             ..Default::default()
         }),
+        memory_events: MessageField::some(MemoryEvents { oom_kill: s.oom_kills, ..Default::default() }),
         ..Default::default()
     }
 }
@@ -46,13 +42,15 @@ mod tests {
             cpu_usage_usec: 1500,
             pids_current: 3,
             pids_limit: 10,
+            oom_kills: 2,
             ..Default::default()
         };
         let any = metrics_any(&s).unwrap();
         assert_eq!(any.type_url, METRICS_TYPE_URL);
         let m = Metrics::parse_from_bytes(&any.value).unwrap();
-        assert_eq!((m.memory.usage.usage, m.memory.usage.limit), (5 << 20, 64 << 20));
-        assert_eq!(m.cpu.usage.total, 1_500_000, "ns");
+        assert_eq!((m.memory.usage, m.memory.usage_limit), (5 << 20, 64 << 20));
+        assert_eq!(m.cpu.usage_usec, 1500);
         assert_eq!((m.pids.current, m.pids.limit), (3, 10));
+        assert_eq!(m.memory_events.oom_kill, 2);
     }
 }
