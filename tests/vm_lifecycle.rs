@@ -1,24 +1,12 @@
 //! The VMM as a library: many boots in one process leave no fd, thread or mapping behind.
 use shoji_tests::{process_resources, require_kvm};
-use shoji_vmm::{testkit, SerialOut, StopReason, VmConfig};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use shoji_vmm::testkit::{self, Capture};
+use shoji_vmm::{SerialOut, StopReason, VmConfig};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Resource counts are per process: tests in this binary must not boot concurrently.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-impl Write for Capture {
-    fn write(&mut self, d: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(d);
-        Ok(d.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn boot(guest: &str, cmdline: &str, vcpus: u8, timeout: Option<Duration>) -> (StopReason, String) {
     let out = Capture::default();
@@ -29,7 +17,7 @@ fn boot(guest: &str, cmdline: &str, vcpus: u8, timeout: Option<Duration>) -> (St
     cfg.serial = SerialOut::Writer(Box::new(out.clone()));
     cfg.timeout = timeout;
     let outcome = shoji_vmm::run(cfg).expect("boot");
-    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    let text = out.text();
     (outcome.reason, text)
 }
 

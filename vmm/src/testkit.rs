@@ -1,6 +1,8 @@
 //! The guest test kit: tiny freestanding guests built from `vmm/testkit` by build.rs with the
 //! machine's C toolchain and embedded here, so VMM tests and `shoji bench` boot in milliseconds.
 use crate::vm::KernelImage;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 /// Writes [`NULL_MARKER`] to COM1, then resets through the i8042 (PVH ELF).
 pub const NULL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/null.elf"));
@@ -23,4 +25,25 @@ pub fn guest(name: &str) -> Option<KernelImage> {
     };
     let name = NAMES.iter().find(|n| **n == name).copied()?;
     Some(KernelImage::Bytes { name, data })
+}
+
+/// A serial console sink a test can read while the VM runs (`SerialOut::Writer`).
+#[derive(Clone, Default)]
+pub struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// What the guest printed so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, d: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(d);
+        Ok(d.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -5,11 +5,11 @@
 //! the process with the fds, threads, epoll registrations, GSIs and BARs it had; concurrent
 //! plugs are serialised; a VM stopped with a disk still plugged tears down cleanly. Needs
 //! /dev/kvm.
+use shoji_vmm::testkit::{self, Capture};
 use shoji_vmm::{
-    spawn_with_control, testkit, DiskConfig, HotplugError, HotplugStats, PciPath, SerialOut, StopReason, VmConfig,
-    VmControl, VmError, VmOutcome,
+    spawn_with_control, DiskConfig, HotplugError, HotplugStats, PciPath, SerialOut, StopReason, VmConfig, VmControl,
+    VmError, VmOutcome,
 };
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,18 +18,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// The tests count the whole process's fds and threads: one VM at a time.
 static ONE: Mutex<()> = Mutex::new(());
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-impl Write for Capture {
-    fn write(&mut self, d: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(d);
-        Ok(d.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The probe guest in `hang` mode with one boot disk (slot 01), confined, and its control.
 struct Vm {
@@ -58,7 +46,7 @@ impl Vm {
         assert!(matches!(control.add_disk(disk(dir.path(), "early")), Err(HotplugError::NotRunning)));
         let thread = spawn_with_control(cfg, control.clone(), |_| {}).unwrap();
         let t0 = Instant::now();
-        while !String::from_utf8_lossy(&out.0.lock().unwrap()).contains("probe: hanging") {
+        while !out.text().contains("probe: hanging") {
             assert!(t0.elapsed() < Duration::from_secs(120), "the probe did not start");
             std::thread::sleep(Duration::from_millis(20));
         }

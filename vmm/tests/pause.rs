@@ -2,37 +2,20 @@
 //! inside KVM_RUN), confined, prints a dot at a time. Paused, its output stops growing: every
 //! vCPU was kicked out of KVM_RUN and parked; resumed, the dots go on; a VM stopped while paused
 //! tears down (the parked threads are released). Needs /dev/kvm.
-use shoji_vmm::{spawn_with_control, testkit, PauseError, SerialOut, StopReason, VmConfig, VmControl};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use shoji_vmm::testkit::{self, Capture};
+use shoji_vmm::{spawn_with_control, PauseError, SerialOut, StopReason, VmConfig, VmControl};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-impl Write for Capture {
-    fn write(&mut self, d: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(d);
-        Ok(d.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Capture {
-    fn dots(&self) -> usize {
-        self.0.lock().unwrap().iter().filter(|&&b| b == b'.').count()
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
+fn dots(out: &Capture) -> usize {
+    out.text().matches('.').count()
 }
 
 /// Waits until the guest printed more than `n` dots.
 fn more_dots_than(out: &Capture, n: usize, what: &str) {
     let t0 = Instant::now();
-    while out.dots() <= n {
+    while dots(out) <= n {
         assert!(t0.elapsed() < Duration::from_secs(120), "{what}: no dot after {n}: {}", out.text());
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -61,11 +44,11 @@ fn a_paused_vm_stops_and_a_resumed_one_goes_on() {
         control.pause(Duration::from_secs(10)).unwrap();
         eprintln!("round {round}: paused in {:?}", t.elapsed());
         assert!(control.is_paused());
-        let frozen = out.dots();
+        let frozen = dots(&out);
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(out.dots(), frozen, "round {round}: a paused vCPU ran");
+        assert_eq!(dots(&out), frozen, "round {round}: a paused vCPU ran");
         control.pause(Duration::from_secs(10)).unwrap();
-        assert_eq!(out.dots(), frozen, "a second pause changes nothing");
+        assert_eq!(dots(&out), frozen, "a second pause changes nothing");
         control.resume().unwrap();
         assert!(!control.is_paused());
         more_dots_than(&out, frozen, "resumed");

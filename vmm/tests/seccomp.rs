@@ -5,7 +5,8 @@
 //! thread inside the VM's shares and disks. Needs /dev/kvm.
 use shoji_vmm::confine::{self, Plan, ThreadKind, Violation};
 use shoji_vmm::exit::ExitSignal;
-use shoji_vmm::{testkit, DiskConfig, SerialOut, ShareConfig, StopReason, VmConfig, VmError, VmOutcome};
+use shoji_vmm::testkit::{self, Capture};
+use shoji_vmm::{DiskConfig, SerialOut, ShareConfig, StopReason, VmConfig, VmError, VmOutcome};
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
@@ -16,18 +17,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 fn require_kvm() {
     assert!(Path::new("/dev/kvm").exists(), "these tests boot real VMs and need /dev/kvm");
-}
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-impl Write for Capture {
-    fn write(&mut self, d: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(d);
-        Ok(d.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// A running VM of the probe guest in `hang` mode, with a disk, a share and a vsock device, so
@@ -60,7 +49,7 @@ impl Vm {
         cfg.confine = confine;
         let thread = shoji_vmm::spawn(cfg, |_| {}).unwrap();
         let t0 = Instant::now();
-        while !String::from_utf8_lossy(&out.0.lock().unwrap()).contains("probe: hanging") {
+        while !out.text().contains("probe: hanging") {
             assert!(t0.elapsed() < Duration::from_secs(60), "the probe did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
