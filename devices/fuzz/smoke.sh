@@ -11,6 +11,9 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 for crate in devices cli guest-agent; do
   pushd "$crate" >/dev/null
+  # Every target of the crate in one build (its binaries compile in parallel); `run` then finds
+  # them built.
+  cargo fuzz build
   for t in $(cargo fuzz list); do
     echo "== fuzz $crate/$t for ${secs}s"
     mkdir -p "fuzz/corpus/$t"
