@@ -8,10 +8,11 @@
 //!
 //! - `/proc/<our pid>/ns/<kind>` becomes `/run/shoji-ns/<pod sandbox id>/<kind>`, which the agent
 //!   resolves to that container's init in the guest (`devices::model::guest_container_ns`);
-//! - any other network namespace path (the pod's CNI netns on the host) is dropped: the
-//!   container gets a new network namespace in the guest (loopback only: the VM has no network
-//!   device yet, see docs/shim.md);
-//! - any other path fails Create naming the entry: a host namespace cannot be joined from the VM.
+//! - in a CRI pod, any other network namespace path (the pod's CNI netns on the host) is dropped:
+//!   the container gets a new network namespace in the guest (loopback only: the VM has no
+//!   network device yet, see docs/kubernetes.md);
+//! - any other path fails Create naming the entry: a host namespace cannot be joined from the VM
+//!   (`ctr run --with-ns network:/var/run/netns/x` is refused, not quietly given another one).
 use serde_json::Value;
 use shoji_devices::model::guest_container_ns;
 
@@ -41,9 +42,13 @@ fn proc_ns(path: &str) -> Option<(u32, &str)> {
     Some((pid.parse().ok()?, kind))
 }
 
+/// CRI's annotation on every container of a pod ("sandbox" or "container").
+const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
 /// Rewrites `spec`'s namespace paths for the guest: `our_pid` is the pid this shim reports for
 /// its tasks, `sandbox` the pod's sandbox container id (CRI's sandbox id).
 pub fn rewrite(spec: &mut Value, our_pid: u32, sandbox: &str) -> Result<Rewritten, NamespaceError> {
+    let cri = spec.pointer("/annotations").and_then(|a| a.get(CRI_CONTAINER_TYPE)).is_some();
     let mut out = Rewritten::default();
     let Some(list) = spec.pointer_mut("/linux/namespaces").and_then(Value::as_array_mut) else { return Ok(out) };
     for (index, n) in list.iter_mut().enumerate() {
@@ -57,7 +62,7 @@ pub fn rewrite(spec: &mut Value, our_pid: u32, sandbox: &str) -> Result<Rewritte
                 n["path"] = Value::String(guest_container_ns(sandbox, kind));
                 out.joined.push((index, kind.to_string()));
             }
-            _ if typ == "network" => {
+            _ if typ == "network" && cri => {
                 if let Some(o) = n.as_object_mut() {
                     o.remove("path");
                 }
@@ -98,12 +103,17 @@ mod tests {
 
     #[test]
     fn the_pods_cni_netns_becomes_a_new_one_in_the_guest() {
-        let mut s = json!({"linux": {"namespaces": [
+        let netns = json!({"linux": {"namespaces": [
             {"type": "network", "path": "/var/run/netns/cni-1234"}, {"type": "mount"}
         ]}});
+        let mut s = netns.clone();
+        s["annotations"] = json!({"io.kubernetes.cri.container-type": "sandbox"});
         let r = rewrite(&mut s, 4242, "pod1").unwrap();
         assert_eq!(r.dropped_net, ["/var/run/netns/cni-1234"]);
         assert_eq!(s["linux"]["namespaces"][0], json!({"type": "network"}));
+        // Outside a CRI pod (ctr run --with-ns) it is refused, not replaced.
+        let e = rewrite(&mut netns.clone(), 4242, "pod1").unwrap_err().to_string();
+        assert!(e.starts_with("linux.namespaces[0].path: /var/run/netns/cni-1234: "), "{e}");
     }
 
     #[test]
