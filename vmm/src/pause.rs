@@ -30,6 +30,8 @@ struct State {
 pub struct PauseGate {
     state: Mutex<State>,
     changed: Condvar,
+    /// `state.paused`, readable without the lock: the vCPU loop checks it on every exit.
+    closed: AtomicBool,
 }
 
 impl PauseGate {
@@ -40,6 +42,11 @@ impl PauseGate {
     /// On a vCPU thread: returns at once unless the VM is paused; then parks until it is
     /// resumed or `stop` is set (teardown releases the gate too).
     pub fn pass(&self, stop: &AtomicBool) {
+        // The common case costs one load: a close that races with it kicks this thread out of
+        // the KVM_RUN it is about to enter, and the next pass sees it.
+        if !self.closed.load(Ordering::Acquire) {
+            return;
+        }
         let mut s = self.lock();
         if !s.paused {
             return;
@@ -60,11 +67,13 @@ impl PauseGate {
         let deadline = Instant::now() + timeout;
         let mut s = self.lock();
         s.paused = true;
+        self.closed.store(true, Ordering::Release);
         while s.parked < n {
             let now = Instant::now();
             if now >= deadline {
                 let parked = s.parked;
                 s.paused = false;
+                self.closed.store(false, Ordering::Release);
                 self.changed.notify_all();
                 return Err(parked);
             }
@@ -79,7 +88,10 @@ impl PauseGate {
 
     /// Reopens the gate: parked threads go back to KVM_RUN.
     pub fn open(&self) {
-        self.lock().paused = false;
+        let mut s = self.lock();
+        s.paused = false;
+        self.closed.store(false, Ordering::Release);
+        drop(s);
         self.changed.notify_all();
     }
 
