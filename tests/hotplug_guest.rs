@@ -10,10 +10,13 @@
 //!   into the freed slot, then cycles of add, use and remove, after which the VMM holds no more
 //!   devices, GSIs or BARs and the process no more fds, threads or mappings than before; then the
 //!   seed's collision case: two disks whose spec numbers are each other's guest numbers, each
-//!   read through its own path (the agent's batched rewrite).
+//!   read through its own path (the agent's batched rewrite); then a virtio-fs share added to
+//!   the running VM (its own confined device thread), used by a container both ways, refused
+//!   while mounted, removed, added again into the same slot and removed: no thread, device or
+//!   fd left.
 use shoji_sandbox::{
-    virtiofs_storage, ContainerSpec, Device, DiskConfig, Hotplug, PciPath, Sandbox, SandboxConfig, Session,
-    SessionConfig, Stream, Unplugged,
+    hotplugged_virtiofs_storage, virtiofs_storage, ContainerSpec, Device, DiskConfig, Hotplug, PciPath, Sandbox,
+    SandboxConfig, Session, SessionConfig, ShareConfig, Stream, Unplugged,
 };
 use shoji_tests::{guest_artifacts, process_resources, require_kvm, shoji_bin, Loop};
 use std::os::unix::fs::MetadataExt;
@@ -175,6 +178,48 @@ fn with_disks(id: &str, args: &[&str], disks: &[SpecDisk<'_>]) -> ContainerSpec 
             .collect(),
         ..Default::default()
     }
+}
+
+/// A container running `script` with the hot-plugged share `tag` (at `pci`) bound at /mnt.
+fn with_share(id: &str, tag: &str, pci: &PciPath, script: &str) -> ContainerSpec {
+    let guest_dir = format!("/run/shoji/{tag}");
+    let spec = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "root": { "path": GUEST_ROOTFS, "readonly": true },
+        "process": {
+            "terminal": false,
+            "user": { "uid": 0, "gid": 0 },
+            "args": ["sh", "-c", script],
+            "env": ["PATH=/bin:/sbin:/usr/bin"],
+            "cwd": "/"
+        },
+        "mounts": [
+            { "destination": "/proc", "type": "proc", "source": "proc" },
+            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755", "size=64k"] },
+            { "destination": "/mnt", "type": "bind", "source": guest_dir, "options": ["rbind", "rw"] }
+        ],
+        "linux": { "namespaces": [ { "type": "pid" }, { "type": "mount" } ] }
+    });
+    ContainerSpec {
+        id: id.into(),
+        spec_json: serde_json::to_vec(&spec).unwrap(),
+        rootfs: GUEST_ROOTFS.into(),
+        storages: vec![hotplugged_virtiofs_storage(tag, pci, &guest_dir, false)],
+        ..Default::default()
+    }
+}
+
+/// This process's threads whose name starts with `prefix`: (tid, /proc status text).
+fn threads_named(prefix: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end().starts_with(prefix) {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            found.push((t.file_name().to_string_lossy().into_owned(), status));
+        }
+    }
+    found
 }
 
 /// A container that prints the first 16 bytes of its hot-plugged disk (placeholder numbers in
@@ -348,6 +393,57 @@ fn hot_add_use_remove_reuse_and_cycles_leave_nothing_behind() {
             eprintln!("collision: /dev/xa {second_disk:?} -> {first_disk:?}, /dev/xb {first_disk:?} -> {second_disk:?}; each read its own disk");
             assert_eq!(unplug(a).await, Unplugged::Released);
             assert_eq!(unplug(b).await, Unplugged::Released);
+
+            // virtio-fs after boot: a host directory shared into the running VM.
+            let share_dir = dir.path().join("hot-share");
+            std::fs::create_dir(&share_dir).unwrap();
+            std::fs::write(share_dir.join("hello"), "from the host\n").unwrap();
+            let share = ShareConfig { dir: share_dir.clone(), tag: "hot0".into(), read_only: false };
+            let (stats, fds) = (vm.hotplug_stats().unwrap(), not_share(shoji_tests::fd_targets()));
+            assert!(threads_named("fs-").is_empty());
+            let t = Instant::now();
+            let at = hotplug.plug_share(&vm, share.clone()).await.unwrap();
+            // Served by a thread of its own, confined like the boot device thread.
+            let own = threads_named("fs-");
+            assert_eq!(own.len(), 1, "{own:?}");
+            assert!(own[0].1.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])), "{}", own[0].1);
+            assert_eq!(vm.hotplug_stats().unwrap().own_threads, 1);
+            let again = hotplug.plug_share(&vm, ShareConfig { tag: "rootfs".into(), ..share.clone() }).await;
+            let msg = again.expect_err("a second device with a tag in use").to_string();
+            assert!(msg.contains("tag \"rootfs\" is in the VM already"), "{msg}");
+
+            let script = "cat /mnt/hello && echo from-the-guest > /mnt/written && grep -w /mnt /proc/mounts";
+            let out = run_in_container(&session, &hotplug, with_share("c-fs", "hot0", &at, script)).await;
+            eprintln!("{at}: share added, mounted and used by a container in {:?}:\n{out}", t.elapsed());
+            let mut lines = out.lines();
+            assert_eq!(lines.next(), Some("from the host"), "{out}");
+            assert!(lines.next().is_some_and(|l| l.starts_with("hot0 /mnt virtiofs rw")), "{out}");
+            assert_eq!(std::fs::read_to_string(share_dir.join("written")).unwrap(), "from-the-guest\n");
+
+            // In use by a (stopped, not removed) container: the agent refuses to release it.
+            let spec = with_share("c-fs-held", "hot0", &at, "true");
+            let process = {
+                let _plugs = hotplug.lock().await;
+                session.create_container(spec).await.unwrap()
+            };
+            process.start().await.unwrap();
+            assert_eq!(process.wait().await.unwrap().status, 0);
+            let held = hotplug.unplug(&vm, &session, &at, Duration::from_secs(10), false).await;
+            let msg = held.expect_err("released while a container has it").to_string();
+            assert!(msg.contains("c-fs-held"), "{msg}");
+            session.remove_container("c-fs-held").await.unwrap();
+            assert_eq!(unplug(at.clone()).await, Unplugged::Released);
+            assert!(threads_named("fs-").is_empty(), "the share's device thread outlived it");
+
+            // Its slot and tag are free again; a share never mounted goes as well.
+            let again = hotplug.plug_share(&vm, share.clone()).await.unwrap();
+            assert_eq!(again, at, "the freed slot was not reused");
+            assert_eq!(unplug(again).await, Unplugged::Released);
+            assert_eq!(vm.hotplug_stats().unwrap(), stats, "the VMM kept hot-plug resources");
+            assert!(threads_named("fs-").is_empty());
+            // (Without the rootfs share's inode fds: the container looked up new names there.)
+            let fds_now = not_share(shoji_tests::fd_targets());
+            assert!(fds_now.len() <= fds.len(), "fds: {fds_now:?} now, {fds:?} before the share");
 
             if let Err(e) = session.destroy(Duration::from_secs(30)).await {
                 eprintln!("destroy: {e}");

@@ -12,8 +12,8 @@ mod vm;
 pub use error::{RpcCode, SandboxError, StartFailure, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND};
 pub use hotplug::{Hotplug, Unplugged, RELEASE_TIMEOUT};
 pub use session::{
-    virtiofs_storage, ContainerSpec, Device, ExitStatus, Process, Session, SessionConfig, StatsContainerResponse,
-    Storage, Stream, AGENT_TIMEOUT, RPC_TIMEOUT,
+    hotplugged_virtiofs_storage, virtiofs_storage, ContainerSpec, Device, ExitStatus, Process, Session, SessionConfig,
+    StatsContainerResponse, Storage, Stream, AGENT_TIMEOUT, RPC_TIMEOUT,
 };
 pub use shoji_vmm::{DiskConfig, HotplugError, HotplugStats, PciPath, ShareConfig};
 pub use vm::*;

@@ -43,6 +43,14 @@ pub fn virtiofs_storage(tag: &str, mount_point: &str, read_only: bool) -> Storag
     }
 }
 
+/// [`virtiofs_storage`] for a share hot-plugged at `pci` ([`crate::Hotplug::plug_share`]): the
+/// agent rescans the bus for it before mounting, and refuses to release it while mounted.
+pub fn hotplugged_virtiofs_storage(tag: &str, pci: &shoji_vmm::PciPath, mount_point: &str, read_only: bool) -> Storage {
+    let mut s = virtiofs_storage(tag, mount_point, read_only);
+    s.driver_options = vec![format!("{}{pci}", shoji_devices::model::VIRTIOFS_PCI_OPTION)];
+    s
+}
+
 /// A container to create: its OCI spec (JSON) and what the agent prepares for it first.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerSpec {

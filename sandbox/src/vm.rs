@@ -127,6 +127,13 @@ impl Sandbox {
         self.control.add_disk(disk).map_err(|e| self.hotplug_error(e))
     }
 
+    /// Shares `share.dir` with the running VM as a new virtio-fs device, served by a device
+    /// thread of its own that Landlock confines to that directory; returns its PCI path (name
+    /// it in the storage: [`crate::hotplugged_virtiofs_storage`]). The tag must be new in the VM.
+    pub fn hot_add_share(&self, share: ShareConfig) -> Result<PciPath, SandboxError> {
+        self.control.add_share(share).map_err(|e| self.hotplug_error(e))
+    }
+
     /// Unplugs the hot-plugged device at `path`. Ask the agent to remove it in the guest first:
     /// this takes it away whether or not the guest let go (log that case), and its slot is the
     /// next hot-add's.

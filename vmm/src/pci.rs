@@ -161,6 +161,8 @@ pub struct PciDevices {
     pub mmio: Arc<MmioBus>,
     /// The boot devices.
     pub attached: Vec<AttachedDevice>,
+    /// The boot shares' tags.
+    share_tags: Vec<String>,
     virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
     /// What wired the boot devices, kept for hotplug ([`Hotplug::new`] takes it).
     wiring: Option<Wiring>,
@@ -276,6 +278,7 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, set: DeviceSet) -> Result<Pc
     let mmio = MmioBus::default();
     let mut attached = Vec::new();
     let mut virtio = Vec::new();
+    let share_tags = set.shares.iter().map(|(cfg, _)| cfg.tag.clone()).collect();
     let mut add =
         |name: String, kind: DeviceKind, index: usize, dev: Box<dyn VirtioDevice>| -> Result<(), PciSetupError> {
             let path = plan.path(kind, index).ok_or(PciSetupError::Unplanned(kind, index))?;
@@ -291,14 +294,25 @@ pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, set: DeviceSet) -> Result<Pc
         add(disk_name(&cfg), DeviceKind::Block, i, Box::new(block))?;
     }
     for (j, (cfg, fs)) in set.shares.into_iter().enumerate() {
-        let what = format!("{} tag={}{}", cfg.dir.display(), cfg.tag, if cfg.read_only { " (ro)" } else { "" });
-        add(what, DeviceKind::Fs, j, Box::new(fs))?;
+        add(share_name(&cfg), DeviceKind::Fs, j, Box::new(fs))?;
     }
     if let Some(v) = set.vsock {
         let what = format!("cid={} {}", v.guest_cid(), v.uds_path().display());
         add(what, DeviceKind::Vsock, 0, Box::new(v))?;
     }
-    Ok(PciDevices { root: Arc::new(Mutex::new(root)), mmio: Arc::new(mmio), attached, virtio, wiring: Some(wiring) })
+    Ok(PciDevices {
+        root: Arc::new(Mutex::new(root)),
+        mmio: Arc::new(mmio),
+        attached,
+        share_tags,
+        virtio,
+        wiring: Some(wiring),
+    })
+}
+
+/// How a share is named in reports: its directory, tag and "(ro)" when read-only.
+fn share_name(cfg: &ShareConfig) -> String {
+    format!("{} tag={}{}", cfg.dir.display(), cfg.tag, if cfg.read_only { " (ro)" } else { "" })
 }
 
 /// How a disk is named in reports: its path, and "(ro)" when read-only.
@@ -340,20 +354,41 @@ impl EventLoop {
     /// The thread confines itself (as [`ThreadKind::Devices`]) before it serves anything; if it
     /// cannot, it stops the VM through `exit`.
     pub fn start(devices: &PciDevices, plan: Arc<Plan>, exit: Arc<ExitSignal>) -> Result<Self, PciSetupError> {
+        let subs = devices.virtio.iter().map(|d| Box::new(VirtioPciSubscriber(d.clone())) as Subscriber).collect();
+        Self::spawn("devices", subs, plan, exit, false)
+    }
+
+    /// A loop on a new thread `name` serving `subscribers`, confined by `plan`. With
+    /// `wait_confined`, returns once the thread is confined (a failure is returned here and
+    /// the VM goes on); otherwise the thread stops the VM if it cannot confine itself.
+    fn spawn(
+        name: &str,
+        subscribers: Vec<Subscriber>,
+        plan: Arc<Plan>,
+        exit: Arc<ExitSignal>,
+        wait_confined: bool,
+    ) -> Result<Self, PciSetupError> {
         let err = |e: &dyn std::fmt::Debug| PciSetupError::EventLoop(format!("{e:?}"));
         let mut em = EventManager::<Subscriber>::new().map_err(|e| err(&e))?;
         let endpoint = em.remote_endpoint();
         let stop = Arc::new(AtomicBool::new(false));
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err(&e))?;
         em.add_subscriber(Box::new(Stopper { evt: wake.try_clone().map_err(|e| err(&e))?, stop: stop.clone() }));
-        for d in &devices.virtio {
-            em.add_subscriber(Box::new(VirtioPciSubscriber(d.clone())));
+        for s in subscribers {
+            em.add_subscriber(s);
         }
+        let (confined_tx, confined_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
-            .name("devices".into())
+            .name(name.into())
             .spawn(move || {
-                let _confined = match crate::confine::enter(ThreadKind::Devices, &plan, &exit) {
+                let confined = crate::confine::enter(ThreadKind::Devices, &plan, &exit);
+                let _confined = match confined {
+                    Ok(c) if wait_confined => {
+                        let _ = confined_tx.send(Ok(()));
+                        c
+                    }
                     Ok(c) => c,
+                    Err(e) if wait_confined => return drop(confined_tx.send(Err(e.to_string()))),
                     Err(e) => return exit.set(Err(format!("device thread: cannot confine it: {e}"))),
                 };
                 while !stop.load(Ordering::Acquire) {
@@ -364,7 +399,15 @@ impl EventLoop {
                 }
             })
             .map_err(|e| err(&e))?;
-        Ok(EventLoop { wake, endpoint, thread: Some(thread) })
+        let event_loop = EventLoop { wake, endpoint, thread: Some(thread) };
+        if wait_confined {
+            match confined_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(PciSetupError::EventLoop(format!("{name}: cannot confine it: {e}"))),
+                Err(_) => return Err(PciSetupError::EventLoop(format!("{name}: the thread ended at start"))),
+            }
+        }
+        Ok(event_loop)
     }
 
     pub fn stop(&mut self) {
@@ -398,14 +441,21 @@ impl Drop for EventLoop {
 /// registration runs on the device thread, through its remote endpoint (an `epoll_ctl`, which
 /// that thread's seccomp filter allows). Landlock on the device thread covers only the paths the
 /// VM booted with, which is why a hot-added disk is opened here: the device thread only reads
-/// and writes the open file. virtio-fs is not hot-plugged for that reason: its server opens
-/// files below the shared directory on the device thread.
+/// and writes the open file. A hot-added virtio-fs share cannot work that way (its FUSE server
+/// opens files below the shared directory as the guest asks), so it gets a device thread of its
+/// own, started here from the caller's unconfined thread and confined like the boot one
+/// (seccomp, capabilities), with Landlock allowing exactly its share; an unplug stops it.
 pub struct Hotplug {
     wiring: Wiring,
+    /// The boot confinement: a hot-added share's thread is confined the same way.
+    confine: Arc<Plan>,
+    exit: Arc<ExitSignal>,
     root: Arc<Mutex<PciRoot>>,
     mmio: Arc<MmioBus>,
     endpoint: Endpoint,
     boot: Vec<AttachedDevice>,
+    /// The boot shares' tags (a hot-added share must not reuse one).
+    boot_tags: Vec<String>,
     /// By slot on bus 0.
     hot: BTreeMap<u8, HotDevice>,
     /// Guest errors counted by devices already unplugged.
@@ -415,7 +465,17 @@ pub struct Hotplug {
 struct HotDevice {
     info: AttachedDevice,
     wired: Wired,
-    subscriber: SubscriberId,
+    served: Served,
+    /// A share's virtio-fs tag.
+    tag: Option<String>,
+}
+
+/// Where a hot-plugged device's queues are served.
+enum Served {
+    /// On the boot device thread, as this subscriber.
+    Shared(SubscriberId),
+    /// On a thread of its own (a virtio-fs share).
+    Own(EventLoop),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -425,11 +485,15 @@ pub enum HotplugError {
     #[error("hotplug: {0}")]
     Disk(#[from] BlockError),
     #[error("hotplug: {0}")]
+    Share(#[from] shoji_devices::virtio::fs::FsError),
+    #[error("hotplug: {0}")]
     Slot(#[from] PciPlanError),
     #[error("hotplug: {0}")]
     Setup(#[from] PciSetupError),
     #[error("hotplug: the device thread's event loop: {0}")]
     EventLoop(String),
+    #[error("hotplug: a virtio-fs device with tag {0:?} is in the VM already")]
+    TagInUse(String),
     /// The device is off the bus, but some of its resources could not be given back.
     #[error("hotplug: {path} was removed, but: {what}")]
     Leak { path: PciPath, what: String },
@@ -444,18 +508,29 @@ pub struct HotplugStats {
     pub gsis_in_use: usize,
     /// BARs mapped on the MMIO bus.
     pub mmio_ranges: usize,
+    /// Device threads of hot-plugged shares running now.
+    pub own_threads: usize,
 }
 
 impl Hotplug {
     /// Takes over the wiring of `devices` (boot devices stay as they are) and the event loop's
     /// endpoint. `None` when it was taken already.
-    pub fn new(devices: &mut PciDevices, event_loop: &EventLoop) -> Option<Hotplug> {
+    /// `confine` and `exit` are the boot threads' (for a hot-added share's own thread).
+    pub fn new(
+        devices: &mut PciDevices,
+        event_loop: &EventLoop,
+        confine: Arc<Plan>,
+        exit: Arc<ExitSignal>,
+    ) -> Option<Hotplug> {
         Some(Hotplug {
             wiring: devices.wiring.take()?,
+            confine,
+            exit,
             root: devices.root.clone(),
             mmio: devices.mmio.clone(),
             endpoint: event_loop.endpoint.clone(),
             boot: devices.attached.clone(),
+            boot_tags: devices.share_tags.clone(),
             hot: BTreeMap::new(),
             removed_errors: 0,
         })
@@ -464,14 +539,34 @@ impl Hotplug {
     /// Opens `disk` (on this thread) and plugs it in as virtio-blk; returns its PCI path.
     pub fn add_disk(&mut self, disk: &DiskConfig) -> Result<PciPath, HotplugError> {
         let block = Block::open(&disk.path, disk.read_only)?;
-        self.add(DeviceKind::Block, disk_name(disk), Box::new(block))
+        self.add(DeviceKind::Block, disk_name(disk), Box::new(block), None)
     }
 
-    fn add(&mut self, kind: DeviceKind, name: String, dev: Box<dyn VirtioDevice>) -> Result<PciPath, HotplugError> {
+    /// Shares `share.dir` under `share.tag` as a new virtio-fs device served by a thread of its
+    /// own, which Landlock confines to that directory; returns its PCI path. The guest mounts
+    /// it by tag once the agent has rescanned the bus. Tags must stay unique in the VM.
+    pub fn add_share(&mut self, share: &ShareConfig) -> Result<PciPath, HotplugError> {
+        let hot_tags = self.hot.values().filter_map(|d| d.tag.as_deref());
+        if self.boot_tags.iter().map(String::as_str).chain(hot_tags).any(|t| t == share.tag) {
+            return Err(HotplugError::TagInUse(share.tag.clone()));
+        }
+        let fs = Fs::new(&share.tag, &share.dir, share.read_only)?;
+        let own =
+            Plan { enabled: self.confine.enabled, device_paths: vec![(fs.dir().to_path_buf(), !share.read_only)] };
+        self.add(DeviceKind::Fs, share_name(share), Box::new(fs), Some((share.tag.clone(), Arc::new(own))))
+    }
+
+    fn add(
+        &mut self,
+        kind: DeviceKind,
+        name: String,
+        dev: Box<dyn VirtioDevice>,
+        share: Option<(String, Arc<Plan>)>,
+    ) -> Result<PciPath, HotplugError> {
         let path = self.wiring.plan.hot_add(kind)?;
         // The plan's hot slots are function 0 of slots on bus 0.
         let slot = path.root_slot().ok_or(PciPlanError::BusFull)?;
-        match self.plug(&path, kind, name, dev) {
+        match self.plug(&path, kind, name, dev, share) {
             Ok(d) => {
                 tracing::info!(path = %path, device = d.info.what, "{kind} hot-plugged");
                 self.hot.insert(slot, d);
@@ -490,17 +585,31 @@ impl Hotplug {
         kind: DeviceKind,
         name: String,
         dev: Box<dyn VirtioDevice>,
+        share: Option<(String, Arc<Plan>)>,
     ) -> Result<HotDevice, HotplugError> {
+        let (tag, own_thread) = share.unzip();
         let wired = self.wiring.wire(&name, dev)?;
         let sub: Subscriber = Box::new(VirtioPciSubscriber(wired.dev.clone()));
-        let added = self.endpoint.call_blocking(move |ops: &mut dyn SubscriberOps<Subscriber = Subscriber>| {
-            Ok::<_, event_manager::Error>(ops.add_subscriber(sub))
-        });
-        let subscriber = match added {
-            Ok(id) => id,
+        let served = match own_thread {
+            Some(plan) => {
+                let thread = format!("fs-{}", path.root_slot().unwrap_or(0));
+                EventLoop::spawn(&thread, vec![sub], plan, self.exit.clone(), true)
+                    .map(Served::Own)
+                    .map_err(|e| HotplugError::EventLoop(e.to_string()))
+            }
+            None => self
+                .endpoint
+                .call_blocking(move |ops: &mut dyn SubscriberOps<Subscriber = Subscriber>| {
+                    Ok::<_, event_manager::Error>(ops.add_subscriber(sub))
+                })
+                .map(Served::Shared)
+                .map_err(|e| HotplugError::EventLoop(format!("{e:?}"))),
+        };
+        let served = match served {
+            Ok(s) => s,
             Err(e) => {
                 let _ = self.wiring.unwire(&wired);
-                return Err(HotplugError::EventLoop(format!("{e:?}")));
+                return Err(e);
             }
         };
         let shared: SharedPciDevice = wired.dev.clone();
@@ -508,11 +617,23 @@ impl Hotplug {
         // Last: from here the guest can find it.
         if let Err(e) = self.root.lock().unwrap_or_else(|p| p.into_inner()).place(path, shared) {
             self.mmio.remove(wired.bar.start());
-            let _ = self.unsubscribe(subscriber);
+            let _ = self.stop_serving(served);
             let _ = self.wiring.unwire(&wired);
             return Err(PciSetupError::from(e).into());
         }
-        Ok(HotDevice { info: AttachedDevice { kind: kind.name(), path: path.clone(), what: name }, wired, subscriber })
+        Ok(HotDevice { info: AttachedDevice { kind: kind.name(), path: path.clone(), what: name }, wired, served, tag })
+    }
+
+    /// Stops serving a device's queues: its subscriber leaves the boot loop, or its own thread
+    /// stops (joined here).
+    fn stop_serving(&self, served: Served) -> Result<(), String> {
+        match served {
+            Served::Shared(id) => self.unsubscribe(id),
+            Served::Own(mut event_loop) => {
+                event_loop.stop();
+                Ok(())
+            }
+        }
     }
 
     /// Takes the event loop's subscriber back; it is dropped here, on the caller's thread.
@@ -538,7 +659,7 @@ impl Hotplug {
         if !self.mmio.remove(d.wired.bar.start()) {
             problems.push("its BAR was not mapped".to_string());
         }
-        if let Err(e) = self.unsubscribe(d.subscriber) {
+        if let Err(e) = self.stop_serving(d.served) {
             problems.push(e);
         }
         problems.extend(self.wiring.unwire(&d.wired));
@@ -563,6 +684,7 @@ impl Hotplug {
     pub fn stats(&self) -> HotplugStats {
         HotplugStats {
             hot_devices: self.hot.len(),
+            own_threads: self.hot.values().filter(|d| matches!(d.served, Served::Own(_))).count(),
             gsis_in_use: self.wiring.routing.gsis_in_use(),
             mmio_ranges: self.mmio.len(),
         }

@@ -348,6 +348,12 @@ impl VmControl {
         self.with(|h| h.add_disk(&disk))
     }
 
+    /// Shares `share.dir` with the running VM as a new virtio-fs device (its own device thread,
+    /// confined to that directory); returns its PCI path. The tag must be new in the VM.
+    pub fn add_share(&self, share: ShareConfig) -> Result<PciPath, HotplugError> {
+        self.with(|h| h.add_share(&share))
+    }
+
     /// Unplugs the hot-plugged device at `path`, released by the guest or not (the caller asks
     /// the agent first, and logs it when the guest did not let go): from then on the guest's
     /// accesses to it hit nothing and read all ones; its slot, BAR space and GSIs are reused.
@@ -487,7 +493,7 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
     let pio = Arc::new(pio);
     let mut event_loop = EventLoop::start(&devices, plan.clone(), exit.clone())?;
     // Detached again at teardown: hotplug runs on the caller's threads while the VM is up.
-    let mut control = match (control, Hotplug::new(&mut devices, &event_loop)) {
+    let mut control = match (control, Hotplug::new(&mut devices, &event_loop, plan.clone(), exit.clone())) {
         (Some(c), Some(h)) => c.attach(h).map(|_| ControlGuard(Some(c)))?,
         _ => ControlGuard(None),
     };

@@ -257,3 +257,54 @@ fn concurrent_plugs_are_serialised_and_get_distinct_slots() {
     assert_eq!(held(), before);
     assert_eq!(vm.join().unwrap().reason, StopReason::Stopped);
 }
+
+/// virtio-fs (modern): vendor 0x1af4, device 0x1040 + 26.
+const VIRTIO_FS_IDS: u32 = 0x105a_1af4;
+
+/// A share plugged into a running VM gets a device thread of its own, confined (seccomp mode
+/// 2) before the plug returns; a tag already in the VM is refused; unplugged, the thread is gone
+/// with everything else, and 20 cycles leave the process as it was.
+#[test]
+fn a_share_gets_its_own_confined_thread_and_twenty_cycles_leave_nothing() {
+    let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
+    let vm = Vm::start();
+    let c = vm.control.clone();
+    let boot_stats = c.stats().unwrap();
+    let before = held();
+    let dir = vm.dir.path().join("share");
+    std::fs::create_dir(&dir).unwrap();
+    let share = shoji_vmm::ShareConfig { dir: dir.clone(), tag: "hot".into(), read_only: false };
+
+    let p = c.add_share(share.clone()).unwrap();
+    assert_eq!(cfg32(&c, &p, 0), VIRTIO_FS_IDS);
+    let own: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().starts_with("fs-"))
+        .map(|t| std::fs::read_to_string(t.path().join("status")).unwrap())
+        .collect();
+    assert_eq!(own.len(), 1, "one thread for the share");
+    assert!(own[0].lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])), "{}", own[0]);
+    assert_eq!(c.stats().unwrap().own_threads, 1);
+    assert_eq!(held().threads, before.threads + 1);
+
+    let e = c.add_share(share.clone()).unwrap_err();
+    assert!(matches!(e, HotplugError::TagInUse(ref t) if t == "hot"), "{e}");
+    let e = c.add_share(shoji_vmm::ShareConfig { dir: dir.join("missing"), tag: "x".into(), read_only: true });
+    assert!(matches!(e, Err(HotplugError::Share(_))), "{e:?}");
+    c.remove(&p).unwrap();
+    assert_eq!(cfg32(&c, &p, 0), u32::MAX, "the slot reads empty");
+    assert_eq!(c.stats().unwrap(), boot_stats);
+    assert_eq!(held(), before, "the share's thread or fds outlived it");
+
+    for i in 0..20 {
+        let a = c.add_share(share.clone()).unwrap();
+        assert_eq!(a, p, "cycle {i}: the freed slot is the next one's");
+        c.remove(&a).unwrap();
+    }
+    assert_eq!(c.stats().unwrap(), boot_stats);
+    assert_eq!(held(), before);
+    // A share still plugged when the VM stops goes with it.
+    c.add_share(share).unwrap();
+    assert_eq!(vm.join().unwrap().reason, StopReason::Stopped);
+}

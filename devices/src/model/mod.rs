@@ -37,6 +37,20 @@ pub fn guest_share_dir(tag: &str) -> String {
     format!("{GUEST_SHARES_DIR}/{tag}")
 }
 
+/// The `driver_options` entry of a virtio-fs storage whose device was hot-plugged:
+/// `pci_path=<PCI path>`. The agent then rescans the bus for that path before it mounts the
+/// tag (a boot share needs none: the kernel probed it at boot).
+pub const VIRTIOFS_PCI_OPTION: &str = "pci_path=";
+
+/// The PCI path a virtio-fs storage's `driver_options` name, if any; an unparsable one is an
+/// error naming it.
+pub fn virtiofs_pci_path(driver_options: &[String]) -> Result<Option<PciPath>, PciPathError> {
+    match driver_options.iter().find_map(|o| o.strip_prefix(VIRTIOFS_PCI_OPTION)) {
+        Some(p) => p.parse().map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Namespace paths a container spec may name to join another container's namespaces in the
 /// guest: `<this>/<container id>/<kind>` ("net", "ipc", "uts", "pid", "cgroup"). Not a real
 /// directory: the agent resolves it to that container's init process. The shim writes them
@@ -58,6 +72,15 @@ pub fn parse_guest_container_ns(path: &str) -> Option<(&str, &str)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn virtiofs_pci_option_round_trips_and_bad_paths_fail() {
+        let opt = |s: &str| vec!["other=1".to_string(), s.to_string()];
+        assert_eq!(virtiofs_pci_path(&opt("pci_path=05.0")).unwrap().unwrap().to_string(), "05");
+        assert_eq!(virtiofs_pci_path(&["x".to_string()]).unwrap(), None);
+        assert!(virtiofs_pci_path(&opt("pci_path=zz")).is_err());
+        assert!(virtiofs_pci_path(&opt("pci_path=")).is_err());
+    }
+
     use super::*;
 
     #[test]

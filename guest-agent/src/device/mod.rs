@@ -6,6 +6,7 @@
 //! the bus ([`pci::pci_rescan`]); [`remove`] releases a device before the VMM drops it.
 
 pub mod blk;
+pub mod fs;
 pub mod pci;
 pub mod remove;
 pub mod uevent;

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use shoji_devices::model::PciPath;
+use shoji_devices::model::{virtiofs_pci_path, PciPath};
 use shoji_protocol::agent;
 use shoji_protocol::ttrpc::Code;
 
@@ -43,12 +43,16 @@ pub(super) struct DeviceUse {
     ticket: u64,
 }
 
-/// The PCI paths that a request's blk devices and blk storages name. Paths that do not parse
-/// are left out: the request fails on them anyway.
+/// The PCI paths that a request's blk devices, blk storages and hot-plugged virtio-fs storages
+/// name. Paths that do not parse are left out: the request fails on them anyway.
 fn pci_paths<'a>(devices: &'a [agent::Device], storages: &'a [agent::Storage]) -> impl Iterator<Item = PciPath> + 'a {
-    let devs = devices.iter().filter(|d| d.type_ == blk::KIND).map(|d| d.id.as_str());
-    let stores = storages.iter().filter(|s| Driver::parse(&s.driver) == Some(Driver::Blk)).map(|s| s.source.as_str());
-    devs.chain(stores).filter_map(|p| p.parse().ok())
+    let devs = devices.iter().filter(|d| d.type_ == blk::KIND).filter_map(|d| d.id.parse().ok());
+    let stores = storages.iter().filter_map(|s| match Driver::parse(&s.driver) {
+        Some(Driver::Blk) => s.source.parse().ok(),
+        Some(Driver::VirtioFs) => virtiofs_pci_path(&s.driver_options).ok().flatten(),
+        _ => None,
+    });
+    devs.chain(stores)
 }
 
 impl Inner {

@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 pub use shoji_devices::model::MountOptions;
 
 use crate::device::blk::wait_for_virtio_blk;
+use crate::device::fs::wait_for_virtio_fs;
 use crate::device::{DeviceContext, DeviceError, UeventSource, DEFAULT_HOTPLUG_TIMEOUT};
 use crate::sys;
+use shoji_devices::model::virtiofs_pci_path;
 
 /// The filesystem type virtio-fs shares are mounted with.
 pub const VIRTIOFS_FSTYPE: &str = "virtiofs";
@@ -160,8 +162,8 @@ pub enum StorageError {
     Invalid { driver: &'static str, src: String, msg: String },
     #[error("storage {driver} {src:?}: source not found: {detail}")]
     MissingSource { driver: &'static str, src: String, detail: String },
-    #[error("storage blk {src:?}: {err}")]
-    Device { src: String, err: DeviceError },
+    #[error("storage {} {src:?}: {err}", driver.name())]
+    Device { driver: Driver, src: String, err: DeviceError },
     #[error("storage {driver} {src:?}: creating mount point {path}: {err}")]
     MountPoint { driver: &'static str, src: String, path: PathBuf, err: io::Error },
     #[error("storage {driver} {src:?}: mounting at {mount_point}: {err}")]
@@ -194,47 +196,56 @@ pub fn mount_storage(
     }
 
     // What to mount, and whether the mount point is a file (a bind-mounted file).
-    let (source, fstype, file_target): (PathBuf, Option<&str>, bool) = match driver {
-        Driver::VirtioFs => {
-            expect_fstype(req, VIRTIOFS_FSTYPE).map_err(invalid)?;
-            if req.source.is_empty() {
-                return Err(invalid("source (the virtio-fs tag) is empty".into()));
+    let (source, fstype, file_target): (PathBuf, Option<&str>, bool) =
+        match driver {
+            Driver::VirtioFs => {
+                expect_fstype(req, VIRTIOFS_FSTYPE).map_err(invalid)?;
+                if req.source.is_empty() {
+                    return Err(invalid("source (the virtio-fs tag) is empty".into()));
+                }
+                // A hot-plugged share: the bus is rescanned for it and its driver bound first.
+                let pci =
+                    virtiofs_pci_path(&req.driver_options).map_err(|e| invalid(format!("driver_options: {e}")))?;
+                if let Some(pci) = &pci {
+                    wait_for_virtio_fs(pci, &ctx.sysfs_root, ctx.hotplug_timeout)
+                        .map_err(|err| StorageError::Device { driver, src: req.source.clone(), err })?;
+                }
+                wait_for_virtiofs_tag(&ctx.sysfs_root, &req.source, ctx.hotplug_timeout)
+                    .map_err(|detail| StorageError::MissingSource { driver: name, src: req.source.clone(), detail })?;
+                (PathBuf::from(&req.source), Some(VIRTIOFS_FSTYPE), false)
             }
-            wait_for_virtiofs_tag(&ctx.sysfs_root, &req.source, ctx.hotplug_timeout)
-                .map_err(|detail| StorageError::MissingSource { driver: name, src: req.source.clone(), detail })?;
-            (PathBuf::from(&req.source), Some(VIRTIOFS_FSTYPE), false)
-        }
-        Driver::Blk => {
-            if req.fstype.is_empty() {
-                return Err(invalid("fstype is empty; a disk needs one (e.g. \"ext4\")".into()));
+            Driver::Blk => {
+                if req.fstype.is_empty() {
+                    return Err(invalid("fstype is empty; a disk needs one (e.g. \"ext4\")".into()));
+                }
+                let pci_path = req.source.parse().map_err(|source| StorageError::Device {
+                    driver,
+                    src: req.source.clone(),
+                    err: DeviceError::BadPciPath { id: req.source.clone(), source },
+                })?;
+                let node = wait_for_virtio_blk(&pci_path, &ctx.sysfs_root, &ctx.dev_root, uevents, ctx.hotplug_timeout)
+                    .map_err(|err| StorageError::Device { driver, src: req.source.clone(), err })?;
+                (node, Some(req.fstype.as_str()), false)
             }
-            let pci_path = req.source.parse().map_err(|source| StorageError::Device {
-                src: req.source.clone(),
-                err: DeviceError::BadPciPath { id: req.source.clone(), source },
-            })?;
-            let node = wait_for_virtio_blk(&pci_path, &ctx.sysfs_root, &ctx.dev_root, uevents, ctx.hotplug_timeout)
-                .map_err(|err| StorageError::Device { src: req.source.clone(), err })?;
-            (node, Some(req.fstype.as_str()), false)
-        }
-        Driver::Tmpfs => {
-            expect_fstype(req, "tmpfs").map_err(invalid)?;
-            (PathBuf::from("tmpfs"), Some("tmpfs"), false)
-        }
-        Driver::Overlay => return overlay::mount(req, ctx, target, &opts),
-        Driver::Bind => {
-            let src = ctx.resolve(&req.source).map_err(|e| StorageError::Invalid {
-                driver: name,
-                src: req.source.clone(),
-                msg: e.to_string(),
-            })?;
-            let meta = std::fs::metadata(&src).map_err(|e| StorageError::MissingSource {
-                driver: name,
-                src: req.source.clone(),
-                detail: format!("{}: {e}", src.display()),
-            })?;
-            (src, None, !meta.is_dir())
-        }
-    };
+            Driver::Tmpfs => {
+                expect_fstype(req, "tmpfs").map_err(invalid)?;
+                (PathBuf::from("tmpfs"), Some("tmpfs"), false)
+            }
+            Driver::Overlay => return overlay::mount(req, ctx, target, &opts),
+            Driver::Bind => {
+                let src = ctx.resolve(&req.source).map_err(|e| StorageError::Invalid {
+                    driver: name,
+                    src: req.source.clone(),
+                    msg: e.to_string(),
+                })?;
+                let meta = std::fs::metadata(&src).map_err(|e| StorageError::MissingSource {
+                    driver: name,
+                    src: req.source.clone(),
+                    detail: format!("{}: {e}", src.display()),
+                })?;
+                (src, None, !meta.is_dir())
+            }
+        };
 
     let created = create_mount_point(&target, file_target).map_err(|(path, err)| StorageError::MountPoint {
         driver: name,

@@ -140,6 +140,27 @@ fn virtiofs_tags_are_looked_up_in_sysfs_when_listed() {
 }
 
 #[test]
+fn a_hot_plugged_share_is_waited_for_by_its_pci_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_tx, mut ev) = ChannelUevents::new();
+    let c = ctx(dir.path());
+    fs::create_dir_all(c.sysfs_root.join("bus/pci")).unwrap();
+    fs::write(c.sysfs_root.join("bus/pci/rescan"), "").unwrap();
+
+    let mut r = req("virtio-fs", "hot0", "/run/fs");
+    r.driver_options = vec!["pci_path=zz".into()];
+    let err = mount_storage(&r, &c, &mut ev).unwrap_err();
+    assert!(matches!(err, StorageError::Invalid { .. }) && err.to_string().contains("driver_options"), "{err}");
+
+    // Not on the bus: rescanned once, then the hot-plug timeout, named.
+    r.driver_options = vec!["pci_path=05".into()];
+    let err = mount_storage(&r, &c, &mut ev).unwrap_err();
+    assert!(matches!(&err, StorageError::Device { err: DeviceError::Timeout { .. }, .. }), "{err:?}");
+    assert!(err.to_string().starts_with("storage virtio-fs \"hot0\": "), "{err}");
+    assert_eq!(fs::read_to_string(c.sysfs_root.join("bus/pci/rescan")).unwrap(), "1");
+}
+
+#[test]
 fn mount_points_are_created_and_removed_again() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("a/b/c");
