@@ -9,6 +9,9 @@ cd "$(dirname "$0")/../.."
 secs=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
+# One target dir for the three fuzz workspaces: the dependencies they share (tokio, serde, the
+# rust-vmm crates, ...) are built once with the sanitizer flags, not three times.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/fuzz}
 for crate in devices cli guest-agent; do
   pushd "$crate" >/dev/null
   # Every target of the crate in one build (its binaries compile in parallel); `run` then finds

@@ -61,16 +61,21 @@ fn create_with_an_empty_cache_fails_with_one_line_naming_shoji_setup() {
         .spawn()
         .expect("starting the shim server");
     let mut server = Server(server);
+    // The socket file exists from bind(), before listen(): connect until it is accepted.
     let started = Instant::now();
-    while !sock.exists() {
-        if let Ok(Some(status)) = server.0.try_wait() {
-            panic!("the shim server exited ({status}) before listening on {}", sock.display());
+    let client = loop {
+        match Client::connect(&address) {
+            Ok(c) => break c,
+            Err(e) => {
+                if let Ok(Some(status)) = server.0.try_wait() {
+                    panic!("the shim server exited ({status}) before listening on {}", sock.display());
+                }
+                assert!(started.elapsed() < Duration::from_secs(30), "the shim server never listened: {e:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "the shim server never listened on {}", sock.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-
-    let task = TaskClient::new(Client::connect(&address).expect("connecting to the shim"));
+    };
+    let task = TaskClient::new(client);
     let req = api::CreateTaskRequest { id: id.clone(), bundle: bundle.display().to_string(), ..Default::default() };
     let t = Instant::now();
     let err = task.create(context::with_timeout(Duration::from_secs(60).as_nanos() as i64), &req).unwrap_err();

@@ -13,6 +13,7 @@ use shoji_devices::model::{DeviceKind, PciPath, PciPlanError, PciSlotPlan};
 use shoji_devices::pci::{PciRoot, SharedPciDevice};
 use shoji_devices::virtio::block::{Block, BlockError};
 use shoji_devices::virtio::fs::Fs;
+use shoji_devices::virtio::net::{tap::Tap, Net};
 use shoji_devices::virtio::transport::BAR_SIZE;
 use shoji_devices::virtio::vsock::Vsock;
 use shoji_devices::virtio::{VirtioDevice, VirtioPciDevice, VirtioPciSubscriber};
@@ -51,6 +52,14 @@ pub struct ShareConfig {
     pub dir: PathBuf,
     pub tag: String,
     pub read_only: bool,
+}
+
+/// A network device: a tap the caller opened (in the namespace it lives in), the guest's MAC
+/// and MTU (default 1500).
+pub struct NetConfig {
+    pub tap: Tap,
+    pub mac: [u8; 6],
+    pub mtu: Option<u16>,
 }
 
 /// A disk as the user asked for it.
@@ -554,6 +563,18 @@ impl Hotplug {
         let own =
             Plan { enabled: self.confine.enabled, device_paths: vec![(fs.dir().to_path_buf(), !share.read_only)] };
         self.add(DeviceKind::Fs, share_name(share), Box::new(fs), Some((share.tag.clone(), Arc::new(own))))
+    }
+
+    /// Plugs in a virtio-net device on `tap` (opened by the caller, in the network namespace
+    /// it belongs to); returns its PCI path. The device thread only reads and writes the tap.
+    pub fn add_net(&mut self, net: NetConfig) -> Result<PciPath, HotplugError> {
+        let what = format!(
+            "{} mac={}",
+            net.tap.name(),
+            net.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+        );
+        let dev = Net::new(Box::new(net.tap), net.mac, net.mtu);
+        self.add(DeviceKind::Net, what, Box::new(dev), None)
     }
 
     fn add(

@@ -10,8 +10,8 @@ use crate::layout::{self, KVM_TSS_ADDRESS, MIN_MEMORY_MIB};
 use crate::mptable;
 use crate::pause::{PauseError, PauseGate};
 use crate::pci::{
-    self, AttachedDevice, DeviceSet, DiskConfig, EventLoop, Hotplug, HotplugError, HotplugStats, PciSetupError,
-    ShareConfig,
+    self, AttachedDevice, DeviceSet, DiskConfig, EventLoop, Hotplug, HotplugError, HotplugStats, NetConfig,
+    PciSetupError, ShareConfig,
 };
 use crate::regs::{self, RegsError};
 use crate::vcpu::{self, VcpuContext, VcpuStats};
@@ -352,6 +352,11 @@ impl VmControl {
     /// confined to that directory); returns its PCI path. The tag must be new in the VM.
     pub fn add_share(&self, share: ShareConfig) -> Result<PciPath, HotplugError> {
         self.with(|h| h.add_share(&share))
+    }
+
+    /// Plugs a virtio-net device on an open tap into the running VM; returns its PCI path.
+    pub fn add_net(&self, net: NetConfig) -> Result<PciPath, HotplugError> {
+        self.with(|h| h.add_net(net))
     }
 
     /// Unplugs the hot-plugged device at `path`, released by the guest or not (the caller asks

@@ -308,3 +308,46 @@ fn a_share_gets_its_own_confined_thread_and_twenty_cycles_leave_nothing() {
     c.add_share(share).unwrap();
     assert_eq!(vm.join().unwrap().reason, StopReason::Stopped);
 }
+
+/// virtio-net (modern): vendor 0x1af4, device 0x1040 + 1.
+const VIRTIO_NET_IDS: u32 = 0x1041_1af4;
+
+/// Opens tap `name` on a thread in a new network namespace (root only); the namespace lives as
+/// long as the tap.
+fn private_tap(name: &'static str) -> shoji_vmm::Tap {
+    std::thread::spawn(move || {
+        // SAFETY: unshare with a flag only; it moves this short-lived thread to a new namespace.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET): run as root");
+        shoji_vmm::Tap::open(name).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A network device on a tap plugged into a running VM answers as virtio-net with the MAC in
+/// its config space, and its unplug gives everything back (the tap closed with it).
+#[test]
+fn a_net_device_on_a_tap_is_plugged_and_unplugged_leaving_nothing() {
+    let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
+    let vm = Vm::start();
+    let c = vm.control.clone();
+    let boot_stats = c.stats().unwrap();
+    let tap = private_tap("shoji-hp0");
+    let before = held();
+    let mac = [0x02, 0x53, 0x48, 0x00, 0x00, 0x07];
+    let p = c.add_net(shoji_vmm::NetConfig { tap, mac, mtu: Some(1400) }).unwrap();
+    assert_eq!(cfg32(&c, &p, 0), VIRTIO_NET_IDS);
+    let listed = c.devices().unwrap();
+    let d = listed.iter().find(|d| d.path == p).expect("listed");
+    assert_eq!((d.kind, d.what.as_str()), ("virtio-net", "shoji-hp0 mac=02:53:48:00:00:07"));
+    // The device config (MAC first) is in BAR 0 at the transport's device-config offset; the
+    // guest reads it there. Here: the BAR answers and the slot is taken.
+    assert_ne!(mmio32(&c, bar0(&c, &p)), u32::MAX);
+    c.remove(&p).unwrap();
+    assert_eq!(cfg32(&c, &p, 0), u32::MAX);
+    assert_eq!(c.stats().unwrap(), boot_stats);
+    let after = held();
+    let expected = Held { fds: before.fds - 1, ..before };
+    assert_eq!(after, expected, "everything but the tap's fd (closed with the device) as before");
+    assert_eq!(vm.join().unwrap().reason, StopReason::Stopped);
+}

@@ -172,12 +172,14 @@ impl FromStr for PciPath {
     }
 }
 
-/// Kinds of device on a sandbox's PCI bus, in the order the bus is filled.
+/// Kinds of device on a sandbox's PCI bus, in the order the bus is filled at boot (a network
+/// device is hot-plugged only, for now).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceKind {
     Block,
     Fs,
     Vsock,
+    Net,
 }
 
 impl DeviceKind {
@@ -187,6 +189,7 @@ impl DeviceKind {
             DeviceKind::Block => "virtio-blk",
             DeviceKind::Fs => "virtio-fs",
             DeviceKind::Vsock => "virtio-vsock",
+            DeviceKind::Net => "virtio-net",
         }
     }
 }

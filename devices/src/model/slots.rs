@@ -54,6 +54,7 @@ impl PciSlotPlan {
             DeviceKind::Block => (0, self.disks),
             DeviceKind::Fs => (self.disks, self.shares),
             DeviceKind::Vsock => (self.disks + self.shares, usize::from(self.vsock)),
+            DeviceKind::Net => return None,
         };
         if index >= count {
             return None;

@@ -7,6 +7,7 @@
 //! broken (DEVICE_NEEDS_RESET) without affecting the VM or other devices.
 pub mod block;
 pub mod fs;
+pub mod net;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod transport;
