@@ -13,7 +13,9 @@
 //!   read through its own path (the agent's batched rewrite); then a virtio-fs share added to
 //!   the running VM (its own confined device thread), used by a container both ways, refused
 //!   while mounted, removed, added again into the same slot and removed: no thread, device or
-//!   fd left.
+//!   fd left; then a virtio-net device on a tap in a private host network namespace: the
+//!   guest's driver binds it, and a container pings the host end and exchanges a TCP message
+//!   with a host listener through it.
 use shoji_sandbox::{
     hotplugged_virtiofs_storage, virtiofs_storage, ContainerSpec, Device, DiskConfig, Hotplug, PciPath, Sandbox,
     SandboxConfig, Session, SessionConfig, ShareConfig, Stream, Unplugged,
@@ -220,6 +222,99 @@ fn threads_named(prefix: &str) -> Vec<(String, String)> {
         }
     }
     found
+}
+
+/// The host end of the test network: a tap in a network namespace of its own, up with
+/// 10.0.2.1/24, and a TCP listener on 10.0.2.1:7777 in that namespace.
+fn host_network() -> (shoji_sandbox::Tap, std::net::TcpListener) {
+    std::thread::spawn(|| {
+        // SAFETY: unshare with a flag only; it moves this short-lived thread to a new namespace,
+        // which the tap and the listener keep alive.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET): run as root");
+        let tap = shoji_sandbox::Tap::open("shoji-net0").unwrap();
+        if_up_with_address("shoji-net0", [10, 0, 2, 1], [255, 255, 255, 0]);
+        let listener = std::net::TcpListener::bind("10.0.2.1:7777").unwrap();
+        (tap, listener)
+    })
+    .join()
+    .unwrap()
+}
+
+/// `ifconfig NAME ADDR netmask MASK up`, by ioctls on a socket of the calling thread's namespace.
+fn if_up_with_address(name: &str, addr: [u8; 4], mask: [u8; 4]) {
+    #[repr(C)]
+    struct IfReqAddr {
+        name: [u8; 16],
+        addr: libc::sockaddr_in,
+        _pad: [u8; 8],
+    }
+    #[repr(C)]
+    struct IfReqFlags {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut ifname = [0u8; 16];
+    ifname[..name.len()].copy_from_slice(name.as_bytes());
+    let sin = |a: [u8; 4]| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: socket with constant arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0);
+    for (req, a) in [(libc::SIOCSIFADDR, addr), (libc::SIOCSIFNETMASK, mask)] {
+        let mut r = IfReqAddr { name: ifname, addr: sin(a), _pad: [0; 8] };
+        // SAFETY: the request reads one ifreq with an address, which lives across the call.
+        assert_eq!(unsafe { libc::ioctl(fd, req, &mut r) }, 0, "{}", std::io::Error::last_os_error());
+    }
+    let mut f = IfReqFlags { name: ifname, flags: 0, _pad: [0; 22] };
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write one ifreq with flags, live across the calls.
+    unsafe {
+        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut f), 0);
+        f.flags |= libc::IFF_UP as libc::c_short;
+        assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut f), 0, "{}", std::io::Error::last_os_error());
+        libc::close(fd);
+    }
+}
+
+/// A container in the guest's own network namespace, with what it needs to bring up the
+/// hot-plugged interface at PCI slot `slot` and talk through it.
+fn network_user(id: &str, slot: u8) -> ContainerSpec {
+    let script = format!(
+        "echo 1 > /sys/bus/pci/rescan; \
+         for i in $(seq 50); do set -- /sys/bus/pci/devices/0000:00:{slot:02x}.0/virtio*/net/*; [ -e \"$1\" ] && break; sleep 0.1; done; \
+         IF=${{1##*/}}; echo \"if $IF $(cat /sys/class/net/$IF/address)\"; \
+         ip link set $IF up && ip addr add 10.0.2.2/24 dev $IF && ping -c 2 -W 10 10.0.2.1 >/dev/null && echo ping-ok; \
+         echo hello-from-guest | nc 10.0.2.1 7777"
+    );
+    let caps = ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE"];
+    let spec = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "root": { "path": GUEST_ROOTFS, "readonly": true },
+        "process": {
+            "terminal": false,
+            "user": { "uid": 0, "gid": 0 },
+            "args": ["sh", "-c", script],
+            "env": ["PATH=/bin:/sbin:/usr/bin"],
+            "cwd": "/",
+            "capabilities": { "bounding": caps, "effective": caps, "permitted": caps }
+        },
+        "mounts": [
+            { "destination": "/proc", "type": "proc", "source": "proc" },
+            { "destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["rw", "nosuid", "nodev", "noexec"] },
+            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755", "size=64k"] }
+        ],
+        "linux": { "namespaces": [ { "type": "pid" }, { "type": "mount" } ] }
+    });
+    ContainerSpec {
+        id: id.into(),
+        spec_json: serde_json::to_vec(&spec).unwrap(),
+        rootfs: GUEST_ROOTFS.into(),
+        ..Default::default()
+    }
 }
 
 /// A container that prints the first 16 bytes of its hot-plugged disk (placeholder numbers in
@@ -444,6 +539,31 @@ fn hot_add_use_remove_reuse_and_cycles_leave_nothing_behind() {
             // (Without the rootfs share's inode fds: the container looked up new names there.)
             let fds_now = not_share(shoji_tests::fd_targets());
             assert!(fds_now.len() <= fds.len(), "fds: {fds_now:?} now, {fds:?} before the share");
+
+            // virtio-net after boot, on a tap in a private host network namespace.
+            let (tap, listener) = host_network();
+            let mac = [0x02, 0x53, 0x48, 0x00, 0x00, 0x02];
+            let at = vm.hot_add_net(shoji_sandbox::NetConfig { tap, mac, mtu: None }).unwrap();
+            let server = std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                let (mut conn, peer) = listener.accept().unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(conn.try_clone().unwrap()).read_line(&mut line).unwrap();
+                conn.write_all(b"hello-from-host\n").unwrap();
+                (peer, line)
+            });
+            let slot = at.root_slot().unwrap();
+            let t = Instant::now();
+            let out = run_in_container(&session, &hotplug, network_user("c-net", slot)).await;
+            eprintln!("{at}: network device up and used in {:?}:\n{out}", t.elapsed());
+            let (peer, line) = server.join().unwrap();
+            assert_eq!(line, "hello-from-guest\n");
+            assert_eq!(peer.ip().to_string(), "10.0.2.2");
+            let mut lines = out.lines();
+            assert_eq!(lines.next(), Some("if eth0 02:53:48:00:00:02"), "{out}");
+            assert_eq!(lines.next(), Some("ping-ok"), "{out}");
+            assert_eq!(lines.next(), Some("hello-from-host"), "{out}");
+            assert_eq!(unplug(at).await, Unplugged::Released);
 
             if let Err(e) = session.destroy(Duration::from_secs(30)).await {
                 eprintln!("destroy: {e}");

@@ -15,5 +15,5 @@ pub use session::{
     hotplugged_virtiofs_storage, virtiofs_storage, ContainerSpec, Device, ExitStatus, Process, Session, SessionConfig,
     StatsContainerResponse, Storage, Stream, AGENT_TIMEOUT, RPC_TIMEOUT,
 };
-pub use shoji_vmm::{DiskConfig, HotplugError, HotplugStats, PciPath, ShareConfig};
+pub use shoji_vmm::{DiskConfig, HotplugError, HotplugStats, NetConfig, PciPath, ShareConfig, Tap, TapError};
 pub use vm::*;

@@ -8,8 +8,8 @@ use crate::artifacts;
 use crate::error::SandboxError;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
 use shoji_vmm::{
-    cmdline, host, DiskConfig, HotplugError, HotplugStats, KernelImage, PauseError, PciPath, SerialOut, ShareConfig,
-    VmConfig, VmControl, VmError,
+    cmdline, host, DiskConfig, HotplugError, HotplugStats, KernelImage, NetConfig, PauseError, PciPath, SerialOut,
+    ShareConfig, VmConfig, VmControl, VmError,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -132,6 +132,12 @@ impl Sandbox {
     /// it in the storage: [`crate::hotplugged_virtiofs_storage`]). The tag must be new in the VM.
     pub fn hot_add_share(&self, share: ShareConfig) -> Result<PciPath, SandboxError> {
         self.control.add_share(share).map_err(|e| self.hotplug_error(e))
+    }
+
+    /// Plugs a virtio-net device on `net.tap` (opened by the caller in its network namespace)
+    /// into the running VM; returns its PCI path.
+    pub fn hot_add_net(&self, net: NetConfig) -> Result<PciPath, SandboxError> {
+        self.control.add_net(net).map_err(|e| self.hotplug_error(e))
     }
 
     /// Unplugs the hot-plugged device at `path`. Ask the agent to remove it in the guest first:

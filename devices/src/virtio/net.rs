@@ -92,6 +92,9 @@ pub struct Net {
     rx_buf: Vec<u8>,
     /// Length of the frame in `rx_buf` waiting for receive buffers.
     rx_pending: Option<usize>,
+    /// The guest's accepted features, for the backend's offloads: applied on the device thread
+    /// (activation runs on a vCPU thread, whose seccomp filter allows no tap ioctl).
+    offloads_to_apply: Option<u64>,
 }
 
 impl Net {
@@ -108,6 +111,16 @@ impl Net {
             tx_buf: vec![0; MAX_FRAME],
             rx_buf: vec![0; MAX_FRAME],
             rx_pending: None,
+            offloads_to_apply: None,
+        }
+    }
+
+    /// Hands the backend the offloads the guest accepted, once after each activation.
+    fn apply_offloads(&mut self) {
+        if let Some(acked) = self.offloads_to_apply.take() {
+            if let Err(e) = self.backend.set_offloads(acked) {
+                tracing::warn!("{DEVICE}: the backend refused the guest's offloads: {e}");
+            }
         }
     }
 
@@ -323,9 +336,7 @@ impl VirtioDevice for Net {
             return Err(DeviceError::QueueCount { expected: 2, got: queues.len() });
         }
         if self.backend.vnet_hdr() {
-            if let Err(e) = self.backend.set_offloads(acked_features) {
-                tracing::warn!("{DEVICE}: the backend refused the guest's offloads: {e}");
-            }
+            self.offloads_to_apply = Some(acked_features);
         }
         self.acked = acked_features;
         self.mem = Some(mem);
@@ -333,6 +344,7 @@ impl VirtioDevice for Net {
         Ok(())
     }
     fn queue_event(&mut self, index: usize, irq: &mut dyn Interrupt) -> DeviceResult {
+        self.apply_offloads();
         match index {
             RX_QUEUE => self.process_rx(irq),
             TX_QUEUE => {
@@ -350,6 +362,7 @@ impl VirtioDevice for Net {
         self.queues.clear();
         self.acked = 0;
         self.rx_pending = None;
+        self.offloads_to_apply = None;
     }
     fn backend_init(&mut self, ops: &mut EventOps) {
         if let Some(fd) = self.backend.fd() {
@@ -359,6 +372,7 @@ impl VirtioDevice for Net {
         }
     }
     fn backend_event(&mut self, _events: Events, _ops: &mut EventOps, irq: &mut dyn Interrupt) -> DeviceResult {
+        self.apply_offloads();
         self.process_rx(irq)
     }
     fn errors(&self) -> u64 {

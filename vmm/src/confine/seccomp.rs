@@ -189,7 +189,9 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             m.insert(libc::SYS_unshare, vec![rule(vec![cond(0, Op::Eq, libc::CLONE_FS as u64)])]);
         }
         ThreadKind::Devices => {
-            m.insert(libc::SYS_ioctl, one_of(1, &[libc::FIONBIO, libc::FIOCLEX]));
+            // TUNSETOFFLOAD: a virtio-net device hands its tap the offloads the guest accepted.
+            let tun = shoji_devices::virtio::net::tap::TUNSETOFFLOAD;
+            m.insert(libc::SYS_ioctl, one_of(1, &[libc::FIONBIO, libc::FIOCLEX, tun]));
             m.insert(libc::SYS_socket, vec![rule(vec![cond(0, Op::Eq, libc::AF_UNIX as u64)])]);
             // virtio-fs serves each request with the thread's own umask (CLONE_FS) only.
             m.insert(libc::SYS_unshare, vec![rule(vec![cond(0, Op::Eq, libc::CLONE_FS as u64)])]);
