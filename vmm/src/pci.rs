@@ -13,7 +13,7 @@ use shoji_devices::model::{DeviceKind, PciPath, PciPlanError, PciSlotPlan};
 use shoji_devices::pci::{PciRoot, SharedPciDevice};
 use shoji_devices::virtio::block::{Block, BlockError};
 use shoji_devices::virtio::fs::Fs;
-use shoji_devices::virtio::net::{tap::Tap, Net};
+use shoji_devices::virtio::net::{tap::Tap, Net, MTU_RANGE};
 use shoji_devices::virtio::transport::BAR_SIZE;
 use shoji_devices::virtio::vsock::Vsock;
 use shoji_devices::virtio::{VirtioDevice, VirtioPciDevice, VirtioPciSubscriber};
@@ -501,6 +501,8 @@ pub enum HotplugError {
     Setup(#[from] PciSetupError),
     #[error("hotplug: the device thread's event loop: {0}")]
     EventLoop(String),
+    #[error("hotplug: mtu {mtu} is out of range (68..=65535)")]
+    Mtu { mtu: u16 },
     #[error("hotplug: a virtio-fs device with tag {0:?} is in the VM already")]
     TagInUse(String),
     /// The device is off the bus, but some of its resources could not be given back.
@@ -573,6 +575,9 @@ impl Hotplug {
             net.tap.name(),
             net.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
         );
+        if let Some(mtu) = net.mtu.filter(|m| !MTU_RANGE.contains(m)) {
+            return Err(HotplugError::Mtu { mtu });
+        }
         let dev = Net::new(Box::new(net.tap), net.mac, net.mtu);
         self.add(DeviceKind::Net, what, Box::new(dev), None)
     }
@@ -586,7 +591,10 @@ impl Hotplug {
     ) -> Result<PciPath, HotplugError> {
         let path = self.wiring.plan.hot_add(kind)?;
         // The plan's hot slots are function 0 of slots on bus 0.
-        let slot = path.root_slot().ok_or(PciPlanError::BusFull)?;
+        let Some(slot) = path.root_slot() else {
+            let _ = self.wiring.plan.hot_remove(&path);
+            return Err(PciPlanError::BusFull.into());
+        };
         match self.plug(&path, kind, name, dev, share) {
             Ok(d) => {
                 tracing::info!(path = %path, device = d.info.what, "{kind} hot-plugged");

@@ -51,8 +51,18 @@ pub const OFFLOADS: u64 = F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | 
 const S_LINK_UP: u16 = 1;
 
 const DEVICE: &str = "virtio-net";
-/// The backend fd's event data (above the queue indices, which the transport claims).
-const BACKEND_EVENT: u32 = 0x100;
+/// The backend fd's event data (the transport claims the values below the base).
+const BACKEND_EVENT: u32 = super::transport::BACKEND_EVENT_BASE;
+/// `virtio_net_hdr` flags and GSO types.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_ECN: u8 = 0x80;
+/// What a frame may carry beyond the MTU: the Ethernet header and one VLAN tag.
+const ETH_OVERHEAD: usize = 18;
+/// The MTU range the device may offer (the spec's lower bound; the largest IP packet).
+pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 68..=65_535;
 
 /// Where frames go to and come from on the host.
 pub trait NetBackend: Send {
@@ -95,6 +105,11 @@ pub struct Net {
     /// The guest's accepted features, for the backend's offloads: applied on the device thread
     /// (activation runs on a vCPU thread, whose seccomp filter allows no tap ioctl).
     offloads_to_apply: Option<u64>,
+    /// A backend receive error was logged (once per activation: the guest's kicks retry it).
+    backend_error_logged: bool,
+    /// A queue error broke the device (the transport marked it NEEDS_RESET): nothing is served
+    /// until the driver resets it, backend events included.
+    broken: bool,
 }
 
 impl Net {
@@ -112,6 +127,8 @@ impl Net {
             rx_buf: vec![0; MAX_FRAME],
             rx_pending: None,
             offloads_to_apply: None,
+            backend_error_logged: false,
+            broken: false,
         }
     }
 
@@ -195,46 +212,100 @@ impl Net {
         result
     }
 
+    /// One pass over the receive buffers available now (at most the queue size, however the
+    /// guest rewrites its ring meanwhile): frames go in while they fit; the chains not used are
+    /// given back for the next pass.
     fn fill_rx(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue, irq: &mut dyn Interrupt) -> DeviceResult {
+        let chains: Vec<DescriptorChain<&GuestMemoryMmap>> = match queue.iter(mem) {
+            Ok(it) => it.collect(),
+            Err(source) => return Err(DeviceError::AvailableRing { queue: "receive", source }),
+        };
+        let mut next = 0;
         let mut used_any = false;
-        let result = loop {
+        let mut result = Ok(());
+        while next < chains.len() {
             let len = match self.rx_pending {
                 Some(len) => len,
                 None => match self.backend.recv(&mut self.rx_buf) {
-                    Ok(Some(len)) if len < HDR_LEN => {
-                        self.stats.dropped += 1;
-                        continue;
-                    }
-                    Ok(Some(len)) => len,
-                    Ok(None) => break Ok(()),
+                    Ok(Some(len)) => match self.check_rx_frame(len) {
+                        Some(len) => len,
+                        None => continue,
+                    },
+                    Ok(None) => break,
                     Err(e) => {
-                        tracing::warn!("{DEVICE}: receiving from the backend: {e}");
-                        break Ok(());
+                        if !self.backend_error_logged {
+                            self.backend_error_logged = true;
+                            tracing::warn!("{DEVICE}: receiving from the backend: {e}");
+                        }
+                        break;
                     }
                 },
             };
-            match self.deliver(mem, queue, len) {
-                Ok(true) => {
-                    self.rx_pending = None;
-                    self.stats.rx_frames += 1;
-                    used_any = true;
-                }
-                Ok(false) => {
-                    self.rx_pending = Some(len);
-                    break Ok(());
-                }
-                Err(e) => break Err(e),
+            let Some((taken, delivered)) = self.deliver(mem, &chains[next..], len) else {
+                self.rx_pending = Some(len);
+                break;
+            };
+            self.rx_pending = None;
+            if delivered {
+                self.stats.rx_frames += 1;
+            } else {
+                self.stats.dropped += 1;
             }
-        };
+            if let Err(e) = self.complete(mem, queue, &taken) {
+                result = Err(e);
+                break;
+            }
+            next += taken.len();
+            used_any = true;
+        }
+        // The chains not taken go back to the available ring.
+        for _ in next..chains.len() {
+            queue.go_to_previous_position();
+        }
         if used_any && queue.needs_notification(mem).unwrap_or(true) {
             irq.queue(RX_QUEUE as u16);
         }
         result
     }
 
-    /// Writes the frame in `rx_buf[..len]` into as many receive chains as it needs (one without
-    /// mergeable buffers). `Ok(false)`: not enough buffers; the chains taken are given back.
-    fn deliver(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue, len: usize) -> Result<bool, DeviceError> {
+    /// Checks the frame the backend put in `rx_buf[..len]` against what the guest accepted,
+    /// clearing the header's checksum flags when it took no checksum offload; `None` (counted as
+    /// dropped) when the guest could not handle it: shorter than the header, a checksum or
+    /// segmentation offload it did not accept (left from before a reset), or, without
+    /// segmentation, longer than the MTU allows.
+    fn check_rx_frame(&mut self, len: usize) -> Option<usize> {
+        let hdr = &mut self.rx_buf[..len.min(HDR_LEN)];
+        let ok = len >= HDR_LEN && {
+            let (flags, gso) = (hdr[0], hdr[1] & !GSO_ECN);
+            let csum = self.acked & F_GUEST_CSUM != 0;
+            let gso_ok = match gso {
+                GSO_NONE => len - HDR_LEN <= usize::from(self.mtu) + ETH_OVERHEAD,
+                GSO_TCPV4 => self.acked & F_GUEST_TSO4 != 0,
+                GSO_TCPV6 => self.acked & F_GUEST_TSO6 != 0,
+                _ => false,
+            };
+            if !csum {
+                // DATA_VALID is only a hint; NEEDS_CSUM would leave the checksum to the guest.
+                hdr[0] = 0;
+            }
+            gso_ok && (csum || flags & HDR_F_NEEDS_CSUM == 0)
+        };
+        if !ok {
+            self.stats.dropped += 1;
+        }
+        ok.then_some(len)
+    }
+
+    /// Writes the frame in `rx_buf[..len]` into the first of `chains` it needs (one without
+    /// mergeable buffers): the (head, bytes written) of each chain taken and whether the frame
+    /// went in (false: it did not fit one buffer without mergeable buffers; dropped, its buffer
+    /// returned empty). `None`: the chains are not enough; nothing is taken.
+    fn deliver(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chains: &[DescriptorChain<&GuestMemoryMmap>],
+        len: usize,
+    ) -> Option<(Vec<(u16, u32)>, bool)> {
         let mergeable = self.acked & F_MRG_RXBUF != 0;
         // (head, bytes written) of each chain taken, in order.
         let mut used: Vec<(u16, u32)> = Vec::new();
@@ -242,13 +313,9 @@ impl Net {
         let mut header = None;
         let mut first_of_frame = 0;
         let mut off = HDR_LEN;
+        let mut chains = chains.iter();
         while header.is_none() || off < len {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                for _ in 0..used.len() {
-                    queue.go_to_previous_position();
-                }
-                return Ok(false);
-            };
+            let chain = chains.next()?.clone();
             let head = chain.head_index();
             let mut writer = match chain.writer(mem) {
                 Ok(w) => w,
@@ -284,12 +351,10 @@ impl Net {
             if off < len && !mergeable {
                 // Without mergeable buffers the frame must fit one chain: dropped, the chain
                 // returned empty.
-                self.stats.dropped += 1;
                 if let Some(last) = used.last_mut() {
                     last.1 = 0;
                 }
-                self.complete(mem, queue, &used)?;
-                return Ok(true);
+                return Some((used, false));
             }
         }
         let mut hdr = [0u8; HDR_LEN];
@@ -301,8 +366,7 @@ impl Net {
                 self.errors.record(DEVICE, &format_args!("receive header: {e}"));
             }
         }
-        self.complete(mem, queue, &used)?;
-        Ok(true)
+        Some((used, true))
     }
 
     /// Puts the chains in the used ring (lengths as written).
@@ -344,8 +408,11 @@ impl VirtioDevice for Net {
         Ok(())
     }
     fn queue_event(&mut self, index: usize, irq: &mut dyn Interrupt) -> DeviceResult {
+        if self.broken {
+            return Ok(());
+        }
         self.apply_offloads();
-        match index {
+        let result = match index {
             RX_QUEUE => self.process_rx(irq),
             TX_QUEUE => {
                 let Some(mem) = self.mem.clone() else { return Ok(()) };
@@ -355,7 +422,9 @@ impl VirtioDevice for Net {
                 result
             }
             _ => Ok(()),
-        }
+        };
+        self.broken = result.is_err();
+        result
     }
     fn reset(&mut self) {
         self.mem = None;
@@ -363,6 +432,8 @@ impl VirtioDevice for Net {
         self.acked = 0;
         self.rx_pending = None;
         self.offloads_to_apply = None;
+        self.backend_error_logged = false;
+        self.broken = false;
     }
     fn backend_init(&mut self, ops: &mut EventOps) {
         if let Some(fd) = self.backend.fd() {
@@ -372,8 +443,13 @@ impl VirtioDevice for Net {
         }
     }
     fn backend_event(&mut self, _events: Events, _ops: &mut EventOps, irq: &mut dyn Interrupt) -> DeviceResult {
+        if self.broken {
+            return Ok(());
+        }
         self.apply_offloads();
-        self.process_rx(irq)
+        let result = self.process_rx(irq);
+        self.broken = result.is_err();
+        result
     }
     fn errors(&self) -> u64 {
         self.errors.get()

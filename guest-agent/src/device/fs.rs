@@ -68,7 +68,7 @@ mod tests {
 
         let err = wait_for_virtio_fs(&path, sysfs, Duration::from_millis(30)).unwrap_err();
         assert!(matches!(err, DeviceError::Timeout { .. }), "{err:?}");
-        assert_eq!(fs::read_to_string(sysfs.join("bus/pci/rescan")).unwrap(), "1", "no rescan");
+        assert_eq!(fs::read_to_string(sysfs.join("bus/pci/rescan")).unwrap(), "1", "the bus was rescanned");
 
         fs::create_dir_all(dev.join("virtio3")).unwrap();
         let err = wait_for_virtio_fs(&path, sysfs, Duration::from_millis(30)).unwrap_err();

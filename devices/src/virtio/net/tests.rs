@@ -10,6 +10,11 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
 const QSIZE: u16 = 16;
+
+/// Where queue `q`'s used ring is.
+fn used_ring(q: usize) -> u64 {
+    0x8000 + 0x1000 * q as u64
+}
 const BUF: u64 = 0x10_0000;
 
 #[derive(Default)]
@@ -68,10 +73,21 @@ impl Rig {
         let mem: &'static GuestMemoryMmap =
             Box::leak(Box::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()));
         let wire = Arc::new(Mutex::new(Wire::default()));
-        let mut dev = Net::new(Box::new(Fake { wire: wire.clone(), vnet_hdr }), [2, 0, 0, 0, 0, 1], Some(1400));
+        let mut dev = Net::new(Box::new(Fake { wire: wire.clone(), vnet_hdr }), [2, 0, 0, 0, 0, 1], Some(9000));
         let rx = MockSplitQueue::create(mem, GuestAddress(0), QSIZE);
         let tx = MockSplitQueue::create(mem, GuestAddress(0x1_0000), QSIZE);
-        let queues = vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+        // The mock puts its used ring over the avail ring's entries from the 8th on (its ring
+        // end is counted in entries, not bytes): each used ring goes to its own page instead.
+        let queues = [(&rx, RX_QUEUE), (&tx, TX_QUEUE)]
+            .map(|(vq, q)| {
+                let mut queue: Queue = vq.create_queue().unwrap();
+                queue.set_ready(false);
+                let used = used_ring(q);
+                queue.set_used_ring_address(Some(used as u32), Some(0));
+                queue.set_ready(true);
+                queue
+            })
+            .into();
         dev.activate(mem.clone(), queues, features & dev.features()).unwrap();
         Rig { mem, rx, tx, dev, wire, next: [0, 0], next_buf: BUF }
     }
@@ -133,14 +149,12 @@ impl Rig {
 
     /// (head, len) of used entry `i` of queue `q`.
     fn used(&self, q: usize, i: u16) -> (u32, u32) {
-        let vq = if q == RX_QUEUE { &self.rx } else { &self.tx };
-        let e = vq.used().ring().ref_at(usize::from(i)).unwrap().load();
-        (e.id(), e.len())
+        let at = used_ring(q) + 4 + 8 * u64::from(i % QSIZE);
+        (self.mem.read_obj(GuestAddress(at)).unwrap(), self.mem.read_obj(GuestAddress(at + 4)).unwrap())
     }
 
     fn used_idx(&self, q: usize) -> u16 {
-        let vq = if q == RX_QUEUE { &self.rx } else { &self.tx };
-        vq.used().idx().load()
+        self.mem.read_obj(GuestAddress(used_ring(q) + 2)).unwrap()
     }
 
     fn read(&self, at: u64, len: usize) -> Vec<u8> {
@@ -171,10 +185,10 @@ fn features_and_config_say_mac_mtu_link_and_offloads_only_with_headers() {
     assert_eq!(Rig::new(false, ALL).dev.features() & OFFLOADS, 0);
     let mut c = [0u8; 12];
     rig.dev.read_config(0, &mut c);
-    assert_eq!(c, [2, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0x78, 0x05], "mac, status up, one pair, mtu 1400");
+    assert_eq!(c, [2, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0x28, 0x23], "mac, status up, one pair, mtu 9000");
     let mut tail = [0xaau8; 4];
     rig.dev.read_config(10, &mut tail);
-    assert_eq!(tail, [0x78, 0x05, 0, 0], "past the end reads zero");
+    assert_eq!(tail, [0x28, 0x23, 0, 0], "past the end reads zero");
 }
 
 #[test]
@@ -240,7 +254,7 @@ fn a_frame_without_room_waits_for_buffers_and_partial_room_is_given_back() {
     let f = frame(3000);
     rig.incoming(f.clone());
     rig.incoming(frame(10));
-    // No buffers: the frame is held, nothing is used.
+    // No buffers: nothing is read from the backend, nothing is used.
     assert!(rig.kick(RX_QUEUE).0.is_empty());
     // Two buffers are not enough for it: taken, then given back untouched.
     let a = rig.rx_buffer(1024);
@@ -293,9 +307,10 @@ fn without_mergeable_buffers_a_frame_too_big_for_one_buffer_is_dropped() {
 #[test]
 fn a_reset_forgets_the_queues_and_the_held_frame() {
     let mut rig = Rig::new(true, ALL);
-    rig.incoming(frame(10));
+    rig.rx_buffer(1024);
+    rig.incoming(frame(3000));
     rig.kick(RX_QUEUE);
-    assert!(rig.dev.rx_pending.is_some());
+    assert!(rig.dev.rx_pending.is_some(), "one buffer is not enough");
     rig.dev.reset();
     assert!(rig.dev.rx_pending.is_none());
     let mut irqs = Irqs::default();
@@ -333,4 +348,64 @@ fn a_tap_opens_with_vnet_headers_takes_offloads_and_reads_nothing_while_down() {
             assert!(matches!(Tap::open(bad), Err(TapError::Name(_))), "{bad:?}");
         }
     });
+}
+
+#[test]
+fn a_ring_of_unusable_buffers_costs_one_pass_per_kick_and_takes_nothing() {
+    let mut rig = Rig::new(true, ALL);
+    // 15 chains too small for the header (a guest that republishes them gains nothing more).
+    for _ in 0..15 {
+        let at = rig.buf(8);
+        rig.add(RX_QUEUE, &[desc(at, 8, WRITE)]);
+    }
+    rig.incoming(frame(100));
+    assert!(rig.kick(RX_QUEUE).0.is_empty());
+    assert_eq!((rig.used_idx(RX_QUEUE), rig.dev.errors()), (0, 15), "one look at each, all given back");
+    rig.kick(RX_QUEUE);
+    assert_eq!((rig.used_idx(RX_QUEUE), rig.dev.errors()), (0, 30));
+    assert!(rig.dev.rx_pending.is_some(), "the frame waits for a usable buffer");
+}
+
+#[test]
+fn headers_are_checked_against_the_accepted_offloads() {
+    let mut rig = Rig::new(true, ALL & !(F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6));
+    let bufs: Vec<u64> = (0..4).map(|_| rig.rx_buffer(2048)).collect();
+    let with = |flags: u8, gso: u8| {
+        let mut f = frame(100);
+        (f[0], f[1]) = (flags, gso);
+        f
+    };
+    rig.incoming(with(2, 0)); // DATA_VALID: delivered, the hint cleared
+    rig.incoming(with(1, 0)); // NEEDS_CSUM without a checksum offload: dropped
+    rig.incoming(with(0, 1)); // TCPv4 segmentation not accepted: dropped
+    rig.incoming(frame(9000 + 18 + 1)); // over the MTU without segmentation: dropped
+    rig.incoming(with(0, 0));
+    rig.kick(RX_QUEUE);
+    assert_eq!(rig.dev.stats(), NetStats { tx_frames: 0, rx_frames: 2, dropped: 3 });
+    assert_eq!(rig.read(bufs[0], 2), [0, 0]);
+    assert_eq!(rig.used_idx(RX_QUEUE), 2);
+
+    // With the offloads accepted, the same headers go through as they are.
+    let mut rig = Rig::new(true, ALL);
+    let at = rig.rx_buffer(2048);
+    rig.incoming(with(1, 1));
+    rig.kick(RX_QUEUE);
+    assert_eq!(rig.read(at, 2), [1, 1]);
+    assert_eq!(rig.dev.stats().rx_frames, 1);
+}
+
+#[test]
+fn a_broken_ring_stops_the_device_until_a_reset() {
+    let mut rig = Rig::new(true, ALL);
+    rig.rx_buffer(2048);
+    rig.rx.avail().idx().store(100); // more entries than the ring has
+    let mut irqs = Irqs::default();
+    assert!(rig.dev.queue_event(RX_QUEUE, &mut irqs).is_err());
+    // Broken: frames from the host stay in the backend, nothing is touched.
+    rig.incoming(frame(10));
+    let mut irqs = Irqs::default();
+    assert!(rig.dev.queue_event(RX_QUEUE, &mut irqs).is_ok());
+    assert_eq!(rig.wire.lock().unwrap().to_guest.len(), 1);
+    rig.dev.reset();
+    assert!(!rig.dev.broken);
 }
