@@ -1,6 +1,7 @@
 //! Fixtures the device fuzz targets share (each target includes this file with `#[path]`).
 #![allow(dead_code)]
 use shoji_devices::pci::msix::{MsiInterrupts, MsiMessage};
+use virtio_queue::{Queue, QueueT};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -19,4 +20,16 @@ pub fn disk() -> &'static PathBuf {
         std::fs::write(&p, vec![0u8; 64 * 1024]).expect("fuzz disk");
         p
     })
+}
+
+/// A ready split queue of `size` entries at the given (descriptor table, available ring, used
+/// ring) guest addresses.
+pub fn queue(size: u16, (desc, avail, used): (u64, u64, u64)) -> Option<Queue> {
+    let mut q = Queue::new(size).ok()?;
+    q.set_size(size);
+    q.set_desc_table_address(Some(desc as u32), Some(0));
+    q.set_avail_ring_address(Some(avail as u32), Some(0));
+    q.set_used_ring_address(Some(used as u32), Some(0));
+    q.set_ready(true);
+    Some(q)
 }

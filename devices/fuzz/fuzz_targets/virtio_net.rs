@@ -11,13 +11,14 @@
 //!   0x200 TX descriptor table (16 entries)   0x300 TX available ring   0x340 TX used ring
 //!   0x400.. frames and buffers, wherever the descriptors point
 #![no_main]
+#[path = "common.rs"]
+mod common;
 use libfuzzer_sys::fuzz_target;
 use shoji_devices::virtio::net::{Net, NetBackend, HDR_LEN, MAX_FRAME, RX_QUEUE, TX_QUEUE};
 use shoji_devices::virtio::{Interrupt, VirtioDevice};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM: usize = 0x4000;
@@ -62,15 +63,6 @@ impl NetBackend for Host {
     }
 }
 
-fn queue((desc, avail, used): (u64, u64, u64)) -> Option<Queue> {
-    let mut q = Queue::new(SIZE).ok()?;
-    q.set_size(SIZE);
-    q.set_desc_table_address(Some(desc as u32), Some(0));
-    q.set_avail_ring_address(Some(avail as u32), Some(0));
-    q.set_used_ring_address(Some(used as u32), Some(0));
-    q.set_ready(true);
-    Some(q)
-}
 
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
@@ -89,7 +81,7 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[2 + len..];
     }
     let mut net = Net::new(Box::new(Host { to_guest, vnet_hdr }), [2, 0, 0, 0, 0, 1], None);
-    let (Some(rx), Some(tx)) = (queue(RX_RINGS), queue(TX_RINGS)) else { return };
+    let (Some(rx), Some(tx)) = (common::queue(SIZE, RX_RINGS), common::queue(SIZE, TX_RINGS)) else { return };
     let acked = net.features() & acked;
     if net.activate(mem, vec![rx, tx], acked).is_err() {
         return;

@@ -10,6 +10,8 @@
 //!   0x200 RX descriptor table (16 entries)   0x300 RX available ring   0x340 RX used ring
 //!   0x400.. packets and buffers, wherever the descriptors point
 #![no_main]
+#[path = "common.rs"]
+mod common;
 use libfuzzer_sys::fuzz_target;
 use shoji_devices::virtio::vsock::{Vsock, RX_QUEUE, TX_QUEUE};
 use shoji_devices::virtio::{Interrupt, VirtioDevice};
@@ -52,15 +54,6 @@ fn host() -> &'static Host {
     })
 }
 
-fn queue((desc, avail, used): (u64, u64, u64)) -> Option<Queue> {
-    let mut q = Queue::new(SIZE).ok()?;
-    q.set_size(SIZE);
-    q.set_desc_table_address(Some(desc as u32), Some(0));
-    q.set_avail_ring_address(Some(avail as u32), Some(0));
-    q.set_used_ring_address(Some(used as u32), Some(0));
-    q.set_ready(true);
-    Some(q)
-}
 
 fuzz_target!(|data: &[u8]| {
     let host = host();
@@ -70,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
     let n = data.len().min(MEM);
     mem.write_slice(&data[..n], GuestAddress(0)).expect("write");
     let Ok(mut vsock) = Vsock::new(GUEST_CID, &host.sock) else { return };
-    let (Some(tx), Some(rx), Ok(event)) = (queue(TX_RINGS), queue(RX_RINGS), Queue::new(SIZE)) else { return };
+    let (Some(tx), Some(rx), Ok(event)) = (common::queue(SIZE, TX_RINGS), common::queue(SIZE, RX_RINGS), Queue::new(SIZE)) else { return };
     let queues = vec![rx, tx, event];
     let features = vsock.features();
     if vsock.activate(mem, queues, features).is_err() {

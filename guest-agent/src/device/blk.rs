@@ -40,17 +40,7 @@ pub fn wait_for_virtio_blk(
 ) -> Result<PathBuf, DeviceError> {
     let start = Instant::now();
     let deadline = start + timeout;
-    let mut rescanned = false;
-    let dev_dir = match pci_path_to_sysfs(sysfs_root, pci_path) {
-        Ok(dir) => dir,
-        // A hot-added bridge is found by the same scan as a device.
-        Err(PciResolveError::MissingBridge { .. }) => {
-            rescan(sysfs_root, pci_path);
-            rescanned = true;
-            pci_path_to_sysfs(sysfs_root, pci_path)?
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let (dev_dir, rescanned) = resolve(sysfs_root, pci_path)?;
     // DEVPATH in uevents is relative to the sysfs mount.
     let devpath = match dev_dir.strip_prefix(sysfs_root).ok().and_then(Path::to_str) {
         Some(rel) => format!("/{rel}"),
@@ -106,6 +96,19 @@ pub fn wait_for_virtio_blk(
             }
             UeventWait::Timeout => {}
         }
+    }
+}
+
+/// The sysfs directory of the function at `pci_path`, and whether the bus had to be rescanned
+/// to get there (a hot-added bridge is found by the same scan as a device).
+pub(crate) fn resolve(sysfs_root: &Path, pci_path: &PciPath) -> Result<(PathBuf, bool), DeviceError> {
+    match pci_path_to_sysfs(sysfs_root, pci_path) {
+        Ok(dir) => Ok((dir, false)),
+        Err(PciResolveError::MissingBridge { .. }) => {
+            rescan(sysfs_root, pci_path);
+            Ok((pci_path_to_sysfs(sysfs_root, pci_path)?, true))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -6,23 +6,14 @@ use std::time::{Duration, Instant};
 
 use shoji_devices::model::PciPath;
 
-use super::blk::rescan;
-use super::{pci_path_to_sysfs, DeviceError, PciResolveError};
+use super::blk::{rescan, resolve};
+use super::DeviceError;
 
 /// Waits until the virtio device at `pci_path` is bound to its driver, rescanning the bus once
 /// when the function is not in sysfs yet (the hot-add case).
 pub fn wait_for_virtio_fs(pci_path: &PciPath, sysfs_root: &Path, timeout: Duration) -> Result<(), DeviceError> {
     let start = Instant::now();
-    let mut rescanned = false;
-    let dev_dir = match pci_path_to_sysfs(sysfs_root, pci_path) {
-        Ok(dir) => dir,
-        Err(PciResolveError::MissingBridge { .. }) => {
-            rescan(sysfs_root, pci_path);
-            rescanned = true;
-            pci_path_to_sysfs(sysfs_root, pci_path)?
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let (dev_dir, mut rescanned) = resolve(sysfs_root, pci_path)?;
     loop {
         if bound(&dev_dir) {
             return Ok(());

@@ -40,16 +40,7 @@ impl Rig {
     /// Submits one chain (NEXT flags and indices are filled in) and processes the queue.
     fn submit(&mut self, descs: &[RawDescriptor]) -> DeviceResult {
         let base = self.next_desc;
-        let chained: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let d = SplitDescriptor::from(*d);
-                let last = i + 1 == descs.len();
-                let flags = if last { d.flags() & !NEXT } else { d.flags() | NEXT };
-                RawDescriptor::from(SplitDescriptor::new(d.addr().0, d.len(), flags, base + i as u16 + 1))
-            })
-            .collect();
+        let chained = crate::virtio::test_utils::chained(descs, base);
         self.vq.add_desc_chains(&chained, base).unwrap();
         self.next_desc = (base + descs.len() as u16) % 12;
         let mut irqs = Irqs::default();

@@ -7,7 +7,7 @@ use fuse_backend_rs::abi::fuse_abi::{
     OpenOut, ReadIn, ReleaseIn, Rename2In, RenameIn, SetattrIn, SetxattrIn, WriteIn, WriteOut,
 };
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestAddress;
@@ -16,7 +16,6 @@ const IN: u64 = 0x10_0000;
 const OUT: u64 = 0x20_0000;
 const OUT_LEN: u32 = 0x1_0000;
 const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 /// Large enough that no test wraps the mock's available ring (the mock does not wrap it).
 const MOCK_QUEUE_SIZE: u16 = 1024;
 const ROOT: u64 = 1;
@@ -118,16 +117,7 @@ impl Rig {
     /// Submits one chain (NEXT flags and indices are filled in) and processes the queue.
     fn submit(&mut self, descs: &[RawDescriptor]) -> DeviceResult {
         let base = self.next_desc;
-        let chained: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let d = SplitDescriptor::from(*d);
-                let last = i + 1 == descs.len();
-                let flags = if last { d.flags() & !NEXT } else { d.flags() | NEXT };
-                RawDescriptor::from(SplitDescriptor::new(d.addr().0, d.len(), flags, base + i as u16 + 1))
-            })
-            .collect();
+        let chained = crate::virtio::test_utils::chained(descs, base);
         self.vq.add_desc_chains(&chained, base).unwrap();
         self.next_desc = (base + descs.len() as u16) % (MOCK_QUEUE_SIZE - 8);
         let mut irqs = Irqs::default();

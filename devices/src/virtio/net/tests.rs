@@ -2,7 +2,7 @@
 //! in-memory backend; the tap itself in a private network namespace.
 use super::tap::{Tap, TapError};
 use super::*;
-use crate::virtio::test_utils::{Irqs, NEXT, WRITE};
+use crate::virtio::test_utils::{Irqs, WRITE};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -101,16 +101,7 @@ impl Rig {
     /// Adds one chain to queue `q` (NEXT flags and indices filled in).
     fn add(&mut self, q: usize, descs: &[RawDescriptor]) {
         let base = self.next[q];
-        let chained: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let d = SplitDescriptor::from(*d);
-                let last = i + 1 == descs.len();
-                let flags = if last { d.flags() & !NEXT } else { d.flags() | NEXT };
-                RawDescriptor::from(SplitDescriptor::new(d.addr().0, d.len(), flags, base + i as u16 + 1))
-            })
-            .collect();
+        let chained = crate::virtio::test_utils::chained(descs, base);
         let vq = if q == RX_QUEUE { &self.rx } else { &self.tx };
         vq.add_desc_chains(&chained, base).unwrap();
         self.next[q] = base + descs.len() as u16;

@@ -153,16 +153,7 @@ impl Rig {
     /// Adds one chain (NEXT flags and indices filled in) to queue `q`.
     fn add_chain(&mut self, q: usize, descs: &[RawDescriptor]) {
         let base = self.next_desc[q];
-        let chained: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let d = SplitDescriptor::from(*d);
-                let last = i + 1 == descs.len();
-                let flags = if last { d.flags() & !NEXT } else { d.flags() | NEXT };
-                RawDescriptor::from(SplitDescriptor::new(d.addr().0, d.len(), flags, base + i as u16 + 1))
-            })
-            .collect();
+        let chained = crate::virtio::test_utils::chained(descs, base);
         self.vqs[q].add_desc_chains(&chained, base).unwrap();
         self.next_desc[q] = base + descs.len() as u16;
     }
