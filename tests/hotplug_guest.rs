@@ -127,6 +127,41 @@ fn run_rootfs() -> PathBuf {
 
 const GUEST_ROOTFS: &str = "/run/shoji/rootfs";
 
+/// The OCI spec (JSON) of a container on the busybox rootfs running `args` as root, in its
+/// own PID and mount namespaces, with /proc and a small /dev tmpfs, then `mounts`; `process`
+/// and `linux` entries are added to (or replace) the defaults.
+fn busybox_spec(
+    args: &[&str],
+    mounts: &[serde_json::Value],
+    process: serde_json::Value,
+    linux: serde_json::Value,
+) -> Vec<u8> {
+    let mut all = vec![
+        serde_json::json!({ "destination": "/proc", "type": "proc", "source": "proc" }),
+        serde_json::json!({ "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755", "size=64k"] }),
+    ];
+    all.extend(mounts.iter().cloned());
+    let mut spec = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "root": { "path": GUEST_ROOTFS, "readonly": true },
+        "process": {
+            "terminal": false,
+            "user": { "uid": 0, "gid": 0 },
+            "args": args,
+            "env": ["PATH=/bin:/sbin:/usr/bin"],
+            "cwd": "/"
+        },
+        "mounts": all,
+        "linux": { "namespaces": [ { "type": "pid" }, { "type": "mount" } ] }
+    });
+    for (key, extra) in [("process", process), ("linux", linux)] {
+        if let (Some(base), Some(extra)) = (spec[key].as_object_mut(), extra.as_object()) {
+            base.extend(extra.clone());
+        }
+    }
+    serde_json::to_vec(&spec).unwrap()
+}
+
 /// A hot-plugged disk as a container spec names it: its path in the container, the numbers the
 /// spec gives it (the host's, in the shim's flow; the agent rewrites them) and its PCI path.
 struct SpecDisk<'a> {
@@ -145,29 +180,10 @@ fn with_disks(id: &str, args: &[&str], disks: &[SpecDisk<'_>]) -> ContainerSpec 
     rules.extend(disks.iter().map(
         |d| serde_json::json!({ "allow": true, "type": "b", "major": d.numbers.0, "minor": d.numbers.1, "access": "r" }),
     ));
-    let spec = serde_json::json!({
-        "ociVersion": "1.0.2",
-        "root": { "path": GUEST_ROOTFS, "readonly": true },
-        "process": {
-            "terminal": false,
-            "user": { "uid": 0, "gid": 0 },
-            "args": args,
-            "env": ["PATH=/bin:/sbin:/usr/bin"],
-            "cwd": "/"
-        },
-        "mounts": [
-            { "destination": "/proc", "type": "proc", "source": "proc" },
-            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755", "size=64k"] }
-        ],
-        "linux": {
-            "namespaces": [ { "type": "pid" }, { "type": "mount" } ],
-            "devices": nodes,
-            "resources": { "devices": rules }
-        }
-    });
+    let linux = serde_json::json!({ "devices": nodes, "resources": { "devices": rules } });
     ContainerSpec {
         id: id.into(),
-        spec_json: serde_json::to_vec(&spec).unwrap(),
+        spec_json: busybox_spec(args, &[], serde_json::json!({}), linux),
         rootfs: GUEST_ROOTFS.into(),
         devices: disks
             .iter()
@@ -185,26 +201,11 @@ fn with_disks(id: &str, args: &[&str], disks: &[SpecDisk<'_>]) -> ContainerSpec 
 /// A container running `script` with the hot-plugged share `tag` (at `pci`) bound at /mnt.
 fn with_share(id: &str, tag: &str, pci: &PciPath, script: &str) -> ContainerSpec {
     let guest_dir = format!("/run/shoji/{tag}");
-    let spec = serde_json::json!({
-        "ociVersion": "1.0.2",
-        "root": { "path": GUEST_ROOTFS, "readonly": true },
-        "process": {
-            "terminal": false,
-            "user": { "uid": 0, "gid": 0 },
-            "args": ["sh", "-c", script],
-            "env": ["PATH=/bin:/sbin:/usr/bin"],
-            "cwd": "/"
-        },
-        "mounts": [
-            { "destination": "/proc", "type": "proc", "source": "proc" },
-            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755", "size=64k"] },
-            { "destination": "/mnt", "type": "bind", "source": guest_dir, "options": ["rbind", "rw"] }
-        ],
-        "linux": { "namespaces": [ { "type": "pid" }, { "type": "mount" } ] }
-    });
+    let bind =
+        serde_json::json!({ "destination": "/mnt", "type": "bind", "source": guest_dir, "options": ["rbind", "rw"] });
     ContainerSpec {
         id: id.into(),
-        spec_json: serde_json::to_vec(&spec).unwrap(),
+        spec_json: busybox_spec(&["sh", "-c", script], &[bind], serde_json::json!({}), serde_json::json!({})),
         rootfs: GUEST_ROOTFS.into(),
         storages: vec![hotplugged_virtiofs_storage(tag, pci, &guest_dir, false)],
         ..Default::default()
@@ -291,27 +292,11 @@ fn network_user(id: &str, slot: u8) -> ContainerSpec {
          echo hello-from-guest | nc 10.0.2.1 7777"
     );
     let caps = ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE"];
-    let spec = serde_json::json!({
-        "ociVersion": "1.0.2",
-        "root": { "path": GUEST_ROOTFS, "readonly": true },
-        "process": {
-            "terminal": false,
-            "user": { "uid": 0, "gid": 0 },
-            "args": ["sh", "-c", script],
-            "env": ["PATH=/bin:/sbin:/usr/bin"],
-            "cwd": "/",
-            "capabilities": { "bounding": caps, "effective": caps, "permitted": caps }
-        },
-        "mounts": [
-            { "destination": "/proc", "type": "proc", "source": "proc" },
-            { "destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["rw", "nosuid", "nodev", "noexec"] },
-            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755", "size=64k"] }
-        ],
-        "linux": { "namespaces": [ { "type": "pid" }, { "type": "mount" } ] }
-    });
+    let sysfs = serde_json::json!({ "destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["rw", "nosuid", "nodev", "noexec"] });
+    let process = serde_json::json!({ "capabilities": { "bounding": caps, "effective": caps, "permitted": caps } });
     ContainerSpec {
         id: id.into(),
-        spec_json: serde_json::to_vec(&spec).unwrap(),
+        spec_json: busybox_spec(&["sh", "-c", &script], &[sysfs], process, serde_json::json!({})),
         rootfs: GUEST_ROOTFS.into(),
         ..Default::default()
     }
