@@ -181,7 +181,7 @@ pub fn match_blk_uevent<'a>(ev: &'a Uevent, pci_devpath: &str) -> Option<&'a str
 }
 
 /// "virtio" followed by a decimal index, as the virtio bus names its devices.
-fn is_virtio_dev_name(name: &str) -> bool {
+pub(crate) fn is_virtio_dev_name(name: &str) -> bool {
     name.strip_prefix("virtio").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use shoji_devices::model::PciPath;
 
-use super::blk::{rescan, resolve};
+use super::blk::{is_virtio_dev_name, rescan, resolve};
 use super::DeviceError;
 
 /// Waits until the virtio device at `pci_path` is bound to its driver, rescanning the bus once
@@ -33,14 +33,9 @@ pub fn wait_for_virtio_fs(pci_path: &PciPath, sysfs_root: &Path, timeout: Durati
 /// Whether a `virtio<N>` child of the PCI function has a driver bound.
 fn bound(pci_dev_dir: &Path) -> bool {
     let Ok(entries) = std::fs::read_dir(pci_dev_dir) else { return false };
-    entries.flatten().any(|e| {
-        let name = e.file_name();
-        let virtio = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("virtio"))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        virtio && e.path().join("driver").exists()
-    })
+    entries
+        .flatten()
+        .any(|e| e.file_name().to_str().is_some_and(is_virtio_dev_name) && e.path().join("driver").exists())
 }
 
 #[cfg(test)]
