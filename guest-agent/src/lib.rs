@@ -6,6 +6,7 @@ pub mod device;
 pub mod init;
 pub mod listen;
 pub mod logging;
+pub mod network;
 pub mod runtime;
 pub mod service;
 pub mod storage;

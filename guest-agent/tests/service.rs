@@ -42,6 +42,8 @@ struct FakeRuntime {
     created: Mutex<Vec<ContainerConfig>>,
     /// Every call, by name, to check that a refused request never reached the runtime.
     calls: Mutex<Vec<String>>,
+    /// What `namespace` answers for any container it has.
+    namespace: Mutex<PathBuf>,
 }
 
 impl FakeRuntime {
@@ -148,6 +150,11 @@ impl ContainerRuntime for FakeRuntime {
     async fn update(&self, id: &str, _: LinuxResources) -> Result<()> {
         self.call("update");
         self.with(id, |_| ())
+    }
+    async fn namespace(&self, id: &str, _: &str) -> Result<PathBuf> {
+        self.call("namespace");
+        let ns = self.namespace.lock().unwrap().clone();
+        self.with(id, |_| ns)
     }
     async fn pids(&self, id: &str) -> Result<Vec<i32>> {
         self.call("pids");
@@ -621,20 +628,20 @@ async fn sandbox_without_storages() {
 // ---------------------------------------------------------------------------------------------
 // Real mounts: root, private mount namespace.
 
-/// Runs `test` again in a child process in a private mount namespace. True in that child (go
-/// on), false in the parent once the child passed, or when the test cannot run here (not root,
-/// no `unshare`, namespaces refused), which it says.
+/// Runs `test` again in a child process in private mount and network namespaces. True in that
+/// child (go on), false in the parent once the child passed, or when the test cannot run here
+/// (not root, no `unshare`, namespaces refused), which it says.
 fn in_private_mount_ns(test: &str) -> bool {
     if std::env::var_os("SHOJI_TEST_IN_MOUNT_NS").is_some() {
         return true;
     }
-    if let Some(why) = common::cannot_unshare(&["--mount", "--propagation", "private"]) {
+    if let Some(why) = common::cannot_unshare(&["--mount", "--net", "--propagation", "private"]) {
         eprintln!("skipping {test}: {why}");
         return false;
     }
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private"])
+        .args(["--mount", "--net", "--propagation", "private"])
         .arg(exe)
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env("SHOJI_TEST_IN_MOUNT_NS", "1")
@@ -743,5 +750,88 @@ async fn failed_create_unmounts_what_it_mounted() {
     assert_eq!(mounts_below(&root), [(root.join("run/sandbox/shm"), "tmpfs".to_string())]);
     h.agent.destroy_sandbox(ctx(), &agent::DestroySandboxRequest::new()).await.unwrap();
     assert_eq!(mounts_below(&root), []);
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pod network: real netlink, in the child's own network namespace (the "guest's root").
+
+#[tokio::test(flavor = "current_thread")]
+async fn update_network_moves_the_interface_into_the_pods_namespace_and_sets_it_up() {
+    use shoji_devices::virtio::net::tap::Tap;
+    use shoji_netlink::{config::format_mac, IpNet, Netlink, Route};
+    if !in_private_mount_ns("update_network_moves_the_interface_into_the_pods_namespace_and_sets_it_up") {
+        return;
+    }
+    let h = Harness::start().await;
+    // The virtio-net device's interface, as the guest kernel made it, and its sysfs.
+    let tap = Tap::open("vnet0").unwrap();
+    let mut root = Netlink::open().unwrap();
+    let mac = root.link("vnet0").unwrap().mac.unwrap();
+    let dev = h.dir.path().join("sys/devices/pci0000:00/0000:00:06.0/virtio4/net/vnet0");
+    std::fs::create_dir_all(dev).unwrap();
+    // The pod's sandbox container: a process in a network namespace of its own.
+    let mut pod = std::process::Command::new("unshare").args(["--net", "sleep", "60"]).spawn().unwrap();
+    let pod_ns = PathBuf::from(format!("/proc/{}/ns/net", pod.id()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_link(&pod_ns).ok() == std::fs::read_link("/proc/self/ns/net").ok() {
+        assert!(std::time::Instant::now() < deadline, "unshare did not run");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    *h.runtime.namespace.lock().unwrap() = pod_ns.clone();
+    h.agent.create_container(ctx(), &create_req("pod")).await.unwrap();
+
+    let iface = |mac: &str| agent::Interface {
+        pci_path: "06".into(),
+        mac: mac.into(),
+        name: "eth0".into(),
+        mtu: 1400,
+        addresses: vec!["10.88.0.5/16".into()],
+        ..Default::default()
+    };
+    let route = |dest: &str, gateway: &str| agent::Route {
+        dest: dest.into(),
+        gateway: gateway.into(),
+        device: "eth0".into(),
+        ..Default::default()
+    };
+    let req = |mac: &str| agent::UpdateNetworkRequest {
+        container_id: "pod".into(),
+        interfaces: vec![iface(mac)],
+        routes: vec![route("default", "10.88.0.1"), route("192.168.5.0/24", "")],
+        ..Default::default()
+    };
+    // Refused before anything moves: another device's MAC, an unknown container, a bad field.
+    let (code, msg) = status(h.agent.update_network(ctx(), &req("02:00:00:00:00:99")).await);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("interface eth0: the device at PCI 06 is vnet0"), "{msg}");
+    let mut other = req(&format_mac(&mac));
+    other.container_id = "nope".into();
+    assert_eq!(status(h.agent.update_network(ctx(), &other).await).0, Code::NOT_FOUND);
+    let mut bad = req(&format_mac(&mac));
+    bad.interfaces[0].mtu = 10;
+    let (code, msg) = status(h.agent.update_network(ctx(), &bad).await);
+    assert_eq!((code, msg.as_str()), (Code::INVALID_ARGUMENT, "interfaces[0].mtu: 10 is not between 68 and 65535"));
+    assert!(root.link("vnet0").is_ok(), "still here");
+
+    h.agent.update_network(ctx(), &req(&format_mac(&mac))).await.unwrap();
+    assert!(root.link("vnet0").is_err(), "moved out of the agent's namespace");
+    let mut nl = Netlink::open_in(&std::fs::File::open(&pod_ns).unwrap()).unwrap();
+    let eth0 = nl.link("eth0").unwrap();
+    assert_eq!((eth0.mac, eth0.mtu, eth0.up), (Some(mac), 1400, true));
+    assert_eq!(nl.addresses(eth0.index).unwrap(), ["10.88.0.5/16".parse::<IpNet>().unwrap()]);
+    let mut routes = nl.routes(eth0.index).unwrap();
+    routes.sort_by_key(|r| r.dest_text());
+    assert_eq!(routes, [Route::parse("192.168.5.0/24", "").unwrap(), Route::parse("default", "10.88.0.1").unwrap()]);
+    assert!(nl.links().unwrap().iter().any(|l| l.loopback && l.up), "the pod's loopback is up");
+
+    // The device is the container's while it lives.
+    let rm = agent::RemoveDeviceRequest { pci_path: "06".into(), ..Default::default() };
+    let (code, msg) = status(h.agent.remove_device(ctx(), &rm).await);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("\"pod\""), "{msg}");
+    let _ = pod.kill();
+    let _ = pod.wait();
+    drop(tap);
     h.stop().await;
 }

@@ -3,8 +3,8 @@
 //! stand on) uses the client, the agent the server; `start_failure` types why a program could
 //! not start.
 
-/// Bumped when RPCs are added; the agent reports it in `Health.Version`. 2: RemoveDevice.
-pub const API_VERSION: u32 = 2;
+/// Bumped when RPCs are added; the agent reports it in `Health.Version`. 2: RemoveDevice; 3: UpdateNetwork.
+pub const API_VERSION: u32 = 3;
 
 #[allow(clippy::all, unused_imports, missing_docs, dead_code, non_camel_case_types, non_snake_case)]
 #[allow(non_upper_case_globals, trivial_casts, unsafe_code, unused_results, unknown_lints, unused_mut, unused)]
@@ -67,7 +67,7 @@ mod tests {
         server.start().await.unwrap();
         let client = HealthClient::new(ttrpc::asynchronous::Client::connect(&addr).await.unwrap());
         let v = client.version(ttrpc::context::with_timeout(5_000_000_000), &CheckRequest::new()).await.unwrap();
-        assert_eq!((v.agent_version.as_str(), v.api_version), ("test", 2));
+        assert_eq!((v.agent_version.as_str(), v.api_version), ("test", 3));
         // Unimplemented RPCs answer with an error, not a hang.
         assert!(client.check(ttrpc::context::with_timeout(5_000_000_000), &CheckRequest::new()).await.is_err());
         server.shutdown().await.unwrap();

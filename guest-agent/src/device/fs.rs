@@ -12,11 +12,22 @@ use super::DeviceError;
 /// Waits until the virtio device at `pci_path` is bound to its driver, rescanning the bus once
 /// when the function is not in sysfs yet (the hot-add case).
 pub fn wait_for_virtio_fs(pci_path: &PciPath, sysfs_root: &Path, timeout: Duration) -> Result<(), DeviceError> {
+    wait_for_function(pci_path, sysfs_root, timeout, |dir| bound(dir).then_some(()))
+}
+
+/// Polls the sysfs directory of the function at `pci_path` until `ready` finds what it wants
+/// there, rescanning the bus once when the function is not in sysfs yet, until the deadline.
+pub(crate) fn wait_for_function<T>(
+    pci_path: &PciPath,
+    sysfs_root: &Path,
+    timeout: Duration,
+    ready: impl Fn(&Path) -> Option<T>,
+) -> Result<T, DeviceError> {
     let start = Instant::now();
     let (dev_dir, mut rescanned) = resolve(sysfs_root, pci_path)?;
     loop {
-        if bound(&dev_dir) {
-            return Ok(());
+        if let Some(found) = ready(&dev_dir) {
+            return Ok(found);
         }
         if !rescanned && !dev_dir.exists() {
             rescan(sysfs_root, pci_path);

@@ -7,6 +7,7 @@
 
 pub mod blk;
 pub mod fs;
+pub mod net;
 pub mod pci;
 pub mod remove;
 pub mod uevent;

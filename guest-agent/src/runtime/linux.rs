@@ -975,6 +975,14 @@ impl ContainerRuntime for LinuxRuntime {
         c.cgroup.pids().map_err(|e| io_err(format!("listing the processes of container {id:?}"), e))
     }
 
+    async fn namespace(&self, id: &str, kind: &str) -> Result<PathBuf> {
+        let c = self.inner.container(id)?;
+        if c.init.exited() {
+            return Err(RuntimeError::BadState { id: id.into(), state: "exited".into(), action: "join".into() });
+        }
+        Ok(PathBuf::from(format!("/proc/{}/ns/{kind}", c.init.pid)))
+    }
+
     async fn remove(&self, id: &str, timeout_secs: u32) -> Result<()> {
         let c = self.inner.container(id)?;
         if c.removing.swap(true, Ordering::SeqCst) {

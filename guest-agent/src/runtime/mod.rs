@@ -119,6 +119,9 @@ pub trait ContainerRuntime: Send + Sync {
     async fn stats(&self, id: &str) -> Result<Stats>;
     async fn update(&self, id: &str, resources: LinuxResources) -> Result<()>;
     async fn pids(&self, id: &str) -> Result<Vec<i32>>;
+    /// The file of container `id`'s `kind` namespace ("net", "ipc", ...: its init's
+    /// `/proc/<pid>/ns/<kind>`) while its init runs.
+    async fn namespace(&self, id: &str, kind: &str) -> Result<std::path::PathBuf>;
     /// Kills what is left (SIGKILL after `timeout_secs` of SIGTERM; 0 = at once), waits for it,
     /// and removes every trace: cgroup, mounts made for it, state, pipes.
     async fn remove(&self, id: &str, timeout_secs: u32) -> Result<()>;

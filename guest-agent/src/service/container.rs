@@ -175,7 +175,7 @@ fn check_hostname(name: &str) -> Result<(), RpcError> {
 
 /// Runs `f` on the blocking pool: storages and devices may wait for a hot-plugged device, and
 /// the agent's single-threaded runtime must keep serving meanwhile.
-async fn on_blocking_pool<T: Send + 'static>(
+pub(super) async fn on_blocking_pool<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, RpcError> + Send + 'static,
 ) -> Result<T, RpcError> {
     tokio::task::spawn_blocking(f)

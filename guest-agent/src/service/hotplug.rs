@@ -59,11 +59,16 @@ impl Inner {
     /// Records that `owner` uses the devices of a request about to be handled; returns the
     /// ticket for [`Inner::release_ticket`] should the request fail.
     pub(super) fn claim_devices(&self, owner: Owner, devices: &[agent::Device], storages: &[agent::Storage]) -> u64 {
+        self.claim_paths(owner, pci_paths(devices, storages))
+    }
+
+    /// [`Inner::claim_devices`] for devices named by their paths (a pod's interfaces).
+    pub(super) fn claim_paths(&self, owner: Owner, paths: impl IntoIterator<Item = PciPath>) -> u64 {
         let mut st = self.state();
         st.next_ticket += 1;
         let ticket = st.next_ticket;
         let uses: Vec<DeviceUse> =
-            pci_paths(devices, storages).map(|path| DeviceUse { owner: owner.clone(), path, ticket }).collect();
+            paths.into_iter().map(|path| DeviceUse { owner: owner.clone(), path, ticket }).collect();
         st.device_uses.extend(uses);
         ticket
     }
@@ -228,6 +233,9 @@ mod tests {
             unused()
         }
         async fn update(&self, _: &str, _: LinuxResources) -> RtResult<()> {
+            unused()
+        }
+        async fn namespace(&self, _: &str, _: &str) -> RtResult<PathBuf> {
             unused()
         }
         async fn pids(&self, _: &str) -> RtResult<Vec<i32>> {

@@ -11,6 +11,7 @@ pub mod convert;
 pub mod error;
 pub mod guest;
 mod hotplug;
+mod network;
 
 use std::collections::HashMap;
 use std::io;
@@ -275,6 +276,11 @@ impl agent_ttrpc::AgentService for Agent {
     async fn remove_device(&self, _: &TtrpcContext, req: agent::RemoveDeviceRequest) -> ttrpc::Result<Empty> {
         let r = self.detached(|inner| async move { inner.remove_device(req).await });
         reply("RemoveDevice", r.await.map(|()| Empty::new()))
+    }
+
+    async fn update_network(&self, _: &TtrpcContext, req: agent::UpdateNetworkRequest) -> ttrpc::Result<Empty> {
+        let r = self.detached(|inner| async move { inner.update_network(req).await });
+        reply("UpdateNetwork", r.await.map(|()| Empty::new()))
     }
 
     async fn exec_process(&self, _: &TtrpcContext, req: agent::ExecProcessRequest) -> ttrpc::Result<Empty> {
