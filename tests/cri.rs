@@ -3,14 +3,17 @@
 //! our runtime handler configured by the very block docs/kubernetes.md gives. First with runc (a
 //! check on the test and the host), then with our shim:
 //!
-//! - a host-network pod: the sandbox (pause) container and two app containers in ONE VM (one
+//! - pods on a CNI bridge network (Debian's `containernetworking-plugins`: bridge + host-local),
+//!   the shim wiring each pod's veth to its VM's virtio-net tap: pod A reaches the host end of
+//!   the bridge, pod B connects to a `nc -l` in pod A at pod A's IP and the bytes arrive;
+//! - pod A: the sandbox (pause) container and two app containers in ONE VM (one
 //!   shim process, one sandbox directory), one app container in the pod's PID namespace and one
 //!   in its own, both in the pod's IPC namespace; a host directory mounted into both (one writes, the other reads);
 //!   ExecSync output and exit code; ContainerStats not zero; the CRI log file; ContainerStatus
 //!   with the exit code; a container over its memory limit ends "OOMKilled" (137);
 //! - a second pod gets a VM (and shim) of its own;
 //! - StopPodSandbox and RemovePodSandbox leave no shim process, sandbox directory, mount,
-//!   container or task.
+//!   container, task, network namespace or host interface (veth, tap).
 //!
 //! Each of our pods boots our Linux guest: slow on PVM hosts, so generous timeouts.
 use hyper_util::rt::TokioIo;
@@ -19,8 +22,8 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest, ContainerStatus, ContainerStatusRequest,
     CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxContainerConfig, LinuxContainerResources,
     LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest, VersionRequest,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use shoji_tests::{guest_artifacts, is_root, require_kvm, shoji_bin};
 use std::path::{Path, PathBuf};
@@ -35,6 +38,12 @@ const PAUSE: &str = "docker.io/library/busybox:pause";
 const CALL: Duration = Duration::from_secs(400);
 /// Where our shim keeps its sandbox directories.
 const SANDBOX_DIRS: &str = "/run/shoji/s";
+/// The pods' CNI network: a bridge on the host (its address is the pods' gateway).
+const BRIDGE: &str = "shojicni0";
+const SUBNET: &str = "10.251.0.0/24";
+const GATEWAY: &str = "10.251.0.1";
+/// Debian's containernetworking-plugins.
+const CNI_BIN: &str = "/usr/lib/cni";
 
 /// The runtime block of docs/kubernetes.md, with the shim config path given.
 fn documented_runtime(shim_config: &Path) -> String {
@@ -66,9 +75,23 @@ impl Containerd {
         let opt = w.join("opt/bin");
         std::fs::create_dir_all(&opt).unwrap();
         std::os::unix::fs::symlink(shim, opt.join("containerd-shim-shoji-v2")).unwrap();
-        for d in ["cni-conf", "cni-bin", "logs"] {
+        for d in ["cni-conf", "cni-state", "logs"] {
             std::fs::create_dir_all(w.join(d)).unwrap();
         }
+        assert!(
+            Path::new(CNI_BIN).join("bridge").is_file(),
+            "{CNI_BIN}/bridge is missing (apt-get install containernetworking-plugins; CI installs it)"
+        );
+        let cni = format!(
+            r#"{{"cniVersion": "0.4.0", "name": "shoji-test", "plugins": [{{
+                "type": "bridge", "bridge": "{BRIDGE}", "isGateway": true, "ipMasq": false,
+                "ipam": {{"type": "host-local", "dataDir": "{w}/cni-state",
+                          "ranges": [[{{"subnet": "{SUBNET}", "gateway": "{GATEWAY}"}}]],
+                          "routes": [{{"dst": "0.0.0.0/0"}}]}}
+            }}]}}"#,
+            w = w.display()
+        );
+        std::fs::write(w.join("cni-conf/10-shoji-test.conflist"), cni).unwrap();
         let config = format!(
             r#"version = 2
 root = "{w}/root"
@@ -85,7 +108,7 @@ state = "{w}/state"
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".cni]
     conf_dir = "{w}/cni-conf"
-    bin_dir = "{w}/cni-bin"
+    bin_dir = "{CNI_BIN}"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
@@ -199,7 +222,22 @@ impl Drop for Containerd {
         for m in mounts.iter().rev().filter(|m| m.starts_with(&self.work.path().display().to_string())) {
             let _ = Command::new("umount").args(["-l", m]).status();
         }
+        // CNI's bridge plugin never removes the bridge.
+        let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
     }
+}
+
+/// The host's network interfaces and named network namespaces (for leak checks).
+fn host_network() -> (Vec<String>, Vec<String>) {
+    let names = |dir: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.retain(|n| n != BRIDGE);
+        v.sort();
+        v
+    };
+    (names("/sys/class/net"), names("/var/run/netns"))
 }
 
 fn sandbox_dirs() -> Vec<String> {
@@ -210,7 +248,7 @@ fn sandbox_dirs() -> Vec<String> {
     v
 }
 
-/// A host-network pod (the VM has no network device yet), PID namespace per container.
+/// A pod on the CNI network, PID namespace per container.
 fn pod_config(name: &str, logs: &Path) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
@@ -223,7 +261,7 @@ fn pod_config(name: &str, logs: &Path) -> PodSandboxConfig {
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
+                    network: NamespaceMode::Pod as i32,
                     pid: NamespaceMode::Container as i32,
                     ipc: NamespaceMode::Pod as i32,
                     ..Default::default()
@@ -244,7 +282,7 @@ fn container(name: &str, script: &str, shared: &Path, own_pid: bool) -> Containe
         linux: Some(LinuxContainerConfig {
             security_context: Some(LinuxContainerSecurityContext {
                 namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
+                    network: NamespaceMode::Pod as i32,
                     pid: pid as i32,
                     ipc: NamespaceMode::Pod as i32,
                     ..Default::default()
@@ -301,7 +339,7 @@ async fn pods(cd: &Containerd, handler: &str) {
     let logs = cd.work.path().join("logs");
     let shared = cd.work.path().join(format!("shared-{handler}"));
     std::fs::create_dir_all(&shared).unwrap();
-    let (shims_before, dirs_before) = (cd.shims(), sandbox_dirs());
+    let (shims_before, dirs_before, net_before) = (cd.shims(), sandbox_dirs(), host_network());
 
     let config = pod_config(&format!("pod-a-{handler}"), &logs);
     let pod = call(
@@ -310,6 +348,7 @@ async fn pods(cd: &Containerd, handler: &str) {
     )
     .await
     .pod_sandbox_id;
+    let ip_a = pod_ip(&mut cri, &pod).await;
 
     let create = |name: &str, script: &str| CreateContainerRequest {
         pod_sandbox_id: pod.clone(),
@@ -320,7 +359,8 @@ async fn pods(cd: &Containerd, handler: &str) {
         "CreateContainer writer",
         cri.create_container(create(
             "writer",
-            "echo from-writer > /shared/from-writer; readlink /proc/self/ns/ipc > /shared/writer-ipc; exec sleep 1000",
+            "nc -l -p 7777 > /shared/received & echo from-writer > /shared/from-writer; \
+             readlink /proc/self/ns/ipc > /shared/writer-ipc; exec sleep 1000",
         )),
     )
     .await
@@ -370,6 +410,20 @@ async fn pods(cd: &Containerd, handler: &str) {
         "ExecSync in the writer, which shares the pod's PID namespace (PID 1: the sandbox container)"
     );
 
+    // The pod reaches the host end of the bridge through its VM's interface.
+    let ping = call(
+        "ExecSync ping",
+        cri.exec_sync(ExecSyncRequest {
+            container_id: writer.clone(),
+            cmd: vec!["sh".into(), "-c".into(), format!("ping -c 1 -W 20 {GATEWAY} && ip addr show eth0")],
+            timeout: 300,
+        }),
+    )
+    .await;
+    let out = String::from_utf8_lossy(&ping.stdout);
+    assert_eq!(ping.exit_code, 0, "ping {GATEWAY}: {out}{}", String::from_utf8_lossy(&ping.stderr));
+    assert!(out.contains(&format!("inet {ip_a}/24")), "the pod's address is on the container's eth0: {out}");
+
     // Stats of a running container: what kubelet's summary API reads.
     let stats = call("ContainerStats", cri.container_stats(ContainerStatsRequest { container_id: writer.clone() }))
         .await
@@ -418,10 +472,32 @@ async fn pods(cd: &Containerd, handler: &str) {
     )
     .await
     .pod_sandbox_id;
+    let ip_b = pod_ip(&mut cri, &pod_b).await;
+    assert_ne!(ip_a, ip_b);
     assert_eq!(cd.shims().len(), shims_before.len() + 2, "a shim per pod: {:?}", cd.shims());
     if handler == "shoji" {
         assert_eq!(sandbox_dirs().len(), dirs_before.len() + 2, "a VM per pod: {:?}", sandbox_dirs());
     }
+
+    // Pod B talks to pod A over the pod network (pod A's writer listens).
+    let client = call(
+        "CreateContainer client",
+        cri.create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_b.clone(),
+            config: Some(container("client", &format!("echo hello-from-b | nc {ip_a} 7777"), &shared, true)),
+            sandbox_config: Some(pod_config(&format!("pod-b-{handler}"), &logs)),
+        }),
+    )
+    .await
+    .container_id;
+    call("StartContainer client", cri.start_container(StartContainerRequest { container_id: client.clone() })).await;
+    let status = exited(&mut cri, &client).await;
+    assert_eq!(status.exit_code, 0, "nc {ip_a} 7777 from pod B: {status:?}");
+    let start = Instant::now();
+    while std::fs::read_to_string(shared.join("received")).unwrap_or_default().is_empty() && start.elapsed() < CALL {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(std::fs::read_to_string(shared.join("received")).unwrap(), "hello-from-b\n", "pod A got pod B's bytes");
 
     for p in [&pod, &pod_b] {
         call("StopPodSandbox", cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: p.clone() })).await;
@@ -441,6 +517,21 @@ async fn pods(cd: &Containerd, handler: &str) {
         let out = cd.ctr(&["-n", "k8s.io", what, "ls", "-q"]);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "", "no {what} left");
     }
+    assert_eq!(host_network(), net_before, "no veth, tap or network namespace left");
+}
+
+/// The pod's IP on the CNI network.
+async fn pod_ip(cri: &mut RuntimeServiceClient<Channel>, pod: &str) -> String {
+    let status = call(
+        "PodSandboxStatus",
+        cri.pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: pod.into(), verbose: false }),
+    )
+    .await
+    .status
+    .expect("a status");
+    let ip = status.network.map(|n| n.ip).unwrap_or_default();
+    assert!(ip.starts_with("10.251.0."), "pod {pod} has an address on {SUBNET}: {ip:?}");
+    ip
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Devices after boot, both halves at once: the VMM plugs a virtio-blk or virtio-fs function into a free slot
+//! Devices after boot, both halves at once: the VMM plugs a virtio-blk, -fs or -net function into a free slot
 //! of bus 0 and the agent finds it by that PCI path (it rescans the bus when a container asks for
 //! a path it does not have); to unplug, the agent first removes the function in the guest, then
 //! the VMM drops it. A guest that does not let go in time loses the device anyway, with one log
@@ -11,7 +11,7 @@
 use crate::error::SandboxError;
 use crate::session::Session;
 use crate::vm::Sandbox;
-use shoji_vmm::{DiskConfig, PciPath, ShareConfig};
+use shoji_vmm::{DiskConfig, NetConfig, PciPath, ShareConfig};
 use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -55,6 +55,13 @@ impl Hotplug {
     pub async fn plug_share(&self, vm: &Sandbox, share: ShareConfig) -> Result<PciPath, SandboxError> {
         let _g = self.lock.lock().await;
         vm.hot_add_share(share)
+    }
+
+    /// Plugs a virtio-net device on `net.tap` into the running VM: its PCI path, for the
+    /// agent's UpdateNetwork.
+    pub async fn plug_net(&self, vm: &Sandbox, net: NetConfig) -> Result<PciPath, SandboxError> {
+        let _g = self.lock.lock().await;
+        vm.hot_add_net(net)
     }
 
     /// Unplugs the device at `path`: the agent releases it (up to `timeout`), then the VMM drops

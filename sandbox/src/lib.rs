@@ -6,14 +6,16 @@
 pub mod artifacts;
 mod error;
 mod hotplug;
+mod podnet;
 mod session;
 mod vm;
 
 pub use error::{RpcCode, SandboxError, StartFailure, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND};
 pub use hotplug::{Hotplug, Unplugged, RELEASE_TIMEOUT};
+pub use podnet::{PodInterface, PodNetwork, TAP_NAME};
 pub use session::{
     hotplugged_virtiofs_storage, virtiofs_storage, ContainerSpec, Device, ExitStatus, Process, Session, SessionConfig,
-    StatsContainerResponse, Storage, Stream, AGENT_TIMEOUT, RPC_TIMEOUT,
+    StatsContainerResponse, Storage, Stream, UpdateNetworkRequest, AGENT_TIMEOUT, RPC_TIMEOUT,
 };
 pub use shoji_vmm::{DiskConfig, HotplugError, HotplugStats, NetConfig, PciPath, ShareConfig, Tap, TapError};
 pub use vm::*;

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-pub use shoji_protocol::agent::{Device, StatsContainerResponse, Storage};
+pub use shoji_protocol::agent::{Device, StatsContainerResponse, Storage, UpdateNetworkRequest};
 
 /// How long the agent may take to answer after the VM starts (a PVM host boots in ~20 s, more
 /// when loaded).
@@ -171,6 +171,13 @@ impl Session {
         // The agent's own wait ends first, so its answer says why.
         let limit = if timeout.is_zero() { RPC_TIMEOUT } else { timeout + REMOVE_DEVICE_MARGIN };
         self.client.remove_device(ctx(limit), &req).await.map_err(|e| rpc_error("RemoveDevice", e))?;
+        Ok(())
+    }
+
+    /// Sets a pod's interfaces up in the guest ([`crate::PodNetwork::update_request`]); the
+    /// agent waits for a hot-plugged device as it does for a disk.
+    pub async fn update_network(&self, req: agent::UpdateNetworkRequest) -> Result<(), SandboxError> {
+        self.client.update_network(ctx(RPC_TIMEOUT), &req).await.map_err(|e| rpc_error("UpdateNetwork", e))?;
         Ok(())
     }
 

@@ -24,8 +24,9 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code, TtrpcContext};
 use containerd_shim::ExitSignal;
 use shoji_sandbox::{
-    virtiofs_storage, ContainerSpec, Device, DiskConfig, Hotplug, PciPath, RpcCode, Sandbox, SandboxConfig,
-    SandboxError, Session, SessionConfig, ShareConfig, Storage, Unplugged, EXIT_NOT_EXECUTABLE, RELEASE_TIMEOUT,
+    virtiofs_storage, ContainerSpec, Device, DiskConfig, Hotplug, NetConfig, PciPath, PodNetwork, RpcCode, Sandbox,
+    SandboxConfig, SandboxError, Session, SessionConfig, ShareConfig, Storage, Unplugged, UpdateNetworkRequest,
+    EXIT_NOT_EXECUTABLE, RELEASE_TIMEOUT,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -132,6 +133,9 @@ struct Inner {
     vm: Mutex<Option<Arc<Vm>>>,
     /// The VM's vCPUs are paused (Pause): its tasks read PAUSED and cannot be reached.
     paused: AtomicBool,
+    /// The CRI pod's network namespace wired to the VM's virtio-net tap (podnet in the sandbox
+    /// crate); taken down with the VM.
+    podnet: Mutex<Option<PodNetwork>>,
 }
 
 impl Service {
@@ -157,6 +161,7 @@ impl Service {
                 exited: Condvar::new(),
                 vm: Mutex::new(None),
                 paused: AtomicBool::new(false),
+                podnet: Mutex::new(None),
             }),
         }
     }
@@ -233,6 +238,9 @@ impl Inner {
             }
             // A copier thread still holds it: dropping the last reference stops the VM.
             Err(_) => tracing::debug!("sandbox: stopping when the last stream copier ends"),
+        }
+        if let Some(net) = lock(&self.podnet).take() {
+            net.detach();
         }
         tracing::info!("sandbox: stopped");
     }
@@ -450,20 +458,40 @@ fn share_binds(spec: &mut serde_json::Value, id: &str, share: &mount::Share) -> 
 }
 
 impl Inner {
-    /// The spec's namespace paths, for the guest (namespaces.rs).
-    fn namespaces(&self, id: &str, spec: &mut serde_json::Value) -> RpcResult<()> {
+    /// The spec's namespace paths, for the guest (namespaces.rs); the CNI network namespace a
+    /// CRI sandbox container names, to wire to the VM.
+    fn namespaces(&self, id: &str, spec: &mut serde_json::Value) -> RpcResult<Option<PathBuf>> {
         let r = namespaces::rewrite(spec, pid(), &self.sandbox_id)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         if !r.joined.is_empty() {
             let kinds: Vec<&str> = r.joined.iter().map(|(_, k)| k.as_str()).collect();
             tracing::info!("container {id}: joins the {} namespaces of {}", kinds.join(", "), self.sandbox_id);
         }
-        for p in r.dropped_net {
+        for p in &r.dropped_net {
             tracing::info!(
-                "container {id}: network namespace {p} is the host's; a new one in the guest (no network device yet)"
+                "container {id}: network namespace {p} is the host's; a new one in the guest, given its interface"
             );
         }
-        Ok(())
+        Ok(r.dropped_net.into_iter().next().map(PathBuf::from))
+    }
+
+    /// Wires the pod network namespace `netns` to a tap and plugs a virtio-net device on it:
+    /// the agent request that sets the interface up in the sandbox container, once created.
+    fn plug_pod_network(&self, vm: &Vm, id: &str, netns: &Path) -> RpcResult<Option<UpdateNetworkRequest>> {
+        let failed = |e: SandboxError| status(Code::INTERNAL, format!("container {id}: network: {e}"));
+        let Some((net, tap)) = PodNetwork::attach(netns).map_err(failed)? else {
+            tracing::info!("container {id}: {} has no interface with an address: loopback only", netns.display());
+            return Ok(None);
+        };
+        let mtu = u16::try_from(net.interface.mtu).ok();
+        let cfg = NetConfig { tap, mac: net.interface.mac, mtu };
+        let plugged = self.rt.block_on(vm.hotplug.plug_net(&vm.sandbox, cfg));
+        let req = plugged.as_ref().ok().map(|pci| net.update_request(id, pci));
+        // Kept either way: the VM's stop takes the wiring down.
+        *lock(&self.podnet) = Some(net);
+        let pci = plugged.map_err(failed)?;
+        tracing::info!("container {id}: pod network plugged at PCI {pci}");
+        Ok(req)
     }
 
     fn create(self: &Arc<Self>, req: api::CreateTaskRequest) -> RpcResult<api::CreateTaskResponse> {
@@ -487,7 +515,7 @@ impl Inner {
         // Before anything is mounted or booted: a device the sandbox cannot take leaves nothing.
         let host_devices = host_devices(&id, &mut spec)?;
         let volumes = block_volumes(&spec)?;
-        self.namespaces(&id, &mut spec)?;
+        let netns = self.namespaces(&id, &mut spec)?;
 
         let rootfs = bundle.join("rootfs");
         // Registered before the (slow) boot: what containerd sends meanwhile (stdin, CloseIO,
@@ -594,11 +622,21 @@ impl Inner {
                 devices,
                 terminal: req.terminal,
             };
+            let network = match &netns {
+                Some(ns) => self.plug_pod_network(&vm, &id, ns)?,
+                None => None,
+            };
             // The agent rescans the PCI bus for them: no unplug may run meanwhile.
-            let _hotplug = (!plugged.is_empty()).then(|| self.rt.block_on(vm.hotplug.lock()));
+            let _hotplug = (!plugged.is_empty() || network.is_some()).then(|| self.rt.block_on(vm.hotplug.lock()));
             self.rt
                 .block_on(vm.session.create_container(create))
                 .map_err(|e| agent_status(&e, format!("container {id}")))?;
+            // Its network namespace exists now: the interface moves in before anything runs.
+            if let Some(req) = network {
+                self.rt
+                    .block_on(vm.session.update_network(req))
+                    .map_err(|e| agent_status(&e, format!("container {id}")))?;
+            }
             Ok::<_, ttrpc::Error>(())
         })();
         if let Err(e) = prepared {
