@@ -9,8 +9,8 @@
 //! - `/proc/<our pid>/ns/<kind>` becomes `/run/shoji-ns/<pod sandbox id>/<kind>`, which the agent
 //!   resolves to that container's init in the guest (`devices::model::guest_container_ns`);
 //! - in a CRI pod, any other network namespace path (the pod's CNI netns on the host) is dropped:
-//!   the container gets a new network namespace in the guest (loopback only: the VM has no
-//!   network device yet, see docs/kubernetes.md);
+//!   the container gets a new network namespace in the guest, and the shim gives it the pod's
+//!   interface (see docs/kubernetes.md, Network);
 //! - any other path fails Create naming the entry: a host namespace cannot be joined from the VM
 //!   (`ctr run --with-ns network:/var/run/netns/x` is refused, not quietly given another one).
 use serde_json::Value;
