@@ -11,6 +11,9 @@
 //!   in its own, both in the pod's IPC namespace; a host directory mounted into both (one writes, the other reads);
 //!   ExecSync output and exit code; ContainerStats not zero; the CRI log file; ContainerStatus
 //!   with the exit code; a container over its memory limit ends "OOMKilled" (137);
+//! - containerd killed and restarted mid-pod finds the pod's shim again (its tasks listed,
+//!   exec, stats and teardown through the new containerd);
+//! - UpdateContainerResources reaches the container's cgroup in the guest;
 //! - a second pod gets a VM (and shim) of its own;
 //! - StopPodSandbox and RemovePodSandbox leave no shim process, sandbox directory, mount,
 //!   container, task, network namespace or host interface (veth, tap).
@@ -21,9 +24,10 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest, ContainerStatus, ContainerStatusRequest,
     CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxContainerConfig, LinuxContainerResources,
-    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest, VersionRequest,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest, Mount,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    UpdateContainerResourcesRequest, VersionRequest,
 };
 use shoji_tests::{guest_artifacts, is_root, require_kvm, shoji_bin};
 use std::path::{Path, PathBuf};
@@ -65,6 +69,25 @@ struct Containerd {
     work: tempfile::TempDir,
     sock: PathBuf,
     child: Child,
+}
+
+/// Starts containerd on the config in `w` and waits until it answers.
+fn spawn_containerd(w: &Path, sock: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(w.join("containerd.log")).unwrap();
+    let child = Command::new("containerd")
+        .arg("--config")
+        .arg(w.join("config.toml"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("containerd (apt-get install containerd; CI installs it)");
+    let start = Instant::now();
+    let ctr = || Command::new("ctr").arg("--address").arg(sock).arg("version").output().expect("ctr");
+    while !ctr().status.success() {
+        assert!(start.elapsed() < Duration::from_secs(30), "containerd did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child
 }
 
 impl Containerd {
@@ -120,20 +143,8 @@ state = "{w}/state"
             runtime = documented_runtime(shim_config),
         );
         std::fs::write(w.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(w.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(w.join("config.toml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("containerd (apt-get install containerd; CI installs it)");
+        let child = spawn_containerd(w, &sock);
         let c = Containerd { work, sock, child };
-        let start = Instant::now();
-        while !c.ctr(&["version"]).status.success() {
-            assert!(start.elapsed() < Duration::from_secs(30), "containerd did not start:\n{}", c.log_tail(30));
-            std::thread::sleep(Duration::from_millis(200));
-        }
         let plugins = String::from_utf8_lossy(&c.ctr(&["plugins", "ls"]).stdout).into_owned();
         assert!(
             plugins
@@ -151,6 +162,14 @@ state = "{w}/state"
             assert!(out.status.success(), "import {reference}: {}", String::from_utf8_lossy(&out.stderr));
         }
         c
+    }
+
+    /// Kills containerd (SIGKILL, as a crash would) and starts it again on the same state: it
+    /// must find its shims again through their address files.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_containerd(self.work.path(), &self.sock);
     }
 
     fn ctr(&self, args: &[&str]) -> std::process::Output {
@@ -332,7 +351,7 @@ async fn exited(cri: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerS
 }
 
 /// The whole scenario with one runtime handler.
-async fn pods(cd: &Containerd, handler: &str) {
+async fn pods(cd: &mut Containerd, handler: &str) {
     let mut cri = cd.client().await;
     let v = call("Version", cri.version(VersionRequest::default())).await;
     eprintln!("CRI {} {} {}", v.runtime_name, v.runtime_version, v.runtime_api_version);
@@ -387,6 +406,19 @@ async fn pods(cd: &Containerd, handler: &str) {
         assert_eq!(dirs.len(), dirs_before.len() + 1, "one sandbox (VM) for the pod: {dirs:?}");
     }
 
+    // containerd dies and comes back mid-pod: it reconnects to the pod's shim, lists its tasks,
+    // and everything below runs through the restarted containerd.
+    cd.restart();
+    let mut cri = cd.client().await;
+    let listed = call("ListContainers", cri.list_containers(ListContainersRequest::default())).await.containers;
+    let running: Vec<&str> = listed
+        .iter()
+        .filter(|c| c.pod_sandbox_id == pod && c.state == ContainerState::ContainerRunning as i32)
+        .map(|c| c.id.as_str())
+        .collect();
+    assert!(running.contains(&writer.as_str()), "the writer still runs after the restart: {listed:?}");
+    assert_eq!(cd.shims().len(), shims_before.len() + 1, "the same shim, reconnected: {:?}", cd.shims());
+
     let exec = call(
         "ExecSync",
         cri.exec_sync(ExecSyncRequest {
@@ -423,6 +455,33 @@ async fn pods(cd: &Containerd, handler: &str) {
     let out = String::from_utf8_lossy(&ping.stdout);
     assert_eq!(ping.exit_code, 0, "ping {GATEWAY}: {out}{}", String::from_utf8_lossy(&ping.stderr));
     assert!(out.contains(&format!("inet {ip_a}/24")), "the pod's address is on the container's eth0: {out}");
+
+    // UpdateContainerResources reaches the container's cgroup in the guest.
+    let limit: i64 = 96 << 20;
+    call(
+        "UpdateContainerResources",
+        cri.update_container_resources(UpdateContainerResourcesRequest {
+            container_id: writer.clone(),
+            linux: Some(LinuxContainerResources { memory_limit_in_bytes: limit, ..Default::default() }),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let max = call(
+        "ExecSync memory.max",
+        cri.exec_sync(ExecSyncRequest {
+            container_id: writer.clone(),
+            // cgroup v2 in our guest; v1 on hosts like this one (runc).
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes".into(),
+            ],
+            timeout: 300,
+        }),
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&max.stdout).trim(), limit.to_string(), "{max:?}");
 
     // Stats of a running container: what kubelet's summary API reads.
     let stats = call("ContainerStats", cri.container_stats(ContainerStatsRequest { container_id: writer.clone() }))
@@ -545,10 +604,10 @@ fn cri_pods_run_in_one_vm_each_with_runc_and_with_the_shoji_shim() {
     let shim_config = dir.path().join("shim.toml");
     std::fs::write(&shim_config, "vcpus = 1\nmemory_mib = 256\nlog_level = \"debug\"\n").unwrap();
 
-    let cd = Containerd::start(&built, &shim_config);
+    let mut cd = Containerd::start(&built, &shim_config);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for handler in ["runc", "shoji"] {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(pods(&cd, handler))));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(pods(&mut cd, handler))));
         if let Err(panic) = result {
             eprintln!("--- with {handler}; containerd's log (last 80 lines):\n{}", cd.log_tail(80));
             std::panic::resume_unwind(panic);
