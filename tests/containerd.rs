@@ -2,14 +2,16 @@
 //! temp dir) driven by `ctr`: tests/containerd/containerd-it.sh runs the cases, first with runc
 //! (a check on the test itself), then with our shim. Each of our tasks boots our Linux guest, so
 //! this is part of the slow suite: generous timeouts, and the run/delete cycles are the bulk.
-use shoji_tests::{guest_artifacts, require_kvm, shoji_bin};
+//! All of it once per containerd build: the host's (Debian 12: 1.6), then Debian unstable's (2.1;
+//! `SHOJI_CONTAINERD_SUITES`, see `shoji_tests::containerd_builds`).
+use shoji_tests::{containerd_builds, guest_artifacts, require_kvm, shoji_bin};
 use std::path::Path;
 use std::process::Command;
 
-fn run_suite(runtime: &str, envs: &[(&str, &Path)]) -> (bool, String) {
+fn run_suite(runtime: &str, path: &std::ffi::OsStr, envs: &[(&str, &Path)]) -> (bool, String) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("containerd/containerd-it.sh");
     let mut cmd = Command::new("bash");
-    cmd.arg(&script).env("RUNTIME", runtime);
+    cmd.arg(&script).env("RUNTIME", runtime).env("PATH", path);
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -43,11 +45,15 @@ fn ctr_runs_tasks_with_runc_and_with_the_shoji_shim() {
     let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("checkout");
     assert!(!shim.starts_with(checkout), "{} is outside {}", shim.display(), checkout.display());
 
-    let (ok, out) = run_suite("io.containerd.runc.v2", &[]);
-    println!("--- with runc\n{out}");
-    assert!(ok, "the containerd test fails with runc: the test or the host is broken, not the shim");
+    for build in containerd_builds() {
+        let path = build.path_env();
+        let (ok, out) = run_suite("io.containerd.runc.v2", &path, &[]);
+        println!("--- containerd {}, with runc\n{out}", build.suite);
+        assert!(ok, "the containerd test fails with runc: the test or the host is broken, not the shim");
 
-    let (ok, out) = run_suite("io.containerd.shoji.v2", &[("SHIM_BIN", &shim), ("SHOJI_SHIM_CONFIG", &config)]);
-    println!("--- with containerd-shim-shoji-v2\n{out}");
-    assert!(ok, "the containerd test fails with our shim (output above)");
+        let envs = [("SHIM_BIN", shim.as_path()), ("SHOJI_SHIM_CONFIG", config.as_path())];
+        let (ok, out) = run_suite("io.containerd.shoji.v2", &path, &envs);
+        println!("--- containerd {}, with containerd-shim-shoji-v2\n{out}", build.suite);
+        assert!(ok, "the containerd test fails with our shim on containerd {} (output above)", build.suite);
+    }
 }

@@ -92,3 +92,45 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// A containerd build the containerd and CRI suites run against.
+#[derive(Debug, Clone)]
+pub struct ContainerdBuild {
+    /// "host" (the machine's package: Debian 12's 1.6) or the Debian suite it came from.
+    pub suite: String,
+    /// The directory with its containerd, ctr and containerd-shim-runc-v2 (`None`: `PATH`).
+    pub bin: Option<PathBuf>,
+}
+
+impl ContainerdBuild {
+    /// `PATH` with this build's binaries first.
+    pub fn path_env(&self) -> std::ffi::OsString {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        match &self.bin {
+            None => path,
+            Some(b) => std::env::join_paths(std::iter::once(b.clone()).chain(std::env::split_paths(&path)))
+                .expect("PATH entries"),
+        }
+    }
+}
+
+/// The containerd builds in `SHOJI_CONTAINERD_SUITES`, in order (default "host unstable": the
+/// machine's package, Debian 12's 1.6, then Debian unstable's 2.1; "trixie" is 1.7). Other
+/// suites' packages are fetched and cached by tests/containerd/fetch-containerd.sh on first use
+/// (CI fetches them first).
+pub fn containerd_builds() -> Vec<ContainerdBuild> {
+    let suites = std::env::var("SHOJI_CONTAINERD_SUITES").unwrap_or_else(|_| "host unstable".into());
+    let mut builds = Vec::new();
+    for suite in suites.split_whitespace() {
+        if suite == "host" {
+            builds.push(ContainerdBuild { suite: "host".into(), bin: None });
+            continue;
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("containerd/fetch-containerd.sh");
+        let out = Command::new("bash").arg(&script).arg(suite).output().expect("running fetch-containerd.sh");
+        assert!(out.status.success(), "fetch-containerd.sh {suite}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        builds.push(ContainerdBuild { suite: suite.into(), bin: Some(bin) });
+    }
+    builds
+}

@@ -7,6 +7,7 @@ mod devices;
 mod events;
 mod mount;
 mod namespaces;
+mod sizing;
 mod stats;
 mod stdio;
 mod task;

@@ -10,6 +10,7 @@ use crate::devices::{self, HostNode};
 use crate::events::Events;
 use crate::mount::{self, MountSpec};
 use crate::namespaces;
+use crate::sizing;
 use crate::stdio::{self, Target};
 use crate::volumes;
 use containerd_shim::api;
@@ -180,8 +181,9 @@ impl Inner {
         self.dir.join("shared")
     }
 
-    /// The sandbox, booted on first use.
-    fn vm(&self) -> RpcResult<Arc<Vm>> {
+    /// The sandbox, booted on first use, sized by the config and the pod's limits in the first
+    /// container's `spec` (sizing.rs).
+    fn vm(&self, spec: &serde_json::Value) -> RpcResult<Arc<Vm>> {
         let mut slot = lock(&self.vm);
         if let Some(vm) = &*slot {
             if let Some(why) = vm.sandbox.has_stopped() {
@@ -189,13 +191,16 @@ impl Inner {
             }
             return Ok(vm.clone());
         }
+        let config = lock(&self.config).clone();
+        let (host_cpus, host_mib) = sizing::host_limits();
+        let (vcpus, memory_mib) = sizing::vm_size(spec, config.vcpus, config.memory_mib, host_cpus, host_mib)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let shared = self.shared_dir();
         mount::Share::open(&self.dir)
             .map_err(|e| status(Code::INTERNAL, format!("sandbox: preparing {}: {e}", shared.display())))?;
-        let config = lock(&self.config).clone();
         let mut cfg = SandboxConfig::new(self.dir.clone());
-        cfg.vcpus = config.vcpus;
-        cfg.memory_mib = config.memory_mib;
+        cfg.vcpus = vcpus;
+        cfg.memory_mib = memory_mib;
         cfg.kernel = config.kernel.clone();
         cfg.initrd = config.initrd.clone();
         cfg.shares = vec![ShareConfig { dir: shared, tag: SHARED_TAG.into(), read_only: false }];
@@ -556,7 +561,7 @@ impl Inner {
         let mounted = !mounts.is_empty();
         let mut plugged = Vec::new();
         let prepared = (|| {
-            let vm = self.vm()?;
+            let vm = self.vm(&spec)?;
             let share = mount::Share::open(&self.dir)
                 .map_err(|e| status(Code::INTERNAL, format!("sandbox: {}: {e}", self.dir.display())))?;
             share

@@ -385,7 +385,17 @@ failed_cycles=$(grep -c . "$WORK/cycle.failed" 2>/dev/null)
 for _ in $(seq 20); do [ -z "$(our_shims)" ] && break; sleep 0.5; done
 [ -z "$(our_shims)" ] && ok "no shim process left" || no "shim processes left" "$(ps -o pid,args -p "$(our_shims | tr '\n' ',' | sed 's/,$//')")"
 [ -z "$(our_mounts)" ] && ok "no mount left" || no "mounts left" "$(our_mounts)"
-[ "$(shim_sockets)" = "$sockets_before" ] && ok "no shim socket left" || no "sockets left" "$(comm -13 <(echo "$sockets_before") <(shim_sockets))"
+left=$(comm -13 <(echo "$sockets_before") <(shim_sockets))
+if [ -z "$left" ]; then
+  ok "no shim socket left"
+elif [ -n "$SHIM_BIN" ]; then
+  no "sockets left" "$left"
+else
+  # containerd 2.1's runc shim leaves one after the containerd restart case; ours must not.
+  echo "# note: the stock shim left $(echo $left | tr '\n' ' ') in /run/containerd/s; removed here"
+  for l in $left; do rm -f "/run/containerd/s/$l"; done
+  ok "no shim socket left (stock shim: noted above)"
+fi
 [ "$(sandbox_dirs)" = "$dirs_before" ] && ok "no sandbox directory left" || no "sandbox dirs left" "$(sandbox_dirs)"
 [ -z "$($C task ls -q 2>/dev/null)$($C container ls -q 2>/dev/null)" ] && ok "no task or container left" || no "left in containerd"
 
