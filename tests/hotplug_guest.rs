@@ -528,7 +528,7 @@ fn hot_add_use_remove_reuse_and_cycles_leave_nothing_behind() {
             // virtio-net after boot, on a tap in a private host network namespace.
             let (tap, listener) = host_network();
             let mac = [0x02, 0x53, 0x48, 0x00, 0x00, 0x02];
-            let at = vm.hot_add_net(shoji_sandbox::NetConfig { tap, mac, mtu: None }).unwrap();
+            let at = vm.hot_add_net(shoji_sandbox::NetConfig { backend: shoji_sandbox::NetHost::Tap(tap), mac, mtu: None }).unwrap();
             let server = std::thread::spawn(move || {
                 use std::io::{BufRead, Write};
                 let (mut conn, peer) = listener.accept().unwrap();

@@ -236,7 +236,9 @@ fn shoji_run_prints_both_streams_and_exits_with_the_commands_status() {
     image[..8].copy_from_slice(b"DISKDATA");
     std::fs::write(&disk, &image).unwrap();
 
-    let script = "cat /mnt/host-data/hello.txt; head -c 8 /dev/vda; echo; echo out; echo err >&2; exit 5";
+    // No --net: loopback only, as ever.
+    let script =
+        "cat /mnt/host-data/hello.txt; head -c 8 /dev/vda; echo; ls /sys/class/net; echo out; echo err >&2; exit 5";
     let start = Instant::now();
     let out = Command::new(shoji_bin())
         .args(["run", "--timeout", "900", "--share", &format!("{},ro", share.display())])
@@ -250,7 +252,7 @@ fn shoji_run_prints_both_streams_and_exits_with_the_commands_status() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("shoji run took {:?}\n--- stdout ---\n{stdout}--- stderr ---\n{stderr}", start.elapsed());
     assert_eq!(out.status.code(), Some(5), "the command's exit status");
-    assert_eq!(stdout, "hello from the host\nDISKDATA\nout\n");
+    assert_eq!(stdout, "hello from the host\nDISKDATA\nlo\nout\n");
     assert_eq!(stderr, "err\n", "the command's stderr, and nothing from shoji");
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().path()).collect();
     assert!(left.is_empty(), "shoji run leaves nothing behind: {left:?}");
@@ -260,7 +262,8 @@ fn shoji_run_prints_both_streams_and_exits_with_the_commands_status() {
 /// A detached sandbox end to end, in one boot: `run -d` prints the name once the command runs,
 /// `ps` lists it running, `exec` runs a second command in its container (output and exit
 /// status), `kill` ends the command, `wait` gives its status, `ps -a` lists it exited, `logs`
-/// has the command's output, and `rm` leaves no process, no state dir and no socket.
+/// has the command's output, and `rm` leaves no process, no state dir and no socket. It runs
+/// with `--net user`: the exec reaches a listener on the host's loopback through passt.
 #[test]
 fn detached_sandbox_execs_is_killed_and_removed() {
     require_kvm();
@@ -309,7 +312,10 @@ fn detached_sandbox_execs_is_killed_and_removed() {
         None
     };
     let device = lo.as_ref().map(|l| format!("{}:/dev/xvdz:r", l.0.display()));
-    let mut args = vec!["run", "-d", "--name", "x"];
+    // User-mode networking (passt): the host's loopback at 10.0.2.2.
+    let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = host.local_addr().unwrap().port();
+    let mut args = vec!["run", "-d", "--name", "x", "--net", "user"];
     if let Some(d) = &device {
         args.extend(["--device", d]);
     }
@@ -334,6 +340,14 @@ fn detached_sandbox_execs_is_killed_and_removed() {
 
     let (code, out, err) = shoji(&["exec", "x", "--", "sh", "-c", "echo from-exec; echo to-stderr >&2; exit 3"]);
     assert_eq!((code, out.as_str(), err.as_str()), (Some(3), "from-exec\n", "to-stderr\n"));
+    let script = format!("ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; echo hello-host | nc 10.0.2.2 {port}");
+    let (code, out, err) = shoji(&["exec", "x", "--", "sh", "-c", &script]);
+    assert_eq!((code, out.as_str()), (Some(0), "inet 10.0.2.15/24\n"), "{err}");
+    host.set_nonblocking(false).unwrap();
+    let (mut conn, _) = host.accept().unwrap();
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut got).unwrap();
+    assert_eq!(got, "hello-host\n", "the guest reached the host's loopback through passt");
     let (code, _, err) = shoji(&["exec", "x", "--", "no-such-command"]);
     assert_eq!(code, Some(127), "{err}");
     if lo.is_some() {

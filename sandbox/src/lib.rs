@@ -17,5 +17,8 @@ pub use session::{
     hotplugged_virtiofs_storage, virtiofs_storage, ContainerSpec, Device, ExitStatus, Process, Session, SessionConfig,
     StatsContainerResponse, Storage, Stream, UpdateNetworkRequest, AGENT_TIMEOUT, RPC_TIMEOUT,
 };
-pub use shoji_vmm::{DiskConfig, HotplugError, HotplugStats, NetConfig, PciPath, ShareConfig, Tap, TapError};
+pub use shoji_netlink::{IpNet, Route};
+pub use shoji_vmm::{
+    DiskConfig, HotplugError, HotplugStats, NetConfig, NetHost, PciPath, ShareConfig, StreamBackend, Tap, TapError,
+};
 pub use vm::*;

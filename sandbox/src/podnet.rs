@@ -27,6 +27,35 @@ pub struct PodInterface {
     pub routes: Vec<Route>,
 }
 
+impl PodInterface {
+    /// The agent request that sets this interface up in container `container_id`'s network
+    /// namespace, on the device plugged at `pci`.
+    pub fn update_request(&self, container_id: &str, pci: &PciPath) -> agent::UpdateNetworkRequest {
+        agent::UpdateNetworkRequest {
+            container_id: container_id.into(),
+            interfaces: vec![agent::Interface {
+                pci_path: pci.to_string(),
+                mac: format_mac(&self.mac),
+                name: self.name.clone(),
+                mtu: self.mtu,
+                addresses: self.addresses.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            }],
+            routes: self
+                .routes
+                .iter()
+                .map(|r| agent::Route {
+                    dest: r.dest_text(),
+                    gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                    device: self.name.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+}
+
 /// The wiring of one pod namespace; [`PodNetwork::detach`] takes it down.
 pub struct PodNetwork {
     netns: PathBuf,
@@ -126,28 +155,6 @@ impl PodNetwork {
     /// The agent request that sets the interface up in container `container_id`'s network
     /// namespace, for the device plugged at `pci`.
     pub fn update_request(&self, container_id: &str, pci: &PciPath) -> agent::UpdateNetworkRequest {
-        let x = &self.interface;
-        agent::UpdateNetworkRequest {
-            container_id: container_id.into(),
-            interfaces: vec![agent::Interface {
-                pci_path: pci.to_string(),
-                mac: format_mac(&x.mac),
-                name: x.name.clone(),
-                mtu: x.mtu,
-                addresses: x.addresses.iter().map(|a| a.to_string()).collect(),
-                ..Default::default()
-            }],
-            routes: x
-                .routes
-                .iter()
-                .map(|r| agent::Route {
-                    dest: r.dest_text(),
-                    gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
-                    device: x.name.clone(),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }
+        self.interface.update_request(container_id, pci)
     }
 }

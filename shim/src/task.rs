@@ -25,9 +25,9 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code, TtrpcContext};
 use containerd_shim::ExitSignal;
 use shoji_sandbox::{
-    virtiofs_storage, ContainerSpec, Device, DiskConfig, Hotplug, NetConfig, PciPath, PodNetwork, RpcCode, Sandbox,
-    SandboxConfig, SandboxError, Session, SessionConfig, ShareConfig, Storage, Unplugged, UpdateNetworkRequest,
-    EXIT_NOT_EXECUTABLE, RELEASE_TIMEOUT,
+    virtiofs_storage, ContainerSpec, Device, DiskConfig, Hotplug, NetConfig, NetHost, PciPath, PodNetwork, RpcCode,
+    Sandbox, SandboxConfig, SandboxError, Session, SessionConfig, ShareConfig, Storage, Unplugged,
+    UpdateNetworkRequest, EXIT_NOT_EXECUTABLE, RELEASE_TIMEOUT,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -489,7 +489,7 @@ impl Inner {
             return Ok(None);
         };
         let mtu = u16::try_from(net.interface.mtu).ok();
-        let cfg = NetConfig { tap, mac: net.interface.mac, mtu };
+        let cfg = NetConfig { backend: NetHost::Tap(tap), mac: net.interface.mac, mtu };
         let plugged = self.rt.block_on(vm.hotplug.plug_net(&vm.sandbox, cfg));
         let req = plugged.as_ref().ok().map(|pci| net.update_request(id, pci));
         // Kept either way: the VM's stop takes the wiring down.

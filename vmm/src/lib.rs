@@ -26,7 +26,8 @@ pub mod vm;
 
 pub use exit::StopReason;
 pub use pause::PauseError;
-pub use pci::{AttachedDevice, DiskConfig, HotplugError, HotplugStats, NetConfig, ShareConfig};
+pub use pci::{AttachedDevice, DiskConfig, HotplugError, HotplugStats, NetConfig, NetHost, ShareConfig};
 pub use shoji_devices::model::PciPath;
+pub use shoji_devices::virtio::net::stream::StreamBackend;
 pub use shoji_devices::virtio::net::tap::{Tap, TapError};
 pub use vm::{run, spawn, spawn_with_control, KernelImage, SerialOut, VmConfig, VmControl, VmError, VmOutcome};

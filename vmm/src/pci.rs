@@ -13,7 +13,7 @@ use shoji_devices::model::{DeviceKind, PciPath, PciPlanError, PciSlotPlan};
 use shoji_devices::pci::{PciRoot, SharedPciDevice};
 use shoji_devices::virtio::block::{Block, BlockError};
 use shoji_devices::virtio::fs::Fs;
-use shoji_devices::virtio::net::{tap::Tap, Net, MTU_RANGE};
+use shoji_devices::virtio::net::{stream::StreamBackend, tap::Tap, Net, NetBackend, MTU_RANGE};
 use shoji_devices::virtio::transport::BAR_SIZE;
 use shoji_devices::virtio::vsock::Vsock;
 use shoji_devices::virtio::{VirtioDevice, VirtioPciDevice, VirtioPciSubscriber};
@@ -54,12 +54,20 @@ pub struct ShareConfig {
     pub read_only: bool,
 }
 
-/// A network device: a tap the caller opened (in the namespace it lives in), the guest's MAC
-/// and MTU (default 1500).
+/// A network device: where its frames go on the host, the guest's MAC and MTU (default 1500).
 pub struct NetConfig {
-    pub tap: Tap,
+    pub backend: NetHost,
     pub mac: [u8; 6],
     pub mtu: Option<u16>,
+}
+
+/// The host end of a network device.
+pub enum NetHost {
+    /// A tap the caller opened, in the network namespace it lives in (checksum and TSO
+    /// offloads pass through).
+    Tap(Tap),
+    /// A stream socket to a user-mode network stack (passt), QEMU's stream framing.
+    Stream(StreamBackend),
 }
 
 /// A disk as the user asked for it.
@@ -570,15 +578,19 @@ impl Hotplug {
     /// Plugs in a virtio-net device on `tap` (opened by the caller, in the network namespace
     /// it belongs to); returns its PCI path. The device thread only reads and writes the tap.
     pub fn add_net(&mut self, net: NetConfig) -> Result<PciPath, HotplugError> {
-        let what = format!(
-            "{} mac={}",
-            net.tap.name(),
-            net.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-        );
+        let host = match &net.backend {
+            NetHost::Tap(t) => t.name().to_string(),
+            NetHost::Stream(_) => "stream".into(),
+        };
+        let what = format!("{host} mac={}", net.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"));
         if let Some(mtu) = net.mtu.filter(|m| !MTU_RANGE.contains(m)) {
             return Err(HotplugError::Mtu { mtu });
         }
-        let dev = Net::new(Box::new(net.tap), net.mac, net.mtu);
+        let backend: Box<dyn NetBackend> = match net.backend {
+            NetHost::Tap(t) => Box::new(t),
+            NetHost::Stream(s) => Box::new(s),
+        };
+        let dev = Net::new(backend, net.mac, net.mtu);
         self.add(DeviceKind::Net, what, Box::new(dev), None)
     }
 

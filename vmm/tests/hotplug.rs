@@ -333,13 +333,17 @@ fn a_net_device_on_a_tap_is_plugged_and_unplugged_leaving_nothing() {
     let c = vm.control.clone();
     let boot_stats = c.stats().unwrap();
     let tap = private_tap("shoji-hp0");
-    let small = shoji_vmm::NetConfig { tap: private_tap("shoji-hp1"), mac: [2, 0, 0, 0, 0, 9], mtu: Some(60) };
+    let small = shoji_vmm::NetConfig {
+        backend: shoji_vmm::NetHost::Tap(private_tap("shoji-hp1")),
+        mac: [2, 0, 0, 0, 0, 9],
+        mtu: Some(60),
+    };
     let e = c.add_net(small).unwrap_err();
     assert!(matches!(e, HotplugError::Mtu { mtu: 60 }), "{e}");
     assert_eq!(c.stats().unwrap(), boot_stats, "a refused device takes nothing");
     let before = held();
     let mac = [0x02, 0x53, 0x48, 0x00, 0x00, 0x07];
-    let p = c.add_net(shoji_vmm::NetConfig { tap, mac, mtu: Some(1400) }).unwrap();
+    let p = c.add_net(shoji_vmm::NetConfig { backend: shoji_vmm::NetHost::Tap(tap), mac, mtu: Some(1400) }).unwrap();
     assert_eq!(cfg32(&c, &p, 0), VIRTIO_NET_IDS);
     let listed = c.devices().unwrap();
     let d = listed.iter().find(|d| d.path == p).expect("listed");

@@ -311,7 +311,7 @@ fn sandbox_process(name: &str) -> ExitCode {
         Err(e) => return report_failure(&mut report, fail(format!("tokio runtime: {e}"))),
     };
     let started = boot_and_start(&st, &dir, &rt);
-    let (vm, (session, process), mut signals, until, tty) = match started {
+    let (vm, (session, (process, _user_net)), mut signals, until, tty) = match started {
         Ok(s) => s,
         Err(f) => {
             drop(rt);
@@ -350,7 +350,9 @@ fn sandbox_process(name: &str) -> ExitCode {
     }
 }
 
-type Started = (Sandbox, (Session, Process), run::Signals, Option<tokio::time::Instant>, bool);
+/// The sandbox, the session, the command and the user-mode network's passt (kept while it runs).
+type Started =
+    (Sandbox, (Session, (Process, Option<run::net::UserNet>)), run::Signals, Option<tokio::time::Instant>, bool);
 
 /// Boots from the plan `shoji run -d` checked and saved, starts the command.
 fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Result<Started, Fail> {
@@ -386,7 +388,7 @@ fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Resul
     let vm = Sandbox::start_vm(cfg.dir.clone(), vm_cfg, stop).map_err(|e| fail(e.to_string()))?;
     let started = rt.block_on(async {
         tokio::select! {
-            r = run::start_command(&vm, req, format!("shoji-{}", st.name), &p.devices) => r,
+            r = run::start_command(&vm, req, format!("shoji-{}", st.name), &p.devices, p.net) => r,
             s = signals.stop.stop() => Err(Failure::Signal(s)),
             why = vm.stopped() => Err(Failure::Sandbox(anyhow!("sandbox: {why} before the command started"))),
             _ = run::deadline(until) => Err(Failure::Timeout),

@@ -15,6 +15,7 @@
 //! 5. DestroySandbox, the VM is stopped and joined, the session dir removed.
 pub(crate) mod device;
 mod image;
+pub(crate) mod net;
 pub(crate) mod rootfs;
 pub(crate) mod saved;
 pub(crate) mod seccomp;
@@ -100,6 +101,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     pub timeout: Option<f64>,
     /// The command and its arguments, after `--`.
+    /// The sandbox's network: `none` (loopback only) or `user` (user-mode networking through
+    /// passt: outbound connections as this user; the host's loopback at 10.0.2.2).
+    #[arg(long, value_enum, default_value_t = net::NetMode::None)]
+    pub net: net::NetMode,
     /// Docker's `--security-opt`: only `seccomp=unconfined` (no seccomp profile) is known.
     #[arg(long = "security-opt", value_name = "seccomp=unconfined")]
     pub security_opt: Vec<String>,
@@ -136,6 +141,7 @@ pub(crate) struct Plan {
     pub seccomp: bool,
     /// `--device`s: hot-plugged after boot, in order.
     pub devices: Vec<device::HostDevice>,
+    pub net: net::NetMode,
 }
 
 /// `shoji run`: the command's exit status, or 125 with one line on stderr.
@@ -298,6 +304,7 @@ pub(crate) fn plan(a: RunArgs) -> Result<Plan> {
         command,
         seccomp,
         devices,
+        net: a.net,
     };
     // The VMM's own checks (vCPUs and memory within this host's limits, disks and shares
     // openable), with a built-in test guest standing in for the kernel: no VM is created.
@@ -551,12 +558,13 @@ async fn session(p: &Plan, builtin: bool, vm: &Sandbox, mut sig: Signals) -> Res
 
     // Up to a started command: any of these ends it.
     let (session, process) = tokio::select! {
-        r = start_command(vm, req, format!("shoji-run-{}", std::process::id()), &p.devices) => r?,
+        r = start_command(vm, req, format!("shoji-run-{}", std::process::id()), &p.devices, p.net) => r?,
         s = sig.stop.stop() => return Err(Failure::Signal(s)),
         why = vm.stopped() => return Err(Failure::Sandbox(anyhow!("sandbox: {why} before the command started"))),
         _ = deadline(until) => return Err(Failure::Timeout),
     };
 
+    let (session, process, _net) = (session, process.0, process.1);
     let io = Io { interactive: p.interactive, tty: p.tty };
     let result = running(&io, &process, Some(vm), &mut sig, until).await;
     destroy(&session, vm).await;
@@ -572,10 +580,22 @@ pub(crate) async fn start_command(
     mut container: ContainerSpec,
     sandbox_id: String,
     host_devices: &[device::HostDevice],
-) -> Result<(Session, Process), Failure> {
+    net_mode: net::NetMode,
+) -> Result<(Session, (Process, Option<net::UserNet>)), Failure> {
     let cfg = SessionConfig { sandbox_id, hostname: spec::HOSTNAME.into(), ..Default::default() };
     let session = Session::create(vm, cfg).await.map_err(|e| Failure::Sandbox(anyhow!(e)))?;
     let hotplug = Hotplug::new();
+    let user_net = match net_mode {
+        net::NetMode::None => None,
+        net::NetMode::User => {
+            let (user_net, cfg) = net::UserNet::start().map_err(Failure::Error)?;
+            let at = hotplug.plug_net(vm, cfg).await.map_err(|e| match e {
+                e @ (SandboxError::Stopped(_) | SandboxError::Agent(_)) => Failure::Sandbox(anyhow!(e)),
+                e => Failure::Error(anyhow!("--net user: {e}")),
+            })?;
+            Some((user_net, at))
+        }
+    };
     for d in host_devices {
         let at = hotplug.plug_disk(vm, d.disk()).await.map_err(|e| match e {
             e @ (SandboxError::Stopped(_) | SandboxError::Agent(_)) => Failure::Sandbox(anyhow!(e)),
@@ -590,12 +610,18 @@ pub(crate) async fn start_command(
         });
     }
     // No plug or unplug while the agent rescans for this container's devices.
+    let id = container.id.clone();
     let process = {
         let _plugs = hotplug.lock().await;
         session.create_container(container).await.map_err(command_failure)?
     };
+    // The interface is up before the command runs.
+    if let Some((_, at)) = &user_net {
+        let req = net::UserNet::update_request(&id, at);
+        session.update_network(req).await.map_err(|e| Failure::Error(anyhow!("--net user: {e}")))?;
+    }
     process.start().await.map_err(command_failure)?;
-    Ok((session, process))
+    Ok((session, (process, user_net.map(|(n, _)| n))))
 }
 
 /// Whatever happened, the agent cleans up the guest (unless the VM is gone).
@@ -809,6 +835,7 @@ mod tests {
             command: vec!["true".into()],
             seccomp: true,
             devices: vec![],
+            net: net::NetMode::None,
         };
         let r = create_request(&p, true, None).unwrap();
         let st: Vec<_> =

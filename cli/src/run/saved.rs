@@ -68,6 +68,8 @@ pub(crate) struct SavedPlan {
     pub seccomp: bool,
     #[serde(default)]
     pub devices: Vec<SavedDevice>,
+    #[serde(default)]
+    pub net: super::net::NetMode,
 }
 
 impl From<&Plan> for SavedPlan {
@@ -110,6 +112,7 @@ impl From<&Plan> for SavedPlan {
                     minor: d.minor,
                 })
                 .collect(),
+            net: p.net,
         }
     }
 }
@@ -173,6 +176,7 @@ impl TryFrom<SavedPlan> for Plan {
             tty: s.tty,
             timeout: s.timeout,
             command: s.command,
+            net: s.net,
             seccomp: s.seccomp,
             devices,
         })
@@ -202,6 +206,7 @@ mod tests {
             command: vec!["sh".into(), "-c".into(), "echo $A".into()],
             seccomp: false,
             devices: vec![],
+            net: crate::run::net::NetMode::User,
         }
     }
 

@@ -12,6 +12,7 @@
 //! Receiving: the backend's fd is edge-triggered in the event loop, so the device drains it
 //! until it would block or the guest has no buffers left; a frame that found no room is kept and
 //! delivered when the driver adds buffers (its receive-queue notification).
+pub mod stream;
 pub mod tap;
 
 use super::{read_config_bytes, DeviceError, DeviceResult, ErrorCounter, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
