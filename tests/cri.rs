@@ -247,8 +247,12 @@ impl Drop for Containerd {
         for m in mounts.iter().rev().filter(|m| m.starts_with(&self.work.path().display().to_string())) {
             let _ = Command::new("umount").args(["-l", m]).status();
         }
-        // CNI's bridge plugin never removes the bridge.
+        // CNI's bridge plugin never removes the bridge, nor runc the pods' parent cgroups.
         let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
+        let _ = Command::new("find")
+            .args(["/sys/fs/cgroup", "-depth", "-type", "d", "-path", "*/kubepods/besteffort/pod-pod-*"])
+            .args(["-exec", "rmdir", "{}", "+"])
+            .output();
     }
 }
 
@@ -284,6 +288,8 @@ fn pod_config(name: &str, logs: &Path) -> PodSandboxConfig {
         }),
         log_directory: logs.join(name).display().to_string(),
         linux: Some(LinuxPodSandboxConfig {
+            // As kubelet's cgroupfs driver names a pod's cgroup.
+            cgroup_parent: format!("/kubepods/besteffort/pod-{name}"),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
                     network: NamespaceMode::Pod as i32,
@@ -428,7 +434,11 @@ async fn pods(cd: &mut Containerd, handler: &str) {
             "ExecSync size",
             cri.exec_sync(ExecSyncRequest {
                 container_id: writer.clone(),
-                cmd: vec!["sh".into(), "-c".into(), "nproc; sed -n 's/^MemTotal: *//p' /proc/meminfo".into()],
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "nproc; sed -n 's/^MemTotal: *//p' /proc/meminfo; sed -n 's/^0:://p' /proc/self/cgroup".into(),
+                ],
                 timeout: 300,
             }),
         )
@@ -438,6 +448,14 @@ async fn pods(cd: &mut Containerd, handler: &str) {
         assert_eq!(lines.next(), Some("2"), "1 + 1 vCPUs: {out}");
         let kb: u64 = lines.next().and_then(|l| l.trim_end_matches(" kB").parse().ok()).unwrap_or(0);
         assert!((300 << 10..=384 << 10).contains(&kb), "256 + 128 MiB less the kernel's own: {out}");
+        // The container's cgroup in the guest is under the pod's (no cgroup namespace: containerd
+        // adds one only on cgroup v2 hosts, and this test runs on v1 ones).
+        let cgroup = lines.next().unwrap_or_default();
+        let want = format!("/kubepods/besteffort/pod-pod-a-{handler}/{writer}");
+        assert!(cgroup == want || cgroup == "/", "the writer's cgroup is in the pod's: {out}");
+        if cgroup == "/" {
+            eprintln!("the writer has a cgroup namespace (a cgroup v2 host): its pod cgroup is not visible from it");
+        }
     }
 
     // containerd dies and comes back mid-pod: it reconnects to the pod's shim, lists its tasks,

@@ -102,13 +102,19 @@ pub fn parse_v1_mounts(mountinfo: &str) -> Vec<(Vec<String>, PathBuf)> {
 }
 
 /// Checks a `linux.cgroupsPath` and turns it into a path relative to the hierarchy root.
-/// systemd-style `slice:prefix:name` paths (no systemd in the guest) map to `shoji/<id>`.
+/// systemd-style `slice:prefix:name` paths (no systemd in the guest) are laid out as runc's
+/// systemd driver lays them out, so that a pod's containers share the pod's slice:
+/// `kubepods-burstable-pod1.slice:cri-containerd:c1` is
+/// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-c1.scope`.
 pub fn relative_path(spec_path: Option<&Path>, id: &str) -> Result<PathBuf> {
     let default = PathBuf::from("shoji").join(id);
     let Some(p) = spec_path else { return Ok(default) };
     let s = p.to_string_lossy();
-    if s.is_empty() || (!s.contains('/') && s.split(':').count() == 3) {
+    if s.is_empty() {
         return Ok(default);
+    }
+    if !s.contains('/') && s.split(':').count() == 3 {
+        return systemd_path(&s);
     }
     let mut rel = PathBuf::new();
     for c in p.components() {
@@ -128,6 +134,42 @@ pub fn relative_path(spec_path: Option<&Path>, id: &str) -> Result<PathBuf> {
             field: "linux.cgroupsPath".into(),
             msg: format!("{s:?} names the root cgroup"),
         });
+    }
+    Ok(rel)
+}
+
+/// `slice:prefix:name` as runc's systemd driver places it (see [`relative_path`]).
+fn systemd_path(s: &str) -> Result<PathBuf> {
+    let bad = |why: &str| RuntimeError::InvalidSpec { field: "linux.cgroupsPath".into(), msg: format!("{s:?}: {why}") };
+    let mut parts = s.split(':');
+    let (slice, prefix, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let ok = |w: &str| !w.contains('/') && w != "." && w != "..";
+    if !ok(slice) || !ok(prefix) || !ok(name) || name.is_empty() {
+        return Err(bad("a systemd path is slice:prefix:name, each a plain name and the name not empty"));
+    }
+    let slice = if slice.is_empty() { "system.slice" } else { slice };
+    let Some(stem) = slice.strip_suffix(".slice") else { return Err(bad("the slice must end in .slice")) };
+    let mut rel = PathBuf::new();
+    if stem != "-" {
+        if stem.is_empty() || stem.split('-').any(str::is_empty) {
+            return Err(bad("the slice's name has an empty part"));
+        }
+        // Each dash-separated prefix is a parent slice: a-b.slice lives in a.slice.
+        let mut acc = String::new();
+        for part in stem.split('-') {
+            if !acc.is_empty() {
+                acc.push('-');
+            }
+            acc.push_str(part);
+            rel.push(format!("{acc}.slice"));
+        }
+    }
+    if name.ends_with(".slice") {
+        rel.push(name);
+    } else if prefix.is_empty() {
+        rel.push(format!("{name}.scope"));
+    } else {
+        rel.push(format!("{prefix}-{name}.scope"));
     }
     Ok(rel)
 }
@@ -711,7 +753,21 @@ mod tests {
         assert_eq!(relative_path(None, "c1").unwrap(), PathBuf::from("shoji/c1"));
         assert_eq!(relative_path(Some(Path::new("/a/b")), "c1").unwrap(), PathBuf::from("a/b"));
         assert_eq!(relative_path(Some(Path::new("a/b")), "c1").unwrap(), PathBuf::from("a/b"));
-        assert_eq!(relative_path(Some(Path::new("system.slice:cri:c1")), "c1").unwrap(), PathBuf::from("shoji/c1"));
+        let sd = |p: &str| relative_path(Some(Path::new(p)), "c1");
+        assert_eq!(sd("system.slice:cri:c1").unwrap(), PathBuf::from("system.slice/cri-c1.scope"));
+        assert_eq!(
+            sd("kubepods-burstable-pod1.slice:cri-containerd:c1").unwrap(),
+            PathBuf::from(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-c1.scope"
+            ),
+            "a pod's containers share the pod's slice"
+        );
+        assert_eq!(sd(":cri:c1").unwrap(), PathBuf::from("system.slice/cri-c1.scope"));
+        assert_eq!(sd("-.slice::c1").unwrap(), PathBuf::from("c1.scope"));
+        assert_eq!(sd("a.slice:x:b.slice").unwrap(), PathBuf::from("a.slice/b.slice"));
+        for bad in ["a.slice:x:", "a:x:c1", "a--b.slice:x:c1", "a.slice:..:c1", ".slice:x:c1"] {
+            assert!(sd(bad).unwrap_err().to_string().starts_with("linux.cgroupsPath:"), "{bad}");
+        }
         let e = relative_path(Some(Path::new("/a/../../etc")), "c1").unwrap_err().to_string();
         assert!(e.starts_with("linux.cgroupsPath:"), "{e}");
         assert!(relative_path(Some(Path::new("/")), "c1").is_err());
