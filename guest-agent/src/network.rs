@@ -136,10 +136,12 @@ impl NetworkConfig {
                     want: format_mac(&x.mac),
                 });
             }
-            root.set_link(link.index, Some(false), None, None, Some(ns.as_raw_fd())).map_err(nl_err(&x.name))?;
-            // The index may change on the move; the name does not (the namespace is new).
-            let moved = pod.link(&kernel_name).map_err(nl_err(&x.name))?;
-            pod.set_link(moved.index, None, Some(x.mtu), Some(&x.name), None).map_err(nl_err(&x.name))?;
+            // Moved and renamed in one request: the kernel names it in the pod's namespace, so a
+            // link there with the guest kernel's name is no clash.
+            root.set_link(link.index, Some(false), None, Some(&x.name), Some(ns.as_raw_fd()))
+                .map_err(nl_err(&x.name))?;
+            let moved = pod.link(&x.name).map_err(nl_err(&x.name))?;
+            pod.set_link(moved.index, None, Some(x.mtu), None, None).map_err(nl_err(&x.name))?;
             for a in &x.addresses {
                 pod.add_address(moved.index, *a).map_err(nl_err(&x.name))?;
             }

@@ -779,6 +779,14 @@ async fn update_network_moves_the_interface_into_the_pods_namespace_and_sets_it_
         std::thread::sleep(Duration::from_millis(5));
     }
     *h.runtime.namespace.lock().unwrap() = pod_ns.clone();
+    // The pod's namespace already has a link with the guest kernel's name for ours: no clash,
+    // since the move names it eth0 there.
+    let ip = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", pod_ns.display()))
+        .args(["ip", "link", "add", "vnet0", "type", "veth", "peer", "name", "vpeer0"])
+        .output()
+        .unwrap();
+    assert!(ip.status.success(), "{}", String::from_utf8_lossy(&ip.stderr));
     h.agent.create_container(ctx(), &create_req("pod")).await.unwrap();
 
     let iface = |mac: &str| agent::Interface {

@@ -176,6 +176,10 @@ impl Netlink {
                     Some(d) => Some(IpNet::new(d, h.destination_prefix_length).ok_or_else(|| {
                         NetlinkError::Decode(format!("route to {d}/{}", h.destination_prefix_length))
                     })?),
+                    // IPv6's default route on the link alone: `::/0`, or it would read as IPv4's.
+                    None if fam == AddressFamily::Inet6 && gateway.is_none() => {
+                        IpNet::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0)
+                    }
                     None => None,
                 };
                 out.push(Route { dest, gateway });

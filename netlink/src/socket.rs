@@ -36,16 +36,18 @@ impl NetlinkError {
 /// stays in that namespace. The caller's threads are not moved.
 pub fn in_netns<T: Send>(netns: &File, f: impl FnOnce() -> T + Send) -> io::Result<T> {
     std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this thread only (network namespaces are per thread), with an fd
-            // the caller keeps open across the call.
-            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("network namespace thread panicked")))
+        std::thread::Builder::new()
+            .name("netns".into())
+            .spawn_scoped(s, || {
+                // SAFETY: setns on this thread only (network namespaces are per thread), with an fd
+                // the caller keeps open across the call.
+                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(f())
+            })?
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("network namespace thread panicked")))
     })
 }
 
@@ -92,7 +94,11 @@ impl Netlink {
     ) -> Result<(), NetlinkError> {
         let mut buf = vec![0u8; RECV_BUF];
         loop {
-            let n = self.sock.recv(&mut &mut buf[..], 0).map_err(|e| NetlinkError::Io("recv", e))?;
+            let n = match self.sock.recv(&mut &mut buf[..], 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(NetlinkError::Io("recv", e)),
+            };
             let mut off = 0;
             while off < n {
                 let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..n])
@@ -140,6 +146,11 @@ impl Netlink {
             }
             NetlinkPayload::Error(e) if e.code.is_some() => {
                 result = Err(NetlinkError::Refused { what: what.into(), err: e.to_io() });
+                Ok(false)
+            }
+            // A dump that failed part-way says so in its DONE.
+            NetlinkPayload::Done(d) if d.code != 0 => {
+                result = Err(NetlinkError::Refused { what: what.into(), err: io::Error::from_raw_os_error(-d.code) });
                 Ok(false)
             }
             NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => Ok(false),

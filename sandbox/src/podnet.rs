@@ -62,6 +62,8 @@ pub struct PodNetwork {
     nl: Netlink,
     veth: u32,
     tap: u32,
+    /// The links whose ingress qdisc we added (the only ones we delete).
+    qdiscs: Vec<u32>,
     pub interface: PodInterface,
 }
 
@@ -107,6 +109,7 @@ impl PodNetwork {
             nl,
             veth: veth.index,
             tap: tap_index,
+            qdiscs: Vec::new(),
             interface: PodInterface { name: veth.name.clone(), mac, mtu: veth.mtu, addresses, routes },
         };
         if let Err(e) = net.wire(veth.mtu) {
@@ -128,14 +131,16 @@ impl PodNetwork {
         self.nl.set_link(self.tap, Some(true), Some(mtu), None, None)?;
         for i in [self.veth, self.tap] {
             self.nl.add_ingress_qdisc(i)?;
+            self.qdiscs.push(i);
         }
         self.nl.add_redirect(self.veth, self.tap)?;
         self.nl.add_redirect(self.tap, self.veth)
     }
 
-    /// Deletes both ingress qdiscs (their filters with them); what is already gone is fine.
+    /// Deletes the ingress qdiscs we added (their filters with them); what is already gone
+    /// is fine.
     fn unwire(&mut self) -> Vec<NetlinkError> {
-        [self.veth, self.tap]
+        std::mem::take(&mut self.qdiscs)
             .into_iter()
             .filter_map(|i| match self.nl.delete_ingress_qdisc(i) {
                 Err(e) if matches!(e.errno(), Some(libc::ENOENT | libc::ENODEV | libc::EINVAL)) => None,

@@ -40,12 +40,14 @@ pub fn vm_size(
         _ => 0,
     };
     let vcpus = u64::from(base_vcpus) + cpus;
-    if cpus > 0 && vcpus > host_cpus.max(u64::from(base_vcpus)).min(u64::from(u8::MAX)) {
+    // The configured size alone is the VM's checks' to judge; what the pod adds must fit.
+    let max_vcpus = host_cpus.max(u64::from(base_vcpus)).min(u64::from(u8::MAX));
+    if cpus > 0 && vcpus > max_vcpus {
         return Err(SizingError::TooBig {
             what: CPU_QUOTA,
             asked: cpus,
             base: u64::from(base_vcpus),
-            host: host_cpus,
+            host: max_vcpus,
             unit: "CPUs",
         });
     }

@@ -100,7 +100,6 @@ pub struct RunArgs {
     /// Stop the sandbox after this many seconds, boot included, and exit with status 124.
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     pub timeout: Option<f64>,
-    /// The command and its arguments, after `--`.
     /// The sandbox's network: `none` (loopback only) or `user` (user-mode networking through
     /// passt: outbound connections as this user; the host's loopback at 10.0.2.2).
     #[arg(long, value_enum, default_value_t = net::NetMode::None)]
@@ -108,6 +107,7 @@ pub struct RunArgs {
     /// Docker's `--security-opt`: only `seccomp=unconfined` (no seccomp profile) is known.
     #[arg(long = "security-opt", value_name = "seccomp=unconfined")]
     pub security_opt: Vec<String>,
+    /// The command and its arguments, after `--`.
     #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
     pub command: Vec<String>,
 }
@@ -618,7 +618,10 @@ pub(crate) async fn start_command(
     // The interface is up before the command runs.
     if let Some((_, at)) = &user_net {
         let req = net::UserNet::update_request(&id, at);
-        session.update_network(req).await.map_err(|e| Failure::Error(anyhow!("--net user: {e}")))?;
+        session.update_network(req).await.map_err(|e| match e {
+            e @ (SandboxError::Stopped(_) | SandboxError::Agent(_)) => Failure::Sandbox(anyhow!(e)),
+            e => Failure::Error(anyhow!("--net user: {e}")),
+        })?;
     }
     process.start().await.map_err(command_failure)?;
     Ok((session, (process, user_net.map(|(n, _)| n))))

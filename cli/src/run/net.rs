@@ -44,6 +44,7 @@ impl UserNet {
     /// Starts passt on one end of a socketpair; the other end is the device's backend.
     pub fn start() -> Result<(UserNet, NetConfig)> {
         let (ours, theirs) = UnixStream::pair().context("--net user: socketpair")?;
+        let backend = StreamBackend::new(ours).context("--net user: socketpair")?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new("passt");
         cmd.args(["--foreground", "--quiet", "--one-off", "--ipv4-only", "--fd", &fd.to_string()])
@@ -69,7 +70,6 @@ impl UserNet {
             Err(e) => return Err(e).context("--net user: starting passt"),
         };
         drop(theirs);
-        let backend = StreamBackend::new(ours).context("--net user: socketpair")?;
         Ok((UserNet { child }, NetConfig { backend: NetHost::Stream(backend), mac: MAC, mtu: Some(MTU) }))
     }
 

@@ -79,6 +79,11 @@ pub trait NetBackend: Send {
     fn vnet_hdr(&self) -> bool;
     /// The offloads the guest accepted (`F_GUEST_*`): what the backend may hand it.
     fn set_offloads(&mut self, guest_features: u64) -> io::Result<()>;
+    /// The fd can take output again (its edge-triggered writable event): send what was kept
+    /// back when it could not.
+    fn writable(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Counters for tests and reports.
@@ -438,7 +443,10 @@ impl VirtioDevice for Net {
     }
     fn backend_init(&mut self, ops: &mut EventOps) {
         if let Some(fd) = self.backend.fd() {
-            if let Err(e) = ops.add(Events::with_data_raw(fd, BACKEND_EVENT, EventSet::IN | EventSet::EDGE_TRIGGERED)) {
+            // Writable too (an edge each time the fd can take output again after it could not):
+            // a stream backend finishes what it kept back then.
+            let set = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
+            if let Err(e) = ops.add(Events::with_data_raw(fd, BACKEND_EVENT, set)) {
                 tracing::error!("{DEVICE}: cannot watch the backend: {e:?}");
             }
         }
@@ -448,6 +456,9 @@ impl VirtioDevice for Net {
             return Ok(());
         }
         self.apply_offloads();
+        if let Err(e) = self.backend.writable() {
+            self.errors.record(DEVICE, &format_args!("backend output: {e}"));
+        }
         let result = self.process_rx(irq);
         self.broken = result.is_err();
         result
