@@ -362,14 +362,29 @@ async fn exited(cri: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerS
     }
 }
 
+/// The containers, once containerd's CRI server answers: containerd answers before its CRI
+/// server has recovered its pods (2.x: "server is not initialized yet"); kubelet retries, so
+/// does this.
+async fn ready_containers(cri: &mut RuntimeServiceClient<Channel>) -> Vec<k8s_cri::v1::Container> {
+    let start = Instant::now();
+    loop {
+        match cri.list_containers(ListContainersRequest::default()).await {
+            Ok(r) => {
+                eprintln!("ListContainers (CRI server ready): {:?}", start.elapsed());
+                return r.into_inner().containers;
+            }
+            Err(e) if e.code() == tonic::Code::Unavailable && start.elapsed() < CALL => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("ListContainers: {e}"),
+        }
+    }
+}
+
 /// The whole scenario with one runtime handler.
 async fn pods(cd: &mut Containerd, handler: &str) {
     let mut cri = cd.client().await;
-    let start = Instant::now();
-    while let Err(e) = cri.list_containers(ListContainersRequest::default()).await {
-        assert!(e.code() == tonic::Code::Unavailable && start.elapsed() < CALL, "the CRI server: {e}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    ready_containers(&mut cri).await;
     let v = call("Version", cri.version(VersionRequest::default())).await;
     eprintln!("CRI {} {} {}", v.runtime_name, v.runtime_version, v.runtime_api_version);
     let logs = cd.work.path().join("logs");
@@ -467,19 +482,7 @@ async fn pods(cd: &mut Containerd, handler: &str) {
     // and everything below runs through the restarted containerd.
     cd.restart();
     let mut cri = cd.client().await;
-    // containerd answers before its CRI server has recovered its pods (2.x: "server is not
-    // initialized yet"); kubelet retries, so does this.
-    let start = Instant::now();
-    let listed = loop {
-        match cri.list_containers(ListContainersRequest::default()).await {
-            Ok(r) => break r.into_inner().containers,
-            Err(e) if e.code() == tonic::Code::Unavailable && start.elapsed() < CALL => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => panic!("ListContainers after the restart: {e}"),
-        }
-    };
-    eprintln!("ListContainers after the restart: {:?}", start.elapsed());
+    let listed = ready_containers(&mut cri).await;
     let running: Vec<&str> = listed
         .iter()
         .filter(|c| c.pod_sandbox_id == pod && c.state == ContainerState::ContainerRunning as i32)
