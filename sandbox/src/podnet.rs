@@ -156,10 +156,4 @@ impl PodNetwork {
             tracing::warn!("pod network {}: {e}", self.netns.display());
         }
     }
-
-    /// The agent request that sets the interface up in container `container_id`'s network
-    /// namespace, for the device plugged at `pci`.
-    pub fn update_request(&self, container_id: &str, pci: &PciPath) -> agent::UpdateNetworkRequest {
-        self.interface.update_request(container_id, pci)
-    }
 }

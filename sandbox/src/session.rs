@@ -174,7 +174,7 @@ impl Session {
         Ok(())
     }
 
-    /// Sets a pod's interfaces up in the guest ([`crate::PodNetwork::update_request`]); the
+    /// Sets a pod's interfaces up in the guest ([`crate::PodInterface::update_request`]); the
     /// agent waits for a hot-plugged device as it does for a disk.
     pub async fn update_network(&self, req: agent::UpdateNetworkRequest) -> Result<(), SandboxError> {
         self.client.update_network(ctx(RPC_TIMEOUT), &req).await.map_err(|e| rpc_error("UpdateNetwork", e))?;

@@ -66,7 +66,7 @@ fn a_cni_namespace_is_wired_to_a_tap_read_for_the_guest_and_unwired() {
     assert_eq!((t.up, t.mtu), (true, 1400));
     assert_eq!((nl.ingress_filters(eth0.index).unwrap(), nl.ingress_filters(t.index).unwrap()), (1, 1));
 
-    let req = net.update_request("pod1", &"06".parse().unwrap());
+    let req = net.interface.update_request("pod1", &"06".parse().unwrap());
     assert_eq!(req.container_id, "pod1");
     let i = &req.interfaces[0];
     assert_eq!((i.pci_path.as_str(), i.name.as_str(), i.mtu), ("06", "eth0", 1400));

@@ -491,7 +491,7 @@ impl Inner {
         let mtu = u16::try_from(net.interface.mtu).ok();
         let cfg = NetConfig { backend: NetHost::Tap(tap), mac: net.interface.mac, mtu };
         let plugged = self.rt.block_on(vm.hotplug.plug_net(&vm.sandbox, cfg));
-        let req = plugged.as_ref().ok().map(|pci| net.update_request(id, pci));
+        let req = plugged.as_ref().ok().map(|pci| net.interface.update_request(id, pci));
         // Kept either way: the VM's stop takes the wiring down.
         *lock(&self.podnet) = Some(net);
         let pci = plugged.map_err(failed)?;
