@@ -596,7 +596,10 @@ async fn pods(cd: &mut Containerd, handler: &str) {
     .container_id;
     call("StartContainer hog", cri.start_container(StartContainerRequest { container_id: hog.clone() })).await;
     let status = exited(&mut cri, &hog).await;
-    assert_eq!((status.exit_code, status.reason.as_str()), (137, "OOMKilled"), "{status:?}");
+    // runc's shim (cgroup v1 here) races its OOM event against the exit and sometimes loses
+    // ("Error"); ours sends the event first, always.
+    let reason_ok = status.reason == "OOMKilled" || (handler == "runc" && status.reason == "Error");
+    assert!(status.exit_code == 137 && reason_ok, "{status:?}");
 
     // A second pod gets a VM of its own.
     let config_b = pod_config(&format!("pod-b-{handler}"), &logs);
@@ -686,6 +689,14 @@ fn cri_pods_run_in_one_vm_each_with_runc_and_with_the_shoji_shim() {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(pods(&mut cd, handler))));
             if let Err(panic) = result {
                 eprintln!("--- containerd {}, {handler}; its log (last 80 lines):\n{}", build.suite, cd.log_tail(80));
+                for d in sandbox_dirs() {
+                    let console = Path::new(SANDBOX_DIRS).join(&d).join("console.log");
+                    let text = std::fs::read(&console).unwrap_or_default();
+                    let text = String::from_utf8_lossy(&text);
+                    let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                    eprintln!("--- sandbox {d}: guest console (last 60 lines):");
+                    tail.iter().rev().for_each(|l| eprintln!("  {l}"));
+                }
                 std::panic::resume_unwind(panic);
             }
             eprintln!("--- containerd {}, {handler}: passed", build.suite);
