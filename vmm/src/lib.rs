@@ -19,6 +19,7 @@ pub mod mptable;
 pub mod pause;
 pub mod pci;
 pub mod regs;
+pub mod snapshot;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod vcpu;

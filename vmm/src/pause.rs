@@ -95,6 +95,11 @@ impl PauseGate {
         self.changed.notify_all();
     }
 
+    /// The lock-free check a vCPU makes before [`PauseGate::pass`]: a pause is on its way.
+    pub fn is_closing(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     pub fn is_closed(&self) -> bool {
         self.lock().paused
     }

@@ -186,6 +186,22 @@ pub struct PciDevices {
 }
 
 impl PciDevices {
+    /// The boot virtio devices with where they sit, for snapshots.
+    pub fn boot_virtio(&self) -> Vec<(AttachedDevice, Arc<Mutex<VirtioPciDevice>>)> {
+        self.attached.iter().cloned().zip(self.virtio.iter().cloned()).collect()
+    }
+
+    /// Puts saved transport states back into the boot devices, matched by PCI path; on
+    /// failure, which device and why.
+    pub fn restore(&self, saved: &[crate::snapshot::DeviceState]) -> Result<(), (String, String)> {
+        for (a, d) in self.attached.iter().zip(&self.virtio) {
+            let path = a.path.to_string();
+            let s = saved.iter().find(|s| s.path == path).ok_or_else(|| (path.clone(), "not in the snapshot".into()))?;
+            d.lock().unwrap_or_else(|p| p.into_inner()).restore(&s.transport).map_err(|e| (path, e))?;
+        }
+        Ok(())
+    }
+
     /// Guest errors counted by the boot virtio devices.
     pub fn guest_errors(&self) -> u64 {
         self.virtio.iter().map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).errors()).sum()

@@ -8,7 +8,7 @@ use crate::pci::MmioBus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 
 /// Counters a test or `shoji bench` can read after the run.
@@ -41,7 +41,8 @@ pub fn install_kick_handler() -> Result<(), String> {
 
 pub struct VcpuContext {
     pub id: u8,
-    pub fd: VcpuFd,
+    /// Locked by this thread around each KVM_RUN, and by a snapshot while the VM is paused.
+    pub fd: Arc<Mutex<VcpuFd>>,
     pub pio: Arc<PioBus>,
     pub mmio: Arc<MmioBus>,
     pub exit: Arc<ExitSignal>,
@@ -72,6 +73,9 @@ impl VcpuContext {
             }
         };
         while !self.stop.load(Ordering::Acquire) {
+            if self.gate.is_closing() {
+                self.complete_pending_io();
+            }
             self.gate.pass(&self.stop);
             if self.stop.load(Ordering::Acquire) {
                 break;
@@ -87,10 +91,20 @@ impl VcpuContext {
         }
     }
 
+    /// Before parking: a KVM_RUN that only finishes the I/O instruction of the last exit
+    /// (immediate_exit), so a paused vCPU's state is whole and can be saved.
+    fn complete_pending_io(&self) {
+        let mut fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        fd.set_kvm_immediate_exit(1);
+        let _ = fd.run();
+        fd.set_kvm_immediate_exit(0);
+    }
+
     /// One KVM_RUN. `Some` ends the VM.
     fn step(&mut self) -> Option<Result<StopReason, String>> {
         let id = self.id;
-        let exit = match self.fd.run() {
+        let mut fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        let exit = match fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return None,
             Err(e) => return Some(Err(format!("vCPU {id}: KVM_RUN failed: {e}"))),
@@ -119,26 +133,26 @@ impl VcpuContext {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Some(Ok(StopReason::PowerOff)),
                 KVM_SYSTEM_EVENT_RESET => Some(Ok(StopReason::Reset)),
                 KVM_SYSTEM_EVENT_CRASH => {
-                    Some(Err(format!("guest crashed (KVM system event) on vCPU {id} at RIP {}", rip(&self.fd))))
+                    Some(Err(format!("guest crashed (KVM system event) on vCPU {id} at RIP {}", rip(&fd))))
                 }
                 k => Some(Err(format!("unknown KVM system event {k} on vCPU {id}"))),
             },
             VcpuExit::Shutdown => {
-                Some(Err(format!("guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU {id} at RIP {}", rip(&self.fd))))
+                Some(Err(format!("guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU {id} at RIP {}", rip(&fd))))
             }
             VcpuExit::InternalError => {
                 // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
                 // active member of the kvm_run union.
-                let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                Some(Err(format!("KVM internal error (suberror {sub}) on vCPU {id} at RIP {}", rip(&self.fd))))
+                let sub = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                Some(Err(format!("KVM internal error (suberror {sub}) on vCPU {id} at RIP {}", rip(&fd))))
             }
             VcpuExit::FailEntry(reason, cpu) => Some(Err(format!(
                 "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, host cpu {cpu}) on vCPU {id} at RIP {}",
-                rip(&self.fd)
+                rip(&fd)
             ))),
             other => {
                 let name = format!("{other:?}");
-                Some(Err(format!("unhandled vCPU exit {name} on vCPU {id} at RIP {}", rip(&self.fd))))
+                Some(Err(format!("unhandled vCPU exit {name} on vCPU {id} at RIP {}", rip(&fd))))
             }
         }
     }

@@ -14,24 +14,26 @@ use crate::pci::{
     PciSetupError, ShareConfig,
 };
 use crate::regs::{self, RegsError};
+use crate::snapshot::{self, DeviceState, SnapshotError, VcpuState, VmState};
 use crate::vcpu::{self, VcpuContext, VcpuStats};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use shoji_devices::legacy::{ConsoleWriter, Serial, I8042};
 use shoji_devices::legacy::{COM1_BASE, COM1_GSI, COM1_LEN, I8042_BASE, I8042_LEN};
 use shoji_devices::model::PciPath;
-use shoji_devices::pci::{CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
+use shoji_devices::pci::{PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
+use shoji_devices::virtio::VirtioPciDevice;
 use shoji_devices::virtio::block::Block;
 use shoji_devices::virtio::fs::Fs;
 use shoji_devices::virtio::vsock::Vsock;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Where the guest's serial console goes.
@@ -72,6 +74,10 @@ pub struct VmConfig {
     /// Confine the VMM's threads (seccomp, Landlock, capabilities: [`crate::confine`]). On by
     /// default; off only for benchmark comparisons (`SHOJI_SECCOMP=off`).
     pub confine: bool,
+    /// Restore the VM saved in this snapshot directory ([`VmControl::snapshot`]) instead of
+    /// booting: the kernel, initrd and command line are not used; vCPUs, memory and boot
+    /// devices must be configured as when it was taken (checked).
+    pub restore: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -89,6 +95,7 @@ impl VmConfig {
             stop: None,
             timeout: None,
             confine: confine::default_enabled(),
+            restore: None,
         }
     }
 }
@@ -135,6 +142,8 @@ pub enum VmError {
     /// A hot-add or unplug on a running VM failed ([`VmControl`]).
     #[error(transparent)]
     Hotplug(#[from] HotplugError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// What a finished VM reports.
@@ -151,7 +160,8 @@ pub struct VmOutcome {
 }
 
 struct Validated {
-    kernel: File,
+    /// None when restoring a snapshot.
+    kernel: Option<File>,
     initrd: Option<File>,
     devices: DeviceSet,
 }
@@ -181,8 +191,14 @@ fn memfd_with(name: &str, data: &[u8]) -> std::io::Result<File> {
 }
 
 fn validate(cfg: &VmConfig, max_vcpus: u8) -> Result<Validated, VmError> {
-    let mut kernel = open_kernel(&cfg.kernel)?;
-    boot::kernel_format(&mut kernel)?;
+    let kernel = match cfg.restore {
+        Some(_) => None,
+        None => {
+            let mut kernel = open_kernel(&cfg.kernel)?;
+            boot::kernel_format(&mut kernel)?;
+            Some(kernel)
+        }
+    };
     let initrd = match &cfg.initrd {
         Some(p) => {
             let f = File::open(p).map_err(|e| VmError::InitrdFile(p.clone(), e))?;
@@ -229,6 +245,33 @@ fn create_memory(vm: &VmFd, mem_mib: u64) -> Result<GuestMemoryMmap, VmError> {
     let ranges: Vec<(GuestAddress, usize)> =
         layout::ram_regions(bytes).into_iter().map(|(a, s)| (a, s as usize)).collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::GuestMemory(format!("{e:?}")))?;
+    register_memory(vm, mem)
+}
+
+/// Guest RAM mapped private copy-on-write from a snapshot's memory file (regions back to back):
+/// pages the guest never writes stay shared with the page cache and every other VM restored
+/// from the same file.
+fn restore_memory(vm: &VmFd, file: &File, mem_mib: u64) -> Result<GuestMemoryMmap, VmError> {
+    let gm = |e: &dyn std::fmt::Debug| VmError::GuestMemory(format!("{e:?}"));
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (addr, size) in layout::ram_regions(mem_mib << 20) {
+        let fd = file.try_clone().map_err(|e| gm(&e))?;
+        let mapping = MmapRegion::<()>::build(
+            Some(FileOffset::new(fd, offset)),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_NORESERVE | libc::MAP_PRIVATE,
+        )
+        .map_err(|e| gm(&e))?;
+        regions.push(GuestRegionMmap::new(mapping, addr).ok_or_else(|| gm(&"region past the address space"))?);
+        offset += size;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| gm(&e))?;
+    register_memory(vm, mem)
+}
+
+fn register_memory(vm: &VmFd, mem: GuestMemoryMmap) -> Result<GuestMemoryMmap, VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem.get_host_address(region.start_addr()).map_err(|e| VmError::GuestMemory(e.to_string()))?;
         let r = kvm_userspace_memory_region {
@@ -321,10 +364,23 @@ pub struct VmControl {
     vcpus: Mutex<Option<Vcpus>>,
 }
 
-/// What pausing needs of the vCPU threads: their gate, and their pthreads to kick.
+/// What pausing needs of the vCPU threads: their gate, and their pthreads to kick; and what a
+/// snapshot reads of the paused machine.
 struct Vcpus {
     gate: Arc<PauseGate>,
     threads: Vec<libc::pthread_t>,
+    machine: Machine,
+}
+
+/// The parts of a running VM a snapshot saves.
+struct Machine {
+    vm: Arc<VmFd>,
+    vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
+    serial: Arc<Mutex<Serial>>,
+    root: Arc<Mutex<PciRoot>>,
+    boot: Vec<(AttachedDevice, Arc<Mutex<VirtioPciDevice>>)>,
+    mem: GuestMemoryMmap,
+    memory_mib: u64,
 }
 
 impl VmControl {
@@ -425,6 +481,53 @@ impl VmControl {
         self.vcpus.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|v| v.gate.is_closed())
     }
 
+    /// Saves the paused VM into `dir` (created if missing): `state` and `memory`
+    /// ([`crate::snapshot`]). The VM stays paused; resume it or stop it after. Refused, writing
+    /// nothing, when a device holds state a snapshot cannot keep (see [`crate::snapshot`]).
+    pub fn snapshot(&self, dir: &Path) -> Result<(), SnapshotError> {
+        let hotplug = self.hotplug.lock().unwrap_or_else(|p| p.into_inner());
+        let h = hotplug.as_ref().ok_or(SnapshotError::NotRunning)?;
+        if h.stats().hot_devices > 0 {
+            return Err(SnapshotError::Unsupported("hot-plugged devices".into(), "unplug them first".into()));
+        }
+        let g = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
+        let v = g.as_ref().ok_or(SnapshotError::NotRunning)?;
+        if !v.gate.is_closed() {
+            return Err(SnapshotError::NotPaused);
+        }
+        let m = &v.machine;
+        // Held to the end: the device thread cannot touch queues or guest memory meanwhile.
+        let locked: Vec<_> = m.boot.iter().map(|(a, d)| (a, d.lock().unwrap_or_else(|p| p.into_inner()))).collect();
+        let mut devices = Vec::with_capacity(locked.len());
+        for (a, d) in &locked {
+            let transport = d.state().map_err(|e| SnapshotError::Unsupported(a.path.to_string(), e))?;
+            devices.push(DeviceState { path: a.path.to_string(), kind: a.kind.to_string(), transport });
+        }
+        let kvm = Kvm::new().map_err(|e| SnapshotError::Kvm("/dev/kvm", e))?;
+        let msr_list = kvm.get_msr_index_list().map_err(|e| SnapshotError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?;
+        let vcpus = m
+            .vcpu_fds
+            .iter()
+            .map(|fd| VcpuState::save(&fd.lock().unwrap_or_else(|p| p.into_inner()), msr_list.as_slice()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = VmState::save(&m.vm)?;
+        let serial = m.serial.lock().unwrap_or_else(|p| p.into_inner()).state();
+        let pci_root = m.root.lock().unwrap_or_else(|p| p.into_inner()).state();
+        std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Io(dir.to_path_buf(), e))?;
+        let memory = snapshot::write_memory(&m.mem, &dir.join(snapshot::MEMORY_FILE))?;
+        let s = snapshot::Snapshot {
+            vcpu_count: m.vcpu_fds.len() as u8,
+            memory_mib: m.memory_mib,
+            memory,
+            vcpus,
+            vm,
+            serial,
+            pci_root,
+            devices,
+        };
+        snapshot::write_state(dir, &s)
+    }
+
     fn attach_vcpus(&self, v: Vcpus) {
         *self.vcpus.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
     }
@@ -466,27 +569,51 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
         confine::apply_rlimits();
     }
 
+    let saved = match &cfg.restore {
+        Some(dir) => {
+            let s = snapshot::read_state(dir)?;
+            s.check(cfg.vcpus, cfg.memory_mib, &planned_devices(&cfg))?;
+            let memory = snapshot::verify_memory(&dir.join(snapshot::MEMORY_FILE), &s.memory)?;
+            Some((s, memory))
+        }
+        None => None,
+    };
+
     let vm = Arc::new(kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?);
     vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
     vm.create_irq_chip().map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
-    let mem = create_memory(&vm, cfg.memory_mib)?;
+    let mem = match &saved {
+        Some((_, file)) => restore_memory(&vm, file, cfg.memory_mib)?,
+        None => create_memory(&vm, cfg.memory_mib)?,
+    };
     if !regs::boot_area_fits(&mem) {
         return Err(VmError::Memory(cfg.memory_mib, host::memory_mib().unwrap_or(0)));
     }
 
-    let loaded = boot::load(&mem, cfg.memory_mib << 20, &mut kernel, &cfg.cmdline, initrd.as_mut(), cfg.vcpus)?;
+    let entry = match kernel.as_mut() {
+        Some(kernel) => {
+            let loaded = boot::load(&mem, cfg.memory_mib << 20, kernel, &cfg.cmdline, initrd.as_mut(), cfg.vcpus)?;
+            tracing::debug!(?loaded, "kernel loaded");
+            Some(loaded.entry)
+        }
+        None => None,
+    };
     drop(kernel);
     drop(initrd);
-    tracing::debug!(?loaded, "kernel loaded");
+    let saved = saved.map(|(s, _)| s);
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Internal(format!("eventfd: {e}")))?);
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Internal(format!("eventfd: {e}")))?;
     vm.register_irqfd(&serial_irq, COM1_GSI).map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
     let console = serial_writer(cfg.serial)?;
     let serial_errors = console.errors();
-    let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console)));
+    let serial = match &saved {
+        Some(s) => Serial::from_state(serial_irq, console, &s.serial).map_err(|e| SnapshotError::Restore("serial".into(), e))?,
+        None => Serial::new(serial_irq, console),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     let reset = exit.evt.try_clone().map_err(|e| VmError::Internal(format!("eventfd: {e}")))?;
     let mut pio = PioBus::default();
     pio.insert(COM1_BASE, COM1_LEN, serial.clone()).map_err(|e| VmError::Internal(e.to_string()))?;
@@ -514,16 +641,22 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
         let entries = cpuid::filter(supported.as_slice(), id, cfg.vcpus);
         let cpuid = CpuId::from_entries(&entries).map_err(|e| VmError::Internal(format!("CPUID: {e:?}")))?;
         fd.set_cpuid2(&cpuid).map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
-        regs::setup_msrs(&fd)?;
-        regs::setup_fpu(&fd)?;
-        regs::setup_lapic(&fd)?;
-        if id == 0 {
-            regs::setup_sregs(&mem, &fd, loaded.entry)?;
-            regs::setup_regs(&fd, loaded.entry)?;
+        match (&saved, entry) {
+            (Some(s), _) => s.vcpus[usize::from(id)].restore(&fd)?,
+            (None, Some(entry)) => {
+                regs::setup_msrs(&fd)?;
+                regs::setup_fpu(&fd)?;
+                regs::setup_lapic(&fd)?;
+                if id == 0 {
+                    regs::setup_sregs(&mem, &fd, entry)?;
+                    regs::setup_regs(&fd, entry)?;
+                }
+            }
+            (None, None) => return Err(VmError::Internal("neither a kernel nor a snapshot".into())),
         }
         contexts.push(VcpuContext {
             id,
-            fd,
+            fd: Arc::new(Mutex::new(fd)),
             pio: pio.clone(),
             mmio: devices.mmio.clone(),
             exit: exit.clone(),
@@ -533,6 +666,24 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
             confine: plan.clone(),
         });
     }
+
+    // The machine around the vCPUs, then the devices: a device's restore processes its queues
+    // and interrupts the guest, which must land in the restored LAPICs.
+    if let Some(s) = &saved {
+        s.vm.restore(&vm)?;
+        devices.root.lock().unwrap_or_else(|p| p.into_inner()).restore(s.pci_root);
+        devices.restore(&s.devices).map_err(|(what, e)| SnapshotError::Restore(what, e))?;
+        tracing::info!(dir = ?cfg.restore, "VM restored from its snapshot");
+    }
+    let machine = Machine {
+        vm: vm.clone(),
+        vcpu_fds: contexts.iter().map(|c| c.fd.clone()).collect(),
+        serial: serial.clone(),
+        root: devices.root.clone(),
+        boot: devices.boot_virtio(),
+        mem: mem.clone(),
+        memory_mib: cfg.memory_mib,
+    };
 
     let mut threads = Vec::with_capacity(contexts.len());
     let mut spawn_error = None;
@@ -550,6 +701,7 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
         c.attach_vcpus(Vcpus {
             gate: gate.clone(),
             threads: threads.iter().map(|t| t.handle.as_pthread_t()).collect(),
+            machine,
         });
     }
     // The VM's own thread confines itself last: the threads it starts must not inherit its
@@ -608,6 +760,23 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
         device_guest_errors,
         devices: attached,
     })
+}
+
+/// The boot devices `cfg` gives, as (kind, PCI path) in slot order: what a snapshot must
+/// have been taken with.
+fn planned_devices(cfg: &VmConfig) -> Vec<(String, String)> {
+    use shoji_devices::model::{DeviceKind, PciSlotPlan};
+    let Ok(plan) = PciSlotPlan::new(cfg.disks.len(), cfg.shares.len(), cfg.vsock.is_some()) else { return Vec::new() };
+    let mut v = Vec::new();
+    let kinds = [(DeviceKind::Block, cfg.disks.len()), (DeviceKind::Fs, cfg.shares.len()), (DeviceKind::Vsock, usize::from(cfg.vsock.is_some()))];
+    for (kind, n) in kinds {
+        for i in 0..n {
+            if let Some(p) = plan.path(kind, i) {
+                v.push((kind.name().to_string(), p.to_string()));
+            }
+        }
+    }
+    v
 }
 
 /// Detaches the VM from its [`VmControl`] on every way out of [`run_on`], a failed set-up too.

@@ -93,6 +93,53 @@ impl Serial {
     pub fn console(&mut self) -> &mut ConsoleWriter {
         self.uart.writer_mut()
     }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in a saved state, raising `irq` and writing to `out`.
+    pub fn from_state(irq: EventFd, out: ConsoleWriter, s: &SerialState) -> Result<Self, String> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            s.registers;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let uart = vm_superio::Serial::from_state(&state, EventFdTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("serial: {e:?}"))?;
+        Ok(Serial { uart })
+    }
+}
+
+/// The UART in a snapshot: its nine registers (vm-superio's order) and the receive FIFO.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    pub registers: [u8; 9],
+    pub in_buffer: Vec<u8>,
 }
 
 impl PioDevice for Serial {

@@ -35,6 +35,8 @@ pub enum ConfigError {
     BadBar(usize),
     #[error("capability does not fit in configuration space")]
     NoRoom,
+    #[error("saved configuration space has {0} bytes")]
+    Saved(usize),
 }
 
 pub struct PciConfig {
@@ -144,6 +146,24 @@ impl PciConfig {
 
     pub fn command(&self) -> u16 {
         u16::from_le_bytes([self.bytes[4], self.bytes[5]])
+    }
+
+    /// The whole space as the guest sees it (for a snapshot).
+    pub fn state(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+
+    /// Takes the guest-writable bits of a saved space; the rest (identity, capabilities) is
+    /// what this device was built with.
+    pub fn restore(&mut self, saved: &[u8]) -> Result<(), ConfigError> {
+        if saved.len() != CONFIG_SIZE {
+            return Err(ConfigError::Saved(saved.len()));
+        }
+        for (o, v) in saved.iter().enumerate() {
+            let m = self.writable[o];
+            self.bytes[o] = (self.bytes[o] & !m) | (v & m);
+        }
+        Ok(())
     }
 
     /// Direct access for the owner of a capability (e.g. MSI-X control bits).

@@ -84,6 +84,23 @@ impl PciRoot {
         PciRoot { slots, address: 0 }
     }
 
+    /// CONFIG_ADDRESS and the host bridge's command register, for a snapshot (the devices on
+    /// the bus are saved one by one).
+    pub fn state(&self) -> (u32, u16) {
+        let mut cmd = [0u8; 2];
+        if let Some(Some(bridge)) = self.slots.first() {
+            bridge.lock().unwrap_or_else(|p| p.into_inner()).config_read(4, &mut cmd);
+        }
+        (self.address, u16::from_le_bytes(cmd))
+    }
+
+    pub fn restore(&mut self, (address, command): (u32, u16)) {
+        self.address = address & 0x80ff_fffc;
+        if let Some(Some(bridge)) = self.slots.first() {
+            bridge.lock().unwrap_or_else(|p| p.into_inner()).config_write(4, &command.to_le_bytes());
+        }
+    }
+
     /// Puts `dev` in the lowest free slot and returns its path ("01", "02", ...).
     pub fn add(&mut self, dev: SharedPciDevice) -> Result<PciPath, PciError> {
         let slot = self.slots.iter().position(Option::is_none).ok_or(PciError::BusFull)?;

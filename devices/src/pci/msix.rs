@@ -27,6 +27,15 @@ pub trait MsiInterrupts: Send + Sync {
     fn fire(&self, vector: u16);
 }
 
+/// What a snapshot keeps of MSI-X: the table and PBA as the guest left them, and the control bits.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    pub table: Vec<u8>,
+    pub pba: Vec<u8>,
+    pub enabled: bool,
+    pub function_masked: bool,
+}
+
 pub struct Msix {
     table: Vec<u8>,
     pba: Vec<u8>,
@@ -128,6 +137,31 @@ impl Msix {
             self.set_pending(v, false);
             self.irq.fire(v);
         }
+    }
+
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            table: self.table.clone(),
+            pba: self.pba.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Takes over a saved state (same vector count) and re-sends every route it implies.
+    pub fn restore(&mut self, s: &MsixState) -> Result<(), String> {
+        if s.table.len() != self.table.len() || s.pba.len() != self.pba.len() {
+            return Err(format!("MSI-X: {} table bytes saved, the device has {}", s.table.len(), self.table.len()));
+        }
+        self.table.copy_from_slice(&s.table);
+        self.pba.copy_from_slice(&s.pba);
+        self.enabled = s.enabled;
+        self.function_masked = s.function_masked;
+        for v in 0..self.vectors() {
+            self.routes[usize::from(v)] = None;
+            self.refresh(v);
+        }
+        Ok(())
     }
 
     pub fn table_read(&self, offset: u64, data: &mut [u8]) {

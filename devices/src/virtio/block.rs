@@ -351,6 +351,13 @@ impl VirtioDevice for Block {
     fn errors(&self) -> u64 {
         self.errors.get()
     }
+    fn queue_progress(&self) -> Vec<(u16, u16)> {
+        super::queue_progress(&self.queues)
+    }
+    /// Requests complete within one queue event: between events nothing is in flight.
+    fn can_snapshot(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl Block {

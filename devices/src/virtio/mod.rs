@@ -100,6 +100,20 @@ pub trait VirtioDevice: Send {
     }
     /// Guest errors seen so far.
     fn errors(&self) -> u64;
+    /// (next available, next used) of each queue, for a snapshot of an activated device.
+    fn queue_progress(&self) -> Vec<(u16, u16)> {
+        Vec::new()
+    }
+    /// Whether an activated device's state is all in its queues now, so a snapshot can hold
+    /// it; why not otherwise.
+    fn can_snapshot(&self) -> Result<(), String> {
+        Err("this kind of device cannot be saved in a snapshot".into())
+    }
+}
+
+/// [`VirtioDevice::queue_progress`] for a device that keeps its queues in a `Vec`.
+pub fn queue_progress(queues: &[Queue]) -> Vec<(u16, u16)> {
+    queues.iter().map(|q| (q.next_avail(), q.next_used())).collect()
 }
 
 /// Copies `data.len()` bytes of `bytes` at `offset` (out of range reads as zero), for device

@@ -8,7 +8,7 @@
 //! 0x4000 MSI-X table  0x6000 MSI-X PBA
 //! ```
 use super::{ErrorCounter, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use crate::pci::msix::{MsiInterrupts, Msix, CAP_ID_MSIX};
+use crate::pci::msix::{MsiInterrupts, Msix, MsixState, CAP_ID_MSIX};
 use crate::pci::{Bar, PciConfig, PciDevice, PciIds};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use std::sync::{Arc, Mutex};
@@ -58,6 +58,36 @@ impl QueueRegs {
     fn new(max: u16) -> Self {
         QueueRegs { max, size: max, ready: false, desc: 0, avail: 0, used: 0, vector: NO_VECTOR }
     }
+}
+
+/// One queue in a snapshot: its registers and, once activated, where the device is in it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QueueState {
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub vector: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// A virtio-pci device in a snapshot: everything the driver set through the transport.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub config: Vec<u8>,
+    pub msix: MsixState,
+    pub queues: Vec<QueueState>,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub status: u8,
+    pub queue_select: u16,
+    pub config_vector: u16,
+    pub isr: u8,
+    pub activated: bool,
 }
 
 pub struct VirtioPciDevice {
@@ -238,7 +268,100 @@ impl VirtioPciDevice {
         self.activated = false;
     }
 
+    /// The device's state for a snapshot; refused while the device holds state outside its
+    /// queues ([`VirtioDevice::can_snapshot`]). Call it with the vCPUs stopped.
+    pub fn state(&self) -> Result<TransportState, String> {
+        let progress = if self.activated {
+            self.device.can_snapshot().map_err(|e| format!("{}: {e}", self.name))?;
+            self.device.queue_progress()
+        } else {
+            Vec::new()
+        };
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let (next_avail, next_used) = progress.get(i).copied().unwrap_or((0, 0));
+                QueueState {
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    vector: q.vector,
+                    next_avail,
+                    next_used,
+                }
+            })
+            .collect();
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            config: self.config.state(),
+            msix: self.msix.state(),
+            queues,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            queue_select: self.queue_select,
+            config_vector: self.config_vector,
+            isr: self.isr,
+            activated: self.activated,
+        })
+    }
+
+    /// Takes over a saved state on a freshly built device of the same kind: the MSI-X routes
+    /// go back to the VMM, an activated device is activated again where its queues were, then
+    /// every ready queue is processed once and interrupted once (what was in flight when the
+    /// snapshot was taken is neither lost nor left waiting).
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
+        let name = self.name.clone();
+        let err = |what: String| format!("{name}: {what}");
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(err(format!(
+                "saved as device type {} with {} queues; this one is type {} with {}",
+                s.device_type,
+                s.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            )));
+        }
+        self.config.restore(&s.config).map_err(|e| err(e.to_string()))?;
+        self.msix.restore(&s.msix).map_err(err)?;
+        for (r, q) in self.queues.iter_mut().zip(&s.queues) {
+            *r = QueueRegs { size: q.size, ready: q.ready, desc: q.desc, avail: q.avail, used: q.used, vector: q.vector, ..*r };
+        }
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.queue_select = s.queue_select;
+        self.config_vector = self.valid_vector(s.config_vector);
+        self.isr = s.isr;
+        if s.activated {
+            let progress: Vec<(u16, u16)> = s.queues.iter().map(|q| (q.next_avail, q.next_used)).collect();
+            self.activate_at(&progress);
+            if !self.activated {
+                return Err(err("the saved queues do not activate".into()));
+            }
+            for i in 0..self.queues.len() {
+                if self.queues[i].ready {
+                    self.queue_notified(i);
+                    let (_, mut irq) = self.irq();
+                    irq.queue(i as u16);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn activate(&mut self) {
+        self.activate_at(&[])
+    }
+
+    /// Activation with each queue's (next available, next used) from `progress` (a restore).
+    fn activate_at(&mut self, progress: &[(u16, u16)]) {
         if self.status & STATUS_FEATURES_OK == 0 {
             self.mark_broken("DRIVER_OK without FEATURES_OK");
             return;
@@ -260,6 +383,10 @@ impl VirtioPciDevice {
                 q.set_used_ring_address(Some(r.used as u32), Some((r.used >> 32) as u32));
                 q.set_event_idx(event_idx);
                 q.set_ready(true);
+                if let Some((avail, used)) = progress.get(i) {
+                    q.set_next_avail(*avail);
+                    q.set_next_used(*used);
+                }
                 if !q.is_valid(&self.mem) {
                     return self.mark_broken(&format!("queue {i}: invalid size or ring addresses"));
                 }

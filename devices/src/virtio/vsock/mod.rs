@@ -293,6 +293,17 @@ impl VirtioDevice for Vsock {
     fn errors(&self) -> u64 {
         self.errors.get()
     }
+    fn queue_progress(&self) -> Vec<(u16, u16)> {
+        super::queue_progress(&self.queues)
+    }
+    /// Only with no connection: a host socket cannot be saved (a template is taken with none).
+    fn can_snapshot(&self) -> Result<(), String> {
+        match self.muxer.connections() {
+            0 if self.muxer.has_rx() => Err("vsock packets owed to the guest".into()),
+            0 => Ok(()),
+            n => Err(format!("{n} vsock connection(s) open")),
+        }
+    }
 }
 
 #[cfg(test)]
