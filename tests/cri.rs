@@ -580,7 +580,7 @@ async fn pods(cd: &mut Containerd, handler: &str) {
 
     // Over its memory limit: the kernel's OOM killer ends it, and containerd says so (the
     // shim's /tasks/oom event before the exit).
-    let mut hog = container("hog", "exec dd if=/dev/zero of=/dev/null bs=64M count=1", &shared, true);
+    let mut hog = container("hog", "exec tail /dev/zero", &shared, true);
     if let Some(linux) = hog.linux.as_mut() {
         linux.resources = Some(LinuxContainerResources { memory_limit_in_bytes: 16 << 20, ..Default::default() });
     }
