@@ -258,6 +258,7 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
         stop: Some(stop_on_signals()?),
         timeout,
         confine: shoji_vmm::confine::default_enabled(),
+        restore: None,
     };
     shoji_vmm::vm::check(&cfg)?;
     if linux && pvm {

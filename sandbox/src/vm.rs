@@ -80,6 +80,7 @@ impl SandboxConfig {
             stop: Some(stop.clone()),
             timeout: None,
             confine: shoji_vmm::confine::default_enabled(),
+            restore: None,
         };
         shoji_vmm::vm::check(&cfg)?;
         Ok((cfg, stop))
