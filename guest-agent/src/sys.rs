@@ -50,6 +50,33 @@ pub fn sethostname(name: &str) -> io::Result<()> {
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
 }
 
+/// `_IOW('R', 0x03, int[2])` and `_IO('R', 0x07)` from linux/random.h.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Adds `data` to the kernel's input pool, credited at 8 bits a byte, and reseeds the CRNG
+/// from it (needs CAP_SYS_ADMIN).
+pub fn add_entropy(data: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + data.len());
+    info.extend_from_slice(&((data.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(data.len() as i32).to_ne_bytes());
+    info.extend_from_slice(data);
+    // SAFETY: `info` is a rand_pool_info followed by buf_size bytes, alive for the call.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) })?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) })
+}
+
+/// Sets CLOCK_REALTIME to `ns` since the epoch.
+pub fn set_realtime(ns: u64) -> io::Result<()> {
+    let ts = libc::timespec { tv_sec: (ns / 1_000_000_000) as libc::time_t, tv_nsec: (ns % 1_000_000_000) as _ };
+    // SAFETY: a valid timespec for the call.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
+}
+
 /// The running kernel's release (uname -r).
 pub fn kernel_release() -> io::Result<String> {
     // SAFETY: utsname is plain bytes, for which all-zero is a valid value.

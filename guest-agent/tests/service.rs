@@ -202,7 +202,7 @@ impl Harness {
                 hotplug_timeout: Duration::from_millis(200),
             },
             proc_root: PathBuf::from("/proc"),
-            set_hostname: false,
+            guest_wide: false,
             uevents: Arc::new(quiet_uevents),
         };
         let runtime = Arc::new(FakeRuntime::default());

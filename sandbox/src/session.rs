@@ -82,6 +82,16 @@ pub struct SessionConfig {
     pub storages: Vec<Storage>,
 }
 
+/// Randomness for the guest's CRNG (a VM restored from a template shares its template's).
+fn host_entropy() -> Result<Vec<u8>, SandboxError> {
+    use std::io::Read;
+    let mut b = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| SandboxError::Io(format!("/dev/urandom: {e}")))?;
+    Ok(b)
+}
+
 impl Session {
     /// Waits for the agent of `vm` (up to [`AGENT_TIMEOUT`]) and sets the sandbox up in the guest.
     pub async fn create(vm: &Sandbox, cfg: SessionConfig) -> Result<Session, SandboxError> {
@@ -91,6 +101,10 @@ impl Session {
             hostname: cfg.hostname,
             sandbox_id: cfg.sandbox_id,
             storages: cfg.storages,
+            entropy: host_entropy()?,
+            realtime_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
             ..Default::default()
         };
         tokio::select! {

@@ -4,7 +4,7 @@
 //! not start.
 
 /// Bumped when RPCs are added; the agent reports it in `Health.Version`. 2: RemoveDevice; 3: UpdateNetwork.
-pub const API_VERSION: u32 = 3;
+pub const API_VERSION: u32 = 4;
 
 #[allow(clippy::all, unused_imports, missing_docs, dead_code, non_camel_case_types, non_snake_case)]
 #[allow(non_upper_case_globals, trivial_casts, unsafe_code, unused_results, unknown_lints, unused_mut, unused)]

@@ -18,6 +18,13 @@ impl Inner {
         if !req.hostname.is_empty() {
             check_hostname(&req.hostname)?;
         }
+        if req.entropy.len() > MAX_ENTROPY {
+            return Err(RpcError::invalid("entropy", format!("{} bytes (at most {MAX_ENTROPY})", req.entropy.len())));
+        }
+        if self.cfg.guest_wide {
+            // First: nothing random and nothing timed happens in this sandbox before it.
+            seed_guest(&req.entropy, req.realtime_ns)?;
+        }
         {
             let mut st = self.state();
             if let Some(sb) = &st.sandbox {
@@ -29,7 +36,7 @@ impl Inner {
         let storages: Vec<StorageRequest> = req.storages.iter().map(convert::storage_request).collect();
         let result = async {
             if !req.hostname.is_empty() {
-                if self.cfg.set_hostname {
+                if self.cfg.guest_wide {
                     crate::sys::sethostname(&req.hostname).map_err(|e| {
                         RpcError::new(Code::INTERNAL, format!("setting hostname {:?}: {e}", req.hostname))
                     })?;
@@ -221,4 +228,21 @@ mod tests {
         assert_eq!(check_hostname(&"h".repeat(65)).unwrap_err().code, Code::INVALID_ARGUMENT);
         assert!(check_hostname("a/b").unwrap_err().message.starts_with("hostname: "));
     }
+}
+
+/// The most entropy one CreateSandbox may carry.
+const MAX_ENTROPY: usize = 512;
+
+/// Mixes the host's randomness into the kernel pool (credited) and reseeds the CRNG, then sets
+/// the clock: what a VM restored from a template needs before any container runs.
+fn seed_guest(entropy: &[u8], realtime_ns: u64) -> Result<(), RpcError> {
+    if !entropy.is_empty() {
+        crate::sys::add_entropy(entropy)
+            .map_err(|e| RpcError::new(Code::INTERNAL, format!("adding the host's entropy: {e}")))?;
+    }
+    if realtime_ns > 0 {
+        crate::sys::set_realtime(realtime_ns)
+            .map_err(|e| RpcError::new(Code::INTERNAL, format!("setting the clock: {e}")))?;
+    }
+    Ok(())
 }

@@ -336,7 +336,7 @@ mod tests {
                 hotplug_timeout: Duration::from_secs(5),
             },
             proc_root: PathBuf::from("/proc"),
-            set_hostname: false,
+            guest_wide: false,
             uevents: Arc::new(move || Ok(Box::new(Kernel { removable: removable.clone() }))),
         };
         let agent = Arc::new(Agent::new(Arc::new(Runtime::default()), cfg));

@@ -42,8 +42,9 @@ pub struct ServiceConfig {
     pub storage: StorageContext,
     /// Where procfs is mounted: "/proc".
     pub proc_root: PathBuf,
-    /// Whether CreateSandbox may set the hostname (not in tests on a host).
-    pub set_hostname: bool,
+    /// Whether CreateSandbox may change guest-wide state: the hostname, the clock and the
+    /// kernel's entropy pool (not in tests on a host).
+    pub guest_wide: bool,
     pub uevents: UeventOpener,
 }
 
@@ -53,7 +54,7 @@ impl ServiceConfig {
         ServiceConfig {
             storage: StorageContext::guest(),
             proc_root: PathBuf::from("/proc"),
-            set_hostname: true,
+            guest_wide: true,
             uevents: Arc::new(|| Ok(Box::new(NetlinkUevents::open()?))),
         }
     }
@@ -64,7 +65,7 @@ impl std::fmt::Debug for ServiceConfig {
         f.debug_struct("ServiceConfig")
             .field("storage", &self.storage)
             .field("proc_root", &self.proc_root)
-            .field("set_hostname", &self.set_hostname)
+            .field("guest_wide", &self.guest_wide)
             .finish_non_exhaustive()
     }
 }
