@@ -8,6 +8,7 @@ mod error;
 mod hotplug;
 mod podnet;
 mod session;
+pub mod template;
 mod vm;
 
 pub use error::{RpcCode, SandboxError, StartFailure, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND};

@@ -6,6 +6,7 @@
 //! directory; [`Sandbox::stop`] stops and joins the VM but leaves files to the caller.
 use crate::artifacts;
 use crate::error::SandboxError;
+use crate::template;
 use shoji_protocol::agent_ttrpc::AgentServiceClient;
 use shoji_vmm::{
     cmdline, host, DiskConfig, HotplugError, HotplugStats, KernelImage, NetConfig, PauseError, PciPath, SerialOut,
@@ -95,13 +96,137 @@ pub struct Sandbox {
     stopped: watch::Receiver<Option<String>>,
     /// Hotplug into the running VM.
     control: Arc<VmControl>,
+    /// Where the configuration's disks and shares are on the guest's bus.
+    placement: Placement,
+}
+
+/// Where a sandbox's configured disks and shares are in the guest: on the slots of the cold
+/// boot's plan, or hot-plugged after a template restore. What a front end names them by.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// Restored from a template: the disks and shares were hot-plugged.
+    pub restored: bool,
+    disks: Vec<PciPath>,
+    shares: Vec<(String, PciPath)>,
+}
+
+impl Placement {
+    /// A cold boot's: the slot plan's paths.
+    pub fn cold(cfg: &SandboxConfig) -> Result<Placement, SandboxError> {
+        use shoji_devices::model::{DeviceKind, PciSlotPlan};
+        let plan = PciSlotPlan::new(cfg.disks.len(), cfg.shares.len(), true)
+            .map_err(|e| SandboxError::Io(format!("PCI slots: {e}")))?;
+        let missing = || SandboxError::Io("PCI slot plan".into());
+        let disks = (0..cfg.disks.len())
+            .map(|i| plan.path(DeviceKind::Block, i).ok_or_else(missing))
+            .collect::<Result<_, _>>()?;
+        let shares = cfg
+            .shares
+            .iter()
+            .enumerate()
+            .map(|(i, s)| plan.path(DeviceKind::Fs, i).map(|p| (s.tag.clone(), p)).ok_or_else(missing))
+            .collect::<Result<_, _>>()?;
+        Ok(Placement { restored: false, disks, shares })
+    }
+
+    /// The PCI path of the configuration's `index`th disk.
+    pub fn disk_path(&self, index: usize) -> Option<&PciPath> {
+        self.disks.get(index)
+    }
+
+    /// The storage that mounts the configuration's share `tag` at `mount_point` in the guest:
+    /// by tag for a boot device, by PCI path (the agent waits for it) for a hot-plugged one.
+    pub fn share_storage(&self, tag: &str, mount_point: &str, read_only: bool) -> crate::Storage {
+        match self.shares.iter().find(|(t, _)| t == tag) {
+            Some((_, p)) if self.restored => crate::hotplugged_virtiofs_storage(tag, p, mount_point, read_only),
+            _ => crate::virtiofs_storage(tag, mount_point, read_only),
+        }
+    }
 }
 
 impl Sandbox {
-    /// Checks the configuration and boots the VM on a new thread.
+    /// Checks the configuration and boots the VM on a new thread (a cold boot).
     pub fn start(cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
         let (vm, stop) = cfg.vm_config()?;
-        Self::start_vm(cfg.dir.clone(), vm, stop)
+        let placement = Placement::cold(cfg)?;
+        let mut sb = Self::start_vm(cfg.dir.clone(), vm, stop)?;
+        sb.placement = placement;
+        Ok(sb)
+    }
+
+    /// Starts the sandbox from its VM template ([`crate::template`]), building the template
+    /// first when this VM shape has none; a cold boot when templates are off or a template
+    /// cannot be built or restored (one log line says why). The configuration's disks and
+    /// shares are hot-plugged into a restored VM: ask [`Sandbox::placement`] where they are.
+    pub async fn launch(cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        if !template::enabled() {
+            return Self::start(cfg);
+        }
+        let (probe, _) = cfg.vm_config()?;
+        let (dir, what) = match template::locate(&probe) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("VM template: {e}; cold boot");
+                return Self::start(cfg);
+            }
+        };
+        drop(probe);
+        if !dir.join(shoji_vmm::snapshot::STATE_FILE).is_file() {
+            template::not_found(&dir, &what);
+            if let Err(e) = template::ensure(cfg, &dir, &what).await {
+                tracing::warn!("VM template not built ({e}); cold boot");
+                return Self::start(cfg);
+            }
+        }
+        match Self::restore(cfg, &dir).await {
+            Ok(sb) => Ok(sb),
+            Err(e) => {
+                tracing::warn!("VM template {} not used ({e}); removed, cold boot", dir.display());
+                let _ = std::fs::remove_dir_all(&dir);
+                Self::start(cfg)
+            }
+        }
+    }
+
+    /// Restores the template in `template` and hot-plugs the configuration's disks and shares.
+    async fn restore(cfg: &SandboxConfig, template: &Path) -> Result<Sandbox, SandboxError> {
+        let mut bare = cfg.clone();
+        bare.disks.clear();
+        bare.shares.clear();
+        let (mut vm, stop) = bare.vm_config()?;
+        vm.restore = Some(template.to_path_buf());
+        let mut sb = Self::start_vm(cfg.dir.clone(), vm, stop)?;
+        sb.placement.restored = true;
+        // Up (hotplug served) or failed (the restore refused the template).
+        let t0 = std::time::Instant::now();
+        while !sb.control.is_running() {
+            if let Some(why) = sb.has_stopped() {
+                let why = sb.halt().err().unwrap_or(why);
+                return Err(SandboxError::Io(why));
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err(SandboxError::Io("the restored VM did not come up in 30 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for d in &cfg.disks {
+            let p = sb.hot_add_disk(d.clone())?;
+            sb.placement.disks.push(p);
+        }
+        for s in &cfg.shares {
+            let p = sb.hot_add_share(s.clone())?;
+            sb.placement.shares.push((s.tag.clone(), p));
+        }
+        Ok(sb)
+    }
+
+    /// Where the configuration's disks and shares are in the guest.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    pub(crate) fn control(&self) -> &VmControl {
+        &self.control
     }
 
     /// Boots an already checked VM configuration (see [`SandboxConfig::vm_config`]).
@@ -117,7 +242,7 @@ impl Sandbox {
             let _ = tx.send(Some(why));
         })
         .map_err(|e| SandboxError::Io(format!("starting the VM thread: {e}")))?;
-        Ok(Sandbox { dir, stop, thread: Some(thread), stopped, control })
+        Ok(Sandbox { dir, stop, thread: Some(thread), stopped, control, placement: Placement::default() })
     }
 
     /// Plugs `disk` into the running VM as virtio-blk and returns its PCI path, by which the

@@ -25,9 +25,9 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code, TtrpcContext};
 use containerd_shim::ExitSignal;
 use shoji_sandbox::{
-    virtiofs_storage, ContainerSpec, Device, DiskConfig, Hotplug, NetConfig, NetHost, PciPath, PodNetwork, RpcCode,
-    Sandbox, SandboxConfig, SandboxError, Session, SessionConfig, ShareConfig, Storage, Unplugged,
-    UpdateNetworkRequest, EXIT_NOT_EXECUTABLE, RELEASE_TIMEOUT,
+    ContainerSpec, Device, DiskConfig, Hotplug, NetConfig, NetHost, PciPath, PodNetwork, RpcCode, Sandbox,
+    SandboxConfig, SandboxError, Session, SessionConfig, ShareConfig, Storage, Unplugged, UpdateNetworkRequest,
+    EXIT_NOT_EXECUTABLE, RELEASE_TIMEOUT,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -204,13 +204,15 @@ impl Inner {
         cfg.kernel = config.kernel.clone();
         cfg.initrd = config.initrd.clone();
         cfg.shares = vec![ShareConfig { dir: shared, tag: SHARED_TAG.into(), read_only: false }];
-        tracing::info!("sandbox: booting ({} vCPU, {} MiB) in {}", cfg.vcpus, cfg.memory_mib, self.dir.display());
+        tracing::info!("sandbox: starting ({} vCPU, {} MiB) in {}", cfg.vcpus, cfg.memory_mib, self.dir.display());
         let started = std::time::Instant::now();
-        let sandbox = Sandbox::start(&cfg).map_err(|e| status(Code::INTERNAL, format!("sandbox: {e}")))?;
+        // From the VM template of this size (built by the first sandbox of the size).
+        let sandbox =
+            self.rt.block_on(Sandbox::launch(&cfg)).map_err(|e| status(Code::INTERNAL, format!("sandbox: {e}")))?;
         let session_cfg = SessionConfig {
             hostname: "shoji".into(),
             sandbox_id: self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            storages: vec![virtiofs_storage(SHARED_TAG, GUEST_SHARED, false)],
+            storages: vec![sandbox.placement().share_storage(SHARED_TAG, GUEST_SHARED, false)],
         };
         let session = match self.rt.block_on(Session::create(&sandbox, session_cfg)) {
             Ok(s) => s,

@@ -196,7 +196,8 @@ impl PciDevices {
     pub fn restore(&self, saved: &[crate::snapshot::DeviceState]) -> Result<(), (String, String)> {
         for (a, d) in self.attached.iter().zip(&self.virtio) {
             let path = a.path.to_string();
-            let s = saved.iter().find(|s| s.path == path).ok_or_else(|| (path.clone(), "not in the snapshot".into()))?;
+            let s =
+                saved.iter().find(|s| s.path == path).ok_or_else(|| (path.clone(), "not in the snapshot".into()))?;
             d.lock().unwrap_or_else(|p| p.into_inner()).restore(&s.transport).map_err(|e| (path, e))?;
         }
         Ok(())

@@ -12,8 +12,8 @@
 //! What cannot be saved is refused with a reason: hot-plugged devices, virtio-fs and virtio-net
 //! (their state lives in host files and sockets), and vsock with connections open.
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -89,8 +89,10 @@ impl VcpuState {
     /// Reads a stopped vCPU (not in KVM_RUN). `msr_list` is KVM's list of saved MSRs.
     pub fn save(fd: &VcpuFd, msr_list: &[u32]) -> Result<Self> {
         let k = |what| move |e| SnapshotError::Kvm(what, e);
-        let entries: Vec<kvm_msr_entry> = msr_list.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| SnapshotError::Restore("MSRs".into(), format!("{e:?}")))?;
+        let entries: Vec<kvm_msr_entry> =
+            msr_list.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| SnapshotError::Restore("MSRs".into(), format!("{e:?}")))?;
         let n = fd.get_msrs(&mut msrs).map_err(k("KVM_GET_MSRS"))?;
         let msrs = msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect();
         Ok(VcpuState {
@@ -205,7 +207,8 @@ pub struct Snapshot {
 impl Snapshot {
     /// Refuses a restore into a VM configured differently from the one saved.
     pub fn check(&self, vcpus: u8, memory_mib: u64, devices: &[(String, String)]) -> Result<()> {
-        let mismatch = |field, saved: String, configured: String| Err(SnapshotError::Mismatch { field, saved, configured });
+        let mismatch =
+            |field, saved: String, configured: String| Err(SnapshotError::Mismatch { field, saved, configured });
         if self.vcpu_count != vcpus || self.vcpus.len() != usize::from(vcpus) {
             return mismatch("vcpus", self.vcpu_count.to_string(), vcpus.to_string());
         }
@@ -353,7 +356,10 @@ mod tests {
             bad[at] ^= 0x40;
             std::fs::write(&path, &bad).unwrap();
             let e = read_state(dir.path()).err().unwrap_or_else(|| panic!("damaged {what} was accepted"));
-            assert!(matches!(e, SnapshotError::Magic(_) | SnapshotError::Version(..) | SnapshotError::Checksum(_)), "{what}: {e}");
+            assert!(
+                matches!(e, SnapshotError::Magic(_) | SnapshotError::Version(..) | SnapshotError::Checksum(_)),
+                "{what}: {e}"
+            );
         }
         std::fs::write(&path, &good[..good.len() - 1]).unwrap();
         assert!(matches!(read_state(dir.path()), Err(SnapshotError::Checksum(_))), "a truncated state");

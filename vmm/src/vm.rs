@@ -22,10 +22,10 @@ use shoji_devices::legacy::{ConsoleWriter, Serial, I8042};
 use shoji_devices::legacy::{COM1_BASE, COM1_GSI, COM1_LEN, I8042_BASE, I8042_LEN};
 use shoji_devices::model::PciPath;
 use shoji_devices::pci::{PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
-use shoji_devices::virtio::VirtioPciDevice;
 use shoji_devices::virtio::block::Block;
 use shoji_devices::virtio::fs::Fs;
 use shoji_devices::virtio::vsock::Vsock;
+use shoji_devices::virtio::VirtioPciDevice;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -33,7 +33,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Where the guest's serial console goes.
@@ -610,7 +612,8 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
     let console = serial_writer(cfg.serial)?;
     let serial_errors = console.errors();
     let serial = match &saved {
-        Some(s) => Serial::from_state(serial_irq, console, &s.serial).map_err(|e| SnapshotError::Restore("serial".into(), e))?,
+        Some(s) => Serial::from_state(serial_irq, console, &s.serial)
+            .map_err(|e| SnapshotError::Restore("serial".into(), e))?,
         None => Serial::new(serial_irq, console),
     };
     let serial = Arc::new(Mutex::new(serial));
@@ -768,7 +771,11 @@ fn planned_devices(cfg: &VmConfig) -> Vec<(String, String)> {
     use shoji_devices::model::{DeviceKind, PciSlotPlan};
     let Ok(plan) = PciSlotPlan::new(cfg.disks.len(), cfg.shares.len(), cfg.vsock.is_some()) else { return Vec::new() };
     let mut v = Vec::new();
-    let kinds = [(DeviceKind::Block, cfg.disks.len()), (DeviceKind::Fs, cfg.shares.len()), (DeviceKind::Vsock, usize::from(cfg.vsock.is_some()))];
+    let kinds = [
+        (DeviceKind::Block, cfg.disks.len()),
+        (DeviceKind::Fs, cfg.shares.len()),
+        (DeviceKind::Vsock, usize::from(cfg.vsock.is_some())),
+    ];
     for (kind, n) in kinds {
         for i in 0..n {
             if let Some(p) = plan.path(kind, i) {

@@ -376,16 +376,23 @@ fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Resul
     cfg.shares.extend(p.shares.iter().map(|(s, _)| s.clone()));
     let (kernel, initrd) = crate::artifacts::ensure()?;
     (cfg.kernel, cfg.initrd) = (Some(kernel), Some(initrd));
-    let (vm_cfg, stop) = cfg.vm_config().map_err(|e| Fail::from(run::sandbox_error(e)))?;
-    let req = run::create_request(&p, builtin, None)?;
+    cfg.vm_config().map_err(|e| Fail::from(run::sandbox_error(e)))?;
+
+    let mut signals = rt.block_on(async { run::Signals::new() })?;
+    // From the VM template when there is one (built on first use).
+    let vm = rt.block_on(Sandbox::launch(&cfg)).map_err(|e| fail(e.to_string()))?;
+    let req = match run::create_request(&p, builtin, None, vm.placement()) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = vm.stop();
+            return Err(e.into());
+        }
+    };
     // `shoji exec` starts from the container's process (user, capabilities, env, cwd).
     let spec: oci_spec::runtime::Spec = serde_json::from_slice(&req.spec_json).context("spec")?;
     let process = serde_json::to_vec_pretty(&spec.process()).context("spec")?;
     let path = dir.join(state::PROCESS_FILE);
     std::fs::write(&path, process).with_context(|| format!("state: {}", path.display()))?;
-
-    let mut signals = rt.block_on(async { run::Signals::new() })?;
-    let vm = Sandbox::start_vm(cfg.dir.clone(), vm_cfg, stop).map_err(|e| fail(e.to_string()))?;
     let started = rt.block_on(async {
         tokio::select! {
             r = run::start_command(&vm, req, format!("shoji-{}", st.name), &p.devices, p.net) => r,

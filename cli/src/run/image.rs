@@ -201,10 +201,10 @@ impl Image {
 /// [`image_mount_point`]`(guest_root)`, then an overlay of it at `guest_root`, the container
 /// root. The overlay's upper directory is a tmpfs in the guest, so writes go with the sandbox;
 /// images without `/proc`, `/dev` or `/sys` (`FROM scratch`) get their mount points there.
-pub fn rootfs_storages(lower_tag: &str, guest_root: &str) -> Vec<Storage> {
+pub fn rootfs_storages(at: &shoji_sandbox::Placement, lower_tag: &str, guest_root: &str) -> Vec<Storage> {
     let lower = image_mount_point(guest_root);
     vec![
-        shoji_sandbox::virtiofs_storage(lower_tag, &lower, true),
+        at.share_storage(lower_tag, &lower, true),
         Storage {
             driver: "overlay".into(),
             source: lower_tag.into(),
@@ -578,7 +578,7 @@ mod tests {
 
     #[test]
     fn image_roots_are_an_overlay_over_the_read_only_share() {
-        let st = rootfs_storages("rootfs", "/run/shoji/rootfs");
+        let st = rootfs_storages(&shoji_sandbox::Placement::default(), "rootfs", "/run/shoji/rootfs");
         let got: Vec<_> = st
             .iter()
             .map(|s| {

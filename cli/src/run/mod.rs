@@ -24,8 +24,8 @@ pub(crate) mod tty;
 
 use anyhow::{anyhow, Context, Result};
 use shoji_sandbox::{
-    console_tail, virtiofs_storage, ContainerSpec, Device, Hotplug, Process, Sandbox, SandboxConfig, SandboxError,
-    Session, SessionConfig, Stream,
+    console_tail, ContainerSpec, Device, Hotplug, Placement, Process, Sandbox, SandboxConfig, SandboxError, Session,
+    SessionConfig, Stream,
 };
 use shoji_vmm::{host, testkit, DiskConfig, ShareConfig, VmConfig, VmError};
 use std::os::fd::AsRawFd;
@@ -362,12 +362,13 @@ fn run(a: RunArgs) -> Result<u8> {
     if host::is_pvm() {
         tracing::info!("/dev/kvm is PVM (kvm_pvm): adding the kernel parameters a stock guest kernel needs here");
     }
-    let (vm_cfg, stop) = cfg.vm_config().map_err(sandbox_error)?;
+    cfg.vm_config().map_err(sandbox_error)?;
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     // Signals are ours from here on (before the VM exists, so none is missed).
     let signals = rt.block_on(async { Signals::new() })?;
-    let vm = Sandbox::start_vm(cfg.dir.clone(), vm_cfg, stop)?;
+    // From the VM template when there is one (built on first use).
+    let vm = rt.block_on(Sandbox::launch(&cfg)).map_err(sandbox_error)?;
     let result = rt.block_on(session(&p, builtin, &vm, signals));
     drop(rt);
     let stopped = vm.stop();
@@ -483,29 +484,32 @@ pub(crate) async fn deadline(at: Option<tokio::time::Instant>) {
 /// and an allow rule each, by the host's numbers (the agent rewrites both to the guest's); their
 /// agent [`Device`]s, which need the PCI path, are added once they are plugged
 /// ([`start_command`]).
-pub(crate) fn create_request(p: &Plan, builtin: bool, console_size: Option<(u16, u16)>) -> Result<ContainerSpec> {
+pub(crate) fn create_request(
+    p: &Plan,
+    builtin: bool,
+    console_size: Option<(u16, u16)>,
+    at: &Placement,
+) -> Result<ContainerSpec> {
     // An image's root is an overlay (tmpfs upper) over the cached, shared image: writable, and
     // mount points that a `FROM scratch` image lacks can be made.
     let overlay = p.rootfs == Rootfs::Image;
     let mut storages = if overlay {
-        image::rootfs_storages(ROOTFS_TAG, GUEST_ROOTFS)
+        image::rootfs_storages(at, ROOTFS_TAG, GUEST_ROOTFS)
     } else {
-        vec![virtiofs_storage(ROOTFS_TAG, GUEST_ROOTFS, builtin)]
+        vec![at.share_storage(ROOTFS_TAG, GUEST_ROOTFS, builtin)]
     };
     let mut binds = Vec::new();
     for (s, name) in &p.shares {
-        let at = model::guest_share_dir(&s.tag);
-        storages.push(virtiofs_storage(&s.tag, &at, s.read_only));
-        binds.push(spec::Bind { source: at, destination: format!("/mnt/{name}"), read_only: s.read_only });
+        let mount = model::guest_share_dir(&s.tag);
+        storages.push(at.share_storage(&s.tag, &mount, s.read_only));
+        binds.push(spec::Bind { source: mount, destination: format!("/mnt/{name}"), read_only: s.read_only });
     }
     let mut devices = Vec::new();
     let mut spec_devices = Vec::new();
-    // The slots the VMM gives the disks (the rootfs share and `--share`s come after them).
-    let slots = model::PciSlotPlan::new(p.disks.len(), 1 + p.shares.len(), true).map_err(|e| anyhow!("disk: {e}"))?;
     for (i, _) in p.disks.iter().enumerate() {
         let path = disk_path(i);
-        // Disks are on PCI slots 01, 02, ... in order (docs/design.md).
-        let slot = slots.disk(i).ok_or_else(|| anyhow!("disk {i}: not in the PCI slot plan"))?;
+        // Where the sandbox put the disk: its slot in a cold boot, hot-plugged after a restore.
+        let slot = at.disk_path(i).ok_or_else(|| anyhow!("disk {i}: not in the sandbox"))?;
         devices.push(Device {
             id: slot.to_string(),
             type_: "blk".into(),
@@ -554,7 +558,7 @@ async fn session(p: &Plan, builtin: bool, vm: &Sandbox, mut sig: Signals) -> Res
     let stdout_fd = std::io::stdout().as_raw_fd();
     let size_fd = if tty::is_tty(stdout_fd) { stdout_fd } else { stdin_fd };
     let console_size = if p.tty { tty::window_size(size_fd) } else { None };
-    let req = create_request(p, builtin, console_size)?;
+    let req = create_request(p, builtin, console_size, vm.placement())?;
 
     // Up to a started command: any of these ends it.
     let (session, process) = tokio::select! {
@@ -817,6 +821,15 @@ mod tests {
         assert!(parse_share(",ro", 0).unwrap_err().to_string().starts_with("share: empty"));
     }
 
+    /// Where a cold boot puts `p`'s disks and shares (the rootfs share first).
+    fn cold(p: &Plan) -> Placement {
+        let mut c = SandboxConfig::new("/nonexistent".into());
+        c.disks = p.disks.clone();
+        c.shares = vec![ShareConfig { dir: "/".into(), tag: ROOTFS_TAG.into(), read_only: true }];
+        c.shares.extend(p.shares.iter().map(|(s, _)| s.clone()));
+        Placement::cold(&c).unwrap()
+    }
+
     #[test]
     fn create_request_mounts_rootfs_shares_and_disks() {
         let d = tempfile::tempdir().unwrap();
@@ -840,7 +853,7 @@ mod tests {
             devices: vec![],
             net: net::NetMode::None,
         };
-        let r = create_request(&p, true, None).unwrap();
+        let r = create_request(&p, true, None, &cold(&p)).unwrap();
         let st: Vec<_> =
             r.storages.iter().map(|s| (s.source.as_str(), s.mount_point.as_str(), s.options[0].as_str())).collect();
         assert_eq!(st, [("rootfs", GUEST_ROOTFS, "ro"), ("share0", "/run/shoji/share0", "rw")]);
@@ -861,7 +874,7 @@ mod tests {
             minor: 3,
         };
         let p = Plan { devices: vec![loop3], ..p };
-        let r = create_request(&p, true, None).unwrap();
+        let r = create_request(&p, true, None, &cold(&p)).unwrap();
         assert_eq!(r.devices.len(), 2);
         let spec: oci_spec::runtime::Spec = serde_json::from_slice(&r.spec_json).unwrap();
         let linux = spec.linux().as_ref().unwrap();

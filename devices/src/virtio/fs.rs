@@ -130,6 +130,8 @@ pub struct Fs {
     dir: PathBuf,
     read_only: bool,
     server: Server<Guarded>,
+    /// A driver ran on this server since it was built: a reset must build a fresh one.
+    used: bool,
     mem: Option<GuestMemoryMmap>,
     queues: Vec<Queue>,
     errors: ErrorCounter,
@@ -244,6 +246,7 @@ impl Fs {
             dir: canonical.clone(),
             read_only,
             server,
+            used: false,
             mem: None,
             queues: Vec::new(),
             errors: ErrorCounter::default(),
@@ -480,6 +483,7 @@ impl VirtioDevice for Fs {
         }
         self.mem = Some(mem);
         self.queues = queues;
+        self.used = true;
         Ok(())
     }
     fn queue_event(&mut self, index: usize, irq: &mut dyn Interrupt) -> DeviceResult {
@@ -492,6 +496,10 @@ impl VirtioDevice for Fs {
     fn reset(&mut self) {
         self.mem = None;
         self.queues.clear();
+        // The reset of a driver's probe finds the server as built: nothing to drop.
+        if !std::mem::take(&mut self.used) {
+            return;
+        }
         // A fresh passthrough file system: drops every inode and handle the previous driver
         // instance held (and any state a panic may have left behind).
         match build_server(&self.dir, self.limits) {

@@ -330,7 +330,15 @@ impl VirtioPciDevice {
         self.config.restore(&s.config).map_err(|e| err(e.to_string()))?;
         self.msix.restore(&s.msix).map_err(err)?;
         for (r, q) in self.queues.iter_mut().zip(&s.queues) {
-            *r = QueueRegs { size: q.size, ready: q.ready, desc: q.desc, avail: q.avail, used: q.used, vector: q.vector, ..*r };
+            *r = QueueRegs {
+                size: q.size,
+                ready: q.ready,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                vector: q.vector,
+                ..*r
+            };
         }
         self.device_feature_select = s.device_feature_select;
         self.driver_feature_select = s.driver_feature_select;
