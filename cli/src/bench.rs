@@ -52,6 +52,9 @@ pub enum Peer {
     /// Shoji itself with the VMM's confinement off (no seccomp filters, Landlock or capability
     /// drops, as `SHOJI_SECCOMP=off`): what the confinement costs.
     Unconfined,
+    /// `shoji run` cold booting (`SHOJI_TEMPLATES=off`): what the VM template saves (`bench
+    /// run` only).
+    Cold,
 }
 
 impl Peer {
@@ -60,6 +63,7 @@ impl Peer {
         match self {
             Peer::Qemu => "qemu",
             Peer::Unconfined => "shoji-unconfined",
+            Peer::Cold => "shoji-cold",
         }
     }
 
@@ -68,6 +72,7 @@ impl Peer {
         match self {
             Peer::Qemu => "QEMU",
             Peer::Unconfined => "Shoji unconfined",
+            Peer::Cold => "Shoji cold boot",
         }
     }
 
@@ -76,6 +81,7 @@ impl Peer {
         match self {
             Peer::Qemu => "Shoji/QEMU",
             Peer::Unconfined => "confined/unconfined",
+            Peer::Cold => "template/cold",
         }
     }
 
@@ -87,6 +93,10 @@ impl Peer {
                 "Shoji unconfined: the same binary and VM with the VMM's confinement off (no seccomp \
                  filters, Landlock or capability drops: `VmConfig::confine = false`, as `SHOJI_SECCOMP=off`); \
                  the Shoji column is confined"
+            }
+            Peer::Cold => {
+                "Shoji cold booting the guest (`SHOJI_TEMPLATES=off`); the Shoji column restores its VM \
+                 template (built by the warm-up run when missing)"
             }
         }
     }
@@ -103,6 +113,9 @@ pub(crate) fn peer_first(run: u32) -> bool {
 pub(crate) fn check_peer(peer: Option<Peer>, confine_default: bool) -> Result<()> {
     if peer == Some(Peer::Unconfined) && !confine_default {
         bail!("peer: `--peer unconfined` compares with Shoji confined, but SHOJI_SECCOMP=off is set: unset it");
+    }
+    if peer == Some(Peer::Cold) {
+        bail!("peer: `--peer cold` compares sandboxes (templates against cold boots): only `shoji bench run` takes it");
     }
     Ok(())
 }
@@ -774,10 +787,12 @@ impl Report<'_> {
             let who = match peer {
                 Peer::Qemu => "Shoji is faster",
                 Peer::Unconfined => "confined Shoji is faster (the confinement's cost is 1 − ratio)",
+                Peer::Cold => "templates are faster",
             };
             let less = match peer {
                 Peer::Qemu => "Shoji uses less",
                 Peer::Unconfined => "it uses less (the cost is ratio − 1)",
+                Peer::Cold => "templates use less",
             };
             let _ = writeln!(
                 s,
@@ -938,7 +953,7 @@ pub fn devices(o: DevicesOpts) -> Result<()> {
             make_disk(&disk, o.mib)?;
             let r = match side {
                 None => run_shoji(&o, &disk, run, false),
-                Some(Peer::Unconfined) => run_shoji(&o, &disk, run, true),
+                Some(Peer::Unconfined | Peer::Cold) => run_shoji(&o, &disk, run, true),
                 Some(Peer::Qemu) => run_qemu(&o, &kernel, &disk, run),
             }
             .and_then(|r| {

@@ -105,6 +105,10 @@ struct BenchRunArgs {
     /// The guest (only linux runs containers).
     #[arg(long, value_enum, default_value = "linux")]
     guest: bench::boot::Guest,
+    /// Also run each sample cold booting (`SHOJI_TEMPLATES=off`), interleaved, and report the
+    /// template/cold ratios.
+    #[arg(long = "peer-cold")]
+    peer: bool,
     /// Print JSON instead of Markdown.
     #[arg(long)]
     json: bool,
@@ -120,9 +124,10 @@ impl BenchBootArgs {
 }
 
 impl BenchRunArgs {
-    /// No peer runs containers the way `shoji run` does: `bench run` has no `--peer`.
+    /// No other VMM runs containers the way `shoji run` does: the only peer is Shoji cold booting.
     fn opts(self, bench: bench::boot::Bench) -> bench::boot::BootOpts {
-        bench::boot::BootOpts { bench, n: self.n, guest: self.guest, peer: None, json: self.json, plot: self.plot }
+        let peer = self.peer.then_some(bench::Peer::Cold);
+        bench::boot::BootOpts { bench, n: self.n, guest: self.guest, peer, json: self.json, plot: self.plot }
     }
 }
 

@@ -79,7 +79,7 @@ impl System {
 
 /// A system's name for a report's list: "Shoji", or the peer's title.
 fn label(name: &str) -> &'static str {
-    [Peer::Qemu, Peer::Unconfined].into_iter().find(|p| p.name() == name).map_or("Shoji", Peer::title)
+    [Peer::Qemu, Peer::Unconfined, Peer::Cold].into_iter().find(|p| p.name() == name).map_or("Shoji", Peer::title)
 }
 
 /// One timed sample: milliseconds, and what the guest said about itself.
@@ -139,11 +139,11 @@ fn systems(o: &BootOpts, scratch: &Path) -> Result<Vec<System>> {
         }
     }
     let mut v = vec![shoji];
-    if o.peer == Some(Peer::Unconfined) {
+    if let Some(p @ (Peer::Unconfined | Peer::Cold)) = o.peer {
         let s = &v[0];
         let (program, args, marker) = (s.program.clone(), s.args.clone(), s.marker);
-        let env = vec![("SHOJI_SECCOMP", "off")];
-        v.push(System { name: Peer::Unconfined.name(), program, args, marker, env });
+        let env = if p == Peer::Cold { vec![("SHOJI_TEMPLATES", "off")] } else { vec![("SHOJI_SECCOMP", "off")] };
+        v.push(System { name: p.name(), program, args, marker, env });
     }
     if let (Some(Peer::Qemu), Some(boot)) = (o.peer, qemu_boot) {
         // QEMU's leanest machine (qboot firmware, no PCI, no ACPI): what the guest needs is a
@@ -233,7 +233,11 @@ pub struct Results {
 
 pub fn main(o: BootOpts) -> Result<()> {
     validate(&o)?;
-    check_peer(o.peer, shoji_vmm::confine::default_enabled())?;
+    match (o.bench, o.peer) {
+        (Bench::Run, Some(Peer::Cold) | None) => {}
+        (Bench::Run, Some(p)) => bail!("peer: `bench run` compares only with `cold`, not {}", p.name()),
+        _ => check_peer(o.peer, shoji_vmm::confine::default_enabled())?,
+    }
     let machine = machine(o.peer);
     let command = command_line();
     let dir = std::env::temp_dir().join(format!("shoji-bench-boot-{}", std::process::id()));
