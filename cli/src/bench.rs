@@ -20,6 +20,7 @@ pub mod boot;
 pub mod hotplug;
 pub mod plot;
 pub mod stats;
+pub mod template;
 pub mod vsock;
 
 use anyhow::{anyhow, bail, Context, Result};

@@ -41,9 +41,30 @@ enum Cmd {
     Check,
     /// Build (or find) the cached guest kernel, initramfs and built-in run rootfs, with progress.
     Setup,
+    /// VM templates: `build` saves the guest booted to its agent for a sandbox size (`shoji run`
+    /// and the shim build one on first use anyway), `ls` lists them, `rm` removes them all.
+    #[command(subcommand)]
+    Template(TemplateCmd),
     /// Detached sandboxes (`shoji run -d`): ps, exec, kill, rm, logs, wait.
     #[command(flatten)]
     Detached(detached::Cmd),
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// Build the templates `shoji run` and `shoji run -d` restore from, for this size.
+    Build {
+        /// vCPUs of the sandbox.
+        #[arg(long, default_value_t = 1)]
+        cpus: u8,
+        /// Memory of the sandbox in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u64,
+    },
+    /// List the templates and what each was built for.
+    Ls,
+    /// Remove every template (the next sandbox of each size builds its own again).
+    Rm,
 }
 
 #[derive(Subcommand)]
@@ -62,6 +83,22 @@ enum BenchCmd {
     /// A disk hot-plugged into a running sandbox to its bytes in a new container, next to a
     /// boot disk (`--disk`) and what one adds to the boot (BENCHMARKS.md).
     Hotplug(BenchHotplugArgs),
+    /// A sandbox started from its VM template to its agent's first answer, optionally next to
+    /// cold boots (BENCHMARKS.md).
+    Template(BenchTemplateArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchTemplateArgs {
+    /// Timed starts (each side), after one untimed warm-up that builds the template if missing.
+    #[arg(short = 'n', long = "runs", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    n: u32,
+    /// Also cold boot the same sandbox each run, interleaved.
+    #[arg(long = "peer-cold")]
+    cold: bool,
+    /// Print JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -427,6 +464,10 @@ fn main() -> ExitCode {
         Cmd::Bench(BenchCmd::Boot(a)) => {
             bench::boot::main(a.opts(bench::boot::Bench::Boot)).map(|()| ExitCode::SUCCESS).context("bench boot")
         }
+        Cmd::Template(t) => template_cmd(t).map(|()| ExitCode::SUCCESS).context("template"),
+        Cmd::Bench(BenchCmd::Template(a)) => {
+            bench::template::main(a.n, a.cold, a.json).map(|()| ExitCode::SUCCESS).context("bench template")
+        }
         Cmd::Bench(BenchCmd::Hotplug(a)) => {
             bench::hotplug::main(bench::hotplug::HotplugOpts { runs: a.n, boots: a.boots, json: a.json })
                 .map(|()| ExitCode::SUCCESS)
@@ -446,4 +487,36 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_SHOJI_ERROR)
         }
     }
+}
+
+/// `shoji template build|ls|rm`.
+fn template_cmd(t: TemplateCmd) -> Result<()> {
+    use shoji_sandbox::template;
+    match t {
+        TemplateCmd::Build { cpus, memory } => {
+            let (kernel, initrd) = artifacts::ensure()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+            let scratch = tempfile::tempdir().context("scratch directory")?;
+            // `shoji run`'s sandbox, then `run -d`'s (its agent logs at info on the console).
+            for extra in [None, Some(detached::sandbox_cmdline())] {
+                let mut cfg = shoji_sandbox::SandboxConfig::new(scratch.path().to_path_buf());
+                (cfg.vcpus, cfg.memory_mib, cfg.extra_cmdline) = (cpus, memory, extra);
+                (cfg.kernel, cfg.initrd) = (Some(kernel.clone()), Some(initrd.clone()));
+                let dir = rt.block_on(template::build_for(&cfg)).map_err(|e| anyhow::anyhow!("{e}"))?;
+                println!("{}", dir.display());
+            }
+        }
+        TemplateCmd::Ls => {
+            for (dir, what) in template::list() {
+                println!("{}\t{what}", dir.display());
+            }
+        }
+        TemplateCmd::Rm => {
+            for (dir, _) in template::list() {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+                println!("{}", dir.display());
+            }
+        }
+    }
+    Ok(())
 }

@@ -175,6 +175,30 @@ async fn lock(path: &Path) -> Result<std::fs::File, SandboxError> {
     }
 }
 
+/// Builds (or finds) the template `cfg`'s sandboxes restore from: its directory.
+pub async fn build_for(cfg: &SandboxConfig) -> Result<PathBuf, SandboxError> {
+    let (vm, _) = cfg.vm_config()?;
+    let (dir, what) = locate(&vm)?;
+    drop(vm);
+    ensure(cfg, &dir, &what).await?;
+    Ok(dir)
+}
+
+/// The templates there are: (directory, what it was built for).
+pub fn list() -> Vec<(PathBuf, String)> {
+    let Some(root) = root() else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir(&root) else { return Vec::new() };
+    let mut v: Vec<_> = rd
+        .flatten()
+        .filter_map(|e| {
+            let what = std::fs::read_to_string(e.path().join(INFO_FILE)).ok()?;
+            Some((e.path(), what.trim().to_string()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// The log line for a VM shape that has no template while others exist.
 pub fn not_found(dir: &Path, what: &str) {
     let others = others(dir);

@@ -368,7 +368,7 @@ fn boot_and_start(st: &State, dir: &Path, rt: &tokio::runtime::Runtime) -> Resul
     let mut cfg = SandboxConfig::new(dir.to_path_buf());
     // The agent logs at info on the console: `shoji logs --console` is the sandbox's record
     // (the kernel stays quiet; each console byte is a VM exit).
-    cfg.extra_cmdline = Some(format!("{} -- --log info", shoji_vmm::cmdline::DEFAULT));
+    cfg.extra_cmdline = Some(sandbox_cmdline());
     cfg.vcpus = p.cpus;
     cfg.memory_mib = p.memory_mib;
     cfg.disks = p.disks.clone();
@@ -817,4 +817,9 @@ mod tests {
         assert!(lines[1].starts_with("x      exited(3)   1 minute ago   sh -c xxx"), "{t}");
         assert!(lines[1].ends_with("..."));
     }
+}
+
+/// The detached sandbox's guest command line: the agent logs at info on the console.
+pub fn sandbox_cmdline() -> String {
+    format!("{} -- --log info", shoji_vmm::cmdline::DEFAULT)
 }
