@@ -792,6 +792,11 @@ fn remove(name: &str, force: bool) -> Result<(), Fail> {
     Ok(())
 }
 
+/// The detached sandbox's guest command line: the agent logs at info on the console.
+pub fn sandbox_cmdline() -> String {
+    format!("{} -- --log info", shoji_vmm::cmdline::DEFAULT)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -817,9 +822,4 @@ mod tests {
         assert!(lines[1].starts_with("x      exited(3)   1 minute ago   sh -c xxx"), "{t}");
         assert!(lines[1].ends_with("..."));
     }
-}
-
-/// The detached sandbox's guest command line: the agent logs at info on the console.
-pub fn sandbox_cmdline() -> String {
-    format!("{} -- --log info", shoji_vmm::cmdline::DEFAULT)
 }

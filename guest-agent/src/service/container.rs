@@ -218,18 +218,6 @@ fn prepare(
     Ok(mounted)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hostnames() {
-        check_hostname("sandbox-1").unwrap();
-        assert_eq!(check_hostname(&"h".repeat(65)).unwrap_err().code, Code::INVALID_ARGUMENT);
-        assert!(check_hostname("a/b").unwrap_err().message.starts_with("hostname: "));
-    }
-}
-
 /// The most entropy one CreateSandbox may carry.
 const MAX_ENTROPY: usize = 512;
 
@@ -245,4 +233,16 @@ fn seed_guest(entropy: &[u8], realtime_ns: u64) -> Result<(), RpcError> {
             .map_err(|e| RpcError::new(Code::INTERNAL, format!("setting the clock: {e}")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames() {
+        check_hostname("sandbox-1").unwrap();
+        assert_eq!(check_hostname(&"h".repeat(65)).unwrap_err().code, Code::INVALID_ARGUMENT);
+        assert!(check_hostname("a/b").unwrap_err().message.starts_with("hostname: "));
+    }
 }
