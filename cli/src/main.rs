@@ -253,6 +253,16 @@ struct BootArgs {
     /// Stop the VM after this many seconds and exit with status 124.
     #[arg(long)]
     timeout: Option<f64>,
+    /// Interrupt controllers: in-kernel (LAPIC, IOAPIC, PIC and PIT; what Linux needs) or split
+    /// (LAPICs only, no PIT: for guests with MSI-X devices only, such as the test guests).
+    #[arg(long, value_enum, default_value = "in-kernel")]
+    irqchip: IrqChipArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum IrqChipArg {
+    InKernel,
+    Split,
 }
 
 fn boot(a: BootArgs) -> Result<ExitCode> {
@@ -300,6 +310,10 @@ fn boot(a: BootArgs) -> Result<ExitCode> {
         stop: Some(stop_on_signals()?),
         timeout,
         confine: shoji_vmm::confine::default_enabled(),
+        irqchip: match a.irqchip {
+            IrqChipArg::InKernel => shoji_vmm::IrqChip::InKernel,
+            IrqChipArg::Split => shoji_vmm::IrqChip::Split,
+        },
         restore: None,
     };
     shoji_vmm::vm::check(&cfg)?;

@@ -81,6 +81,7 @@ impl SandboxConfig {
             stop: Some(stop.clone()),
             timeout: None,
             confine: shoji_vmm::confine::default_enabled(),
+            irqchip: shoji_vmm::IrqChip::InKernel,
             restore: None,
         };
         shoji_vmm::vm::check(&cfg)?;

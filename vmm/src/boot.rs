@@ -136,6 +136,7 @@ pub fn load(
     cmdline: &str,
     initrd: Option<&mut File>,
     vcpus: u8,
+    ioapic: bool,
 ) -> Result<Loaded, BootError> {
     let cmdline = build_cmdline(cmdline)?;
     let format = kernel_format(kernel)?;
@@ -163,7 +164,7 @@ pub fn load(
         None => None,
     };
 
-    mem.write_slice(&mptable::build(vcpus)?, MPTABLE_START)?;
+    mem.write_slice(&mptable::build(vcpus, ioapic)?, MPTABLE_START)?;
 
     let e820 = e820_map(mem_bytes);
     match entry {

@@ -36,6 +36,8 @@ struct State {
 
 pub struct IrqRouting {
     vm: Arc<VmFd>,
+    /// An in-kernel PIC and IOAPIC, whose pins' routes go with every table (none when split).
+    legacy: bool,
     state: Mutex<State>,
 }
 
@@ -46,10 +48,10 @@ fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
     e
 }
 
-/// The routing table KVM sets up by default for an in-kernel irqchip, plus `msi`.
-pub fn routing_entries(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_entry> {
+/// The routing table KVM sets up by default for an in-kernel irqchip (`legacy`), plus `msi`.
+pub fn routing_entries(msi: &BTreeMap<u32, MsiMessage>, legacy: bool) -> Vec<kvm_irq_routing_entry> {
     let mut v = Vec::with_capacity(40 + msi.len());
-    for gsi in 0..24 {
+    for gsi in (0..24).filter(|_| legacy) {
         if gsi < 8 {
             v.push(irqchip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
         } else if gsi < 16 {
@@ -68,9 +70,10 @@ pub fn routing_entries(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_e
 }
 
 impl IrqRouting {
-    pub fn new(vm: Arc<VmFd>) -> Self {
+    pub fn new(vm: Arc<VmFd>, legacy: bool) -> Self {
         IrqRouting {
             vm,
+            legacy,
             state: Mutex::new(State { next: FIRST_MSI_GSI, free: BTreeSet::new(), routes: BTreeMap::new() }),
         }
     }
@@ -99,7 +102,7 @@ impl IrqRouting {
 
     /// Sends KVM the whole table (KVM_SET_GSI_ROUTING replaces it).
     fn push(&self, g: &State) {
-        let entries = routing_entries(&g.routes);
+        let entries = routing_entries(&g.routes, self.legacy);
         let result = KvmIrqRouting::from_entries(&entries)
             .map_err(|e| format!("{e:?}"))
             .and_then(|r| self.vm.set_gsi_routing(&r).map_err(|e| e.to_string()));
@@ -217,7 +220,7 @@ mod tests {
     fn default_routes_are_kept_with_msi_routes() {
         let mut msi = BTreeMap::new();
         msi.insert(24, MsiMessage { addr: 0xfee0_0000, data: 0x41 });
-        let e = routing_entries(&msi);
+        let e = routing_entries(&msi, true);
         assert_eq!(e.len(), 16 + 24 + 1);
         let gsi4: Vec<_> = e.iter().filter(|x| x.gsi == 4).collect();
         assert_eq!(gsi4.len(), 2, "PIC + IOAPIC");
@@ -238,7 +241,7 @@ mod tests {
         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
         let vm = kvm.create_vm().unwrap();
         vm.create_irq_chip().unwrap();
-        let routing = Arc::new(IrqRouting::new(Arc::new(vm)));
+        let routing = Arc::new(IrqRouting::new(Arc::new(vm), true));
         let a = routing.device(2).unwrap();
         let b = routing.device(3).unwrap();
         assert_eq!((a.gsis(), b.gsis()), (vec![24, 25], vec![26, 27, 28]));

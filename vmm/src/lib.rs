@@ -31,4 +31,6 @@ pub use pci::{AttachedDevice, DiskConfig, HotplugError, HotplugStats, NetConfig,
 pub use shoji_devices::model::PciPath;
 pub use shoji_devices::virtio::net::stream::StreamBackend;
 pub use shoji_devices::virtio::net::tap::{Tap, TapError};
-pub use vm::{run, spawn, spawn_with_control, KernelImage, SerialOut, VmConfig, VmControl, VmError, VmOutcome};
+pub use vm::{
+    run, spawn, spawn_with_control, IrqChip, KernelImage, SerialOut, VmConfig, VmControl, VmError, VmOutcome,
+};

@@ -19,8 +19,9 @@ fn checksum(bytes: &[u8]) -> u8 {
 }
 
 /// Builds the floating pointer followed by the configuration table, to be written at
-/// [`MPTABLE_START`] (the EBDA, where the spec tells the guest to search).
-pub fn build(num_cpus: u8) -> Result<Vec<u8>, MpTableError> {
+/// [`MPTABLE_START`] (the EBDA, where the spec tells the guest to search). Without `ioapic`
+/// (a split irqchip: no IOAPIC, no PIC) the table lists the CPUs and the bus only.
+pub fn build(num_cpus: u8, ioapic: bool) -> Result<Vec<u8>, MpTableError> {
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(MpTableError::CpuCount(num_cpus));
     }
@@ -42,13 +43,15 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&[1, 0]); // bus 0
     entries.extend_from_slice(b"ISA   ");
     count += 1;
-    entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]); // IOAPIC, enabled
-    entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
-    count += 1;
-    for irq in 0..IOAPIC_PINS {
-        // INT, conforming polarity/trigger, ISA bus irq -> same IOAPIC pin
-        entries.extend_from_slice(&[3, 0, 0, 0, 0, irq, ioapic_id, irq]);
+    if ioapic {
+        entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]); // IOAPIC, enabled
+        entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
         count += 1;
+        for irq in 0..IOAPIC_PINS {
+            // INT, conforming polarity/trigger, ISA bus irq -> same IOAPIC pin
+            entries.extend_from_slice(&[3, 0, 0, 0, 0, irq, ioapic_id, irq]);
+            count += 1;
+        }
     }
     // LINT0 is ExtINT (the legacy PIC), LINT1 is NMI, on every local APIC.
     entries.extend_from_slice(&[4, 3, 0, 0, 0, 0, 0xff, 0]);
@@ -91,7 +94,7 @@ mod tests {
     #[test]
     fn checksums_are_zero_and_counts_match() {
         for cpus in [1u8, 2, 4, 64, MAX_CPUS] {
-            let t = build(cpus).unwrap();
+            let t = build(cpus, true).unwrap();
             assert_eq!(&t[0..4], b"_MP_");
             assert_eq!(sum(&t[0..16]), 0, "floating pointer checksum");
             let addr = u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize;
@@ -123,13 +126,13 @@ mod tests {
 
     #[test]
     fn cpu_count_limits() {
-        assert_eq!(build(0), Err(MpTableError::CpuCount(0)));
-        assert_eq!(build(255), Err(MpTableError::CpuCount(255)));
+        assert_eq!(build(0, true), Err(MpTableError::CpuCount(0)));
+        assert_eq!(build(255, true), Err(MpTableError::CpuCount(255)));
     }
 
     #[test]
     fn checksum_detects_corruption() {
-        let mut t = build(2).unwrap();
+        let mut t = build(2, true).unwrap();
         t[20] ^= 1;
         assert_ne!(sum(&t[16..]), 0);
     }

@@ -302,12 +302,18 @@ impl Wiring {
 /// Builds the bus and wires each device to KVM. Each device goes to the slot
 /// [`PciSlotPlan`] gives it (disks as given from 01, then shares, then vsock): the plan the host
 /// side also names devices to the guest by.
-pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, set: DeviceSet) -> Result<PciDevices, PciSetupError> {
+/// `legacy`: the VM has the in-kernel PIC and IOAPIC (their pins keep their routes).
+pub fn build(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, set: DeviceSet, legacy: bool) -> Result<PciDevices, PciSetupError> {
     let alloc = AddressAllocator::new(MMIO_GAP_START, u64::from(IOAPIC_ADDR) - MMIO_GAP_START)
         .map_err(|_| PciSetupError::NoMmio)?;
     let plan = PciSlotPlan::new(set.disks.len(), set.shares.len(), set.vsock.is_some())?;
-    let mut wiring =
-        Wiring { vm: vm.clone(), mem: mem.clone(), routing: Arc::new(IrqRouting::new(vm.clone())), alloc, plan };
+    let mut wiring = Wiring {
+        vm: vm.clone(),
+        mem: mem.clone(),
+        routing: Arc::new(IrqRouting::new(vm.clone(), legacy)),
+        alloc,
+        plan,
+    };
     let mut root = PciRoot::new();
     let mmio = MmioBus::default();
     let mut attached = Vec::new();

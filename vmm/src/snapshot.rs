@@ -30,7 +30,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRe
 /// the payload's SHA-256.
 const MAGIC: &[u8; 8] = b"SHOJISNP";
 /// Bumped on any change to what `state` holds; another version is refused.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
@@ -135,14 +135,19 @@ impl VcpuState {
     }
 }
 
-/// The in-kernel interrupt controllers, PIT and kvmclock.
+/// The in-kernel interrupt controllers and PIT (none with a split irqchip), and kvmclock.
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
+    legacy: Option<LegacyState>,
+    clock: kvm_clock_data,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LegacyState {
     pic_master: kvm_irqchip,
     pic_slave: kvm_irqchip,
     ioapic: kvm_irqchip,
     pit: kvm_pit_state2,
-    clock: kvm_clock_data,
 }
 
 fn chip(id: u32) -> kvm_irqchip {
@@ -150,27 +155,35 @@ fn chip(id: u32) -> kvm_irqchip {
 }
 
 impl VmState {
-    pub fn save(vm: &VmFd) -> Result<Self> {
+    /// `legacy`: the VM has the in-kernel PIC, IOAPIC and PIT.
+    pub fn save(vm: &VmFd, legacy: bool) -> Result<Self> {
         let k = |what| move |e| SnapshotError::Kvm(what, e);
-        let (mut pic_master, mut pic_slave, mut ioapic) =
-            (chip(KVM_IRQCHIP_PIC_MASTER), chip(KVM_IRQCHIP_PIC_SLAVE), chip(KVM_IRQCHIP_IOAPIC));
-        vm.get_irqchip(&mut pic_master).map_err(k("KVM_GET_IRQCHIP"))?;
-        vm.get_irqchip(&mut pic_slave).map_err(k("KVM_GET_IRQCHIP"))?;
-        vm.get_irqchip(&mut ioapic).map_err(k("KVM_GET_IRQCHIP"))?;
-        let pit = vm.get_pit2().map_err(k("KVM_GET_PIT2"))?;
+        let legacy = if legacy {
+            let (mut pic_master, mut pic_slave, mut ioapic) =
+                (chip(KVM_IRQCHIP_PIC_MASTER), chip(KVM_IRQCHIP_PIC_SLAVE), chip(KVM_IRQCHIP_IOAPIC));
+            vm.get_irqchip(&mut pic_master).map_err(k("KVM_GET_IRQCHIP"))?;
+            vm.get_irqchip(&mut pic_slave).map_err(k("KVM_GET_IRQCHIP"))?;
+            vm.get_irqchip(&mut ioapic).map_err(k("KVM_GET_IRQCHIP"))?;
+            let pit = vm.get_pit2().map_err(k("KVM_GET_PIT2"))?;
+            Some(LegacyState { pic_master, pic_slave, ioapic, pit })
+        } else {
+            None
+        };
         let mut clock = vm.get_clock().map_err(k("KVM_GET_CLOCK"))?;
         // KVM_SET_CLOCK takes only the clock value (and, with KVM_CLOCK_REALTIME, a host time
         // to advance from): the guest's clock goes on from where it stopped.
         clock.flags = 0;
-        Ok(VmState { pic_master, pic_slave, ioapic, pit, clock })
+        Ok(VmState { legacy, clock })
     }
 
     pub fn restore(&self, vm: &VmFd) -> Result<()> {
         let k = |what| move |e| SnapshotError::Kvm(what, e);
-        vm.set_irqchip(&self.pic_master).map_err(k("KVM_SET_IRQCHIP"))?;
-        vm.set_irqchip(&self.pic_slave).map_err(k("KVM_SET_IRQCHIP"))?;
-        vm.set_irqchip(&self.ioapic).map_err(k("KVM_SET_IRQCHIP"))?;
-        vm.set_pit2(&self.pit).map_err(k("KVM_SET_PIT2"))?;
+        if let Some(l) = &self.legacy {
+            vm.set_irqchip(&l.pic_master).map_err(k("KVM_SET_IRQCHIP"))?;
+            vm.set_irqchip(&l.pic_slave).map_err(k("KVM_SET_IRQCHIP"))?;
+            vm.set_irqchip(&l.ioapic).map_err(k("KVM_SET_IRQCHIP"))?;
+            vm.set_pit2(&l.pit).map_err(k("KVM_SET_PIT2"))?;
+        }
         vm.set_clock(&self.clock).map_err(k("KVM_SET_CLOCK"))?;
         Ok(())
     }
@@ -205,10 +218,15 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Refuses a restore into a VM configured differently from the one saved.
-    pub fn check(&self, vcpus: u8, memory_mib: u64, devices: &[(String, String)]) -> Result<()> {
+    /// Refuses a restore into a VM configured differently from the one saved (`legacy`: an
+    /// in-kernel PIC, IOAPIC and PIT).
+    pub fn check(&self, vcpus: u8, memory_mib: u64, legacy: bool, devices: &[(String, String)]) -> Result<()> {
         let mismatch =
             |field, saved: String, configured: String| Err(SnapshotError::Mismatch { field, saved, configured });
+        let chip = |l: bool| if l { "in-kernel" } else { "split" }.to_string();
+        if self.vm.legacy.is_some() != legacy {
+            return mismatch("irqchip", chip(self.vm.legacy.is_some()), chip(legacy));
+        }
         if self.vcpu_count != vcpus || self.vcpus.len() != usize::from(vcpus) {
             return mismatch("vcpus", self.vcpu_count.to_string(), vcpus.to_string());
         }
@@ -329,12 +347,24 @@ mod tests {
             vcpu_count: 1,
             memory_mib: 1,
             memory: MemoryInfo { bytes: 1 << 20, sha256: "00".into() },
-            vcpus: Vec::new(),
+            vcpus: vec![VcpuState {
+                regs: Default::default(),
+                sregs: Default::default(),
+                xsave: Default::default(),
+                xcrs: Default::default(),
+                lapic: Default::default(),
+                msrs: vec![(0x10, 1)],
+                events: Default::default(),
+                debugregs: Default::default(),
+                mp_state: Default::default(),
+            }],
             vm: VmState {
-                pic_master: chip(0),
-                pic_slave: chip(1),
-                ioapic: chip(2),
-                pit: Default::default(),
+                legacy: Some(LegacyState {
+                    pic_master: chip(0),
+                    pic_slave: chip(1),
+                    ioapic: chip(2),
+                    pit: Default::default(),
+                }),
                 clock: Default::default(),
             },
             serial: SerialState { registers: [0; 9], in_buffer: Vec::new() },
@@ -368,12 +398,14 @@ mod tests {
     #[test]
     fn a_restore_into_another_shape_is_refused_naming_the_field() {
         let s = tiny();
-        let e = s.check(1, 2, &[]).unwrap_err().to_string();
+        let e = s.check(1, 2, true, &[]).unwrap_err().to_string();
         assert!(e.contains("memory_mib 1") && e.contains("configured with 2"), "{e}");
-        let e = s.check(1, 1, &[("virtio-blk".into(), "01".into())]).unwrap_err().to_string();
+        let e = s.check(1, 1, true, &[("virtio-blk".into(), "01".into())]).unwrap_err().to_string();
         assert!(e.contains("devices"), "{e}");
-        let e = s.check(2, 1, &[]).unwrap_err().to_string();
+        let e = s.check(2, 1, true, &[]).unwrap_err().to_string();
         assert!(e.contains("vcpus"), "{e}");
+        let e = s.check(1, 1, false, &[]).unwrap_err().to_string();
+        assert!(e.contains("irqchip in-kernel") && e.contains("configured with split"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,10 @@ use crate::pci::{
 use crate::regs::{self, RegsError};
 use crate::snapshot::{self, DeviceState, SnapshotError, VcpuState, VmState};
 use crate::vcpu::{self, VcpuContext, VcpuStats};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_CAP_SPLIT_IRQCHIP, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use shoji_devices::legacy::{ConsoleWriter, Serial, I8042};
 use shoji_devices::legacy::{COM1_BASE, COM1_GSI, COM1_LEN, I8042_BASE, I8042_LEN};
@@ -53,6 +56,20 @@ pub enum KernelImage {
     Bytes { name: &'static str, data: &'static [u8] },
 }
 
+/// Where the VM's interrupt controllers are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IrqChip {
+    /// LAPICs, IOAPIC and PIC in the kernel, and the PIT (Firecracker's model): what a Linux
+    /// guest with legacy devices (the serial console's IRQ 4) needs.
+    #[default]
+    InKernel,
+    /// LAPICs only (KVM_CAP_SPLIT_IRQCHIP with no user-space IOAPIC or PIC) and no PIT: for
+    /// guests whose devices are MSI-X only and that time with the LAPIC (the test guests). The
+    /// serial port has no interrupt; the MP table lists no IOAPIC. Skips the in-kernel irqchip
+    /// and PIT set-up, which wait on RCU grace periods here.
+    Split,
+}
+
 pub struct VmConfig {
     pub kernel: KernelImage,
     pub initrd: Option<PathBuf>,
@@ -76,6 +93,8 @@ pub struct VmConfig {
     /// Confine the VMM's threads (seccomp, Landlock, capabilities: [`crate::confine`]). On by
     /// default; off only for benchmark comparisons (`SHOJI_SECCOMP=off`).
     pub confine: bool,
+    /// The interrupt controllers (a snapshot's VM must have been configured alike).
+    pub irqchip: IrqChip,
     /// Restore the VM saved in this snapshot directory ([`VmControl::snapshot`]) instead of
     /// booting: the kernel, initrd and command line are not used; vCPUs, memory and boot
     /// devices must be configured as when it was taken (checked).
@@ -97,6 +116,7 @@ impl VmConfig {
             stop: None,
             timeout: None,
             confine: confine::default_enabled(),
+            irqchip: IrqChip::InKernel,
             restore: None,
         }
     }
@@ -383,6 +403,8 @@ struct Machine {
     boot: Vec<(AttachedDevice, Arc<Mutex<VirtioPciDevice>>)>,
     mem: GuestMemoryMmap,
     memory_mib: u64,
+    /// In-kernel PIC, IOAPIC and PIT.
+    legacy: bool,
 }
 
 impl VmControl {
@@ -512,7 +534,7 @@ impl VmControl {
             .iter()
             .map(|fd| VcpuState::save(&fd.lock().unwrap_or_else(|p| p.into_inner()), msr_list.as_slice()))
             .collect::<Result<Vec<_>, _>>()?;
-        let vm = VmState::save(&m.vm)?;
+        let vm = VmState::save(&m.vm, m.legacy)?;
         let serial = m.serial.lock().unwrap_or_else(|p| p.into_inner()).state();
         let pci_root = m.root.lock().unwrap_or_else(|p| p.into_inner()).state();
         std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Io(dir.to_path_buf(), e))?;
@@ -574,7 +596,7 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
     let saved = match &cfg.restore {
         Some(dir) => {
             let s = snapshot::read_state(dir)?;
-            s.check(cfg.vcpus, cfg.memory_mib, &planned_devices(&cfg))?;
+            s.check(cfg.vcpus, cfg.memory_mib, cfg.irqchip == IrqChip::InKernel, &planned_devices(&cfg))?;
             let memory = snapshot::verify_memory(&dir.join(snapshot::MEMORY_FILE), &s.memory)?;
             Some((s, memory))
         }
@@ -583,9 +605,16 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
 
     let vm = Arc::new(kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?);
     vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
-    vm.create_irq_chip().map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+    let legacy = cfg.irqchip == IrqChip::InKernel;
+    if legacy {
+        vm.create_irq_chip().map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+    } else {
+        let mut cap = kvm_enable_cap { cap: KVM_CAP_SPLIT_IRQCHIP, ..Default::default() };
+        cap.args[0] = 24; // routes reserved for a user-space IOAPIC's pins (none here)
+        vm.enable_cap(&cap).map_err(|e| VmError::Kvm("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", e))?;
+    }
     let mem = match &saved {
         Some((_, file)) => restore_memory(&vm, file, cfg.memory_mib)?,
         None => create_memory(&vm, cfg.memory_mib)?,
@@ -596,7 +625,8 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
 
     let entry = match kernel.as_mut() {
         Some(kernel) => {
-            let loaded = boot::load(&mem, cfg.memory_mib << 20, kernel, &cfg.cmdline, initrd.as_mut(), cfg.vcpus)?;
+            let loaded =
+                boot::load(&mem, cfg.memory_mib << 20, kernel, &cfg.cmdline, initrd.as_mut(), cfg.vcpus, legacy)?;
             tracing::debug!(?loaded, "kernel loaded");
             Some(loaded.entry)
         }
@@ -608,7 +638,9 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Internal(format!("eventfd: {e}")))?);
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Internal(format!("eventfd: {e}")))?;
-    vm.register_irqfd(&serial_irq, COM1_GSI).map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+    if legacy {
+        vm.register_irqfd(&serial_irq, COM1_GSI).map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+    }
     let console = serial_writer(cfg.serial)?;
     let serial_errors = console.errors();
     let serial = match &saved {
@@ -622,7 +654,7 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
     pio.insert(COM1_BASE, COM1_LEN, serial.clone()).map_err(|e| VmError::Internal(e.to_string()))?;
     pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(reset))))
         .map_err(|e| VmError::Internal(e.to_string()))?;
-    let mut devices = pci::build(&vm, &mem, devices)?;
+    let mut devices = pci::build(&vm, &mem, devices, legacy)?;
     pio.insert(CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, devices.root.clone())
         .map_err(|e| VmError::Internal(e.to_string()))?;
     let pio = Arc::new(pio);
@@ -686,6 +718,7 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
         boot: devices.boot_virtio(),
         mem: mem.clone(),
         memory_mib: cfg.memory_mib,
+        legacy,
     };
 
     let mut threads = Vec::with_capacity(contexts.len());
