@@ -132,6 +132,9 @@ struct BenchBootArgs {
     /// Draw the latency distributions per system into this PNG.
     #[arg(long, value_name = "FILE.png")]
     plot: Option<PathBuf>,
+    /// Boot the null guest with `--irqchip split` (no in-kernel PIC, IOAPIC or PIT).
+    #[arg(long)]
+    split_irqchip: bool,
 }
 
 #[derive(clap::Args)]
@@ -156,7 +159,9 @@ struct BenchRunArgs {
 
 impl BenchBootArgs {
     fn opts(self, bench: bench::boot::Bench) -> bench::boot::BootOpts {
-        bench::boot::BootOpts { bench, n: self.n, guest: self.guest, peer: self.peer, json: self.json, plot: self.plot }
+        let (n, guest, peer, json, plot, split_irqchip) =
+            (self.n, self.guest, self.peer, self.json, self.plot, self.split_irqchip);
+        bench::boot::BootOpts { bench, n, guest, peer, json, plot, split_irqchip }
     }
 }
 
@@ -164,7 +169,15 @@ impl BenchRunArgs {
     /// No other VMM runs containers the way `shoji run` does: the only peer is Shoji cold booting.
     fn opts(self, bench: bench::boot::Bench) -> bench::boot::BootOpts {
         let peer = self.peer.then_some(bench::Peer::Cold);
-        bench::boot::BootOpts { bench, n: self.n, guest: self.guest, peer, json: self.json, plot: self.plot }
+        bench::boot::BootOpts {
+            bench,
+            n: self.n,
+            guest: self.guest,
+            peer,
+            json: self.json,
+            plot: self.plot,
+            split_irqchip: false,
+        }
     }
 }
 

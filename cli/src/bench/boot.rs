@@ -47,6 +47,8 @@ pub struct BootOpts {
     pub peer: Option<Peer>,
     pub json: bool,
     pub plot: Option<PathBuf>,
+    /// `shoji boot --irqchip split` (the test guests need no legacy interrupt controller).
+    pub split_irqchip: bool,
 }
 
 /// No sample may take longer: a hung guest is killed and fails the bench.
@@ -117,6 +119,9 @@ fn systems(o: &BootOpts, scratch: &Path) -> Result<Vec<System>> {
         }
         (Bench::Boot, Guest::Null) => {
             shoji.args = ["boot", "--guest", "null", "--timeout", &limit].map(String::from).to_vec();
+            if o.split_irqchip {
+                shoji.args.extend(["--irqchip".into(), "split".into()]);
+            }
             shoji.marker = Some(testkit::NULL_MARKER);
             let kernel = scratch.join("null.elf");
             std::fs::write(&kernel, testkit::NULL).with_context(|| format!("write {}", kernel.display()))?;
@@ -457,6 +462,7 @@ mod tests {
             peer: Some(Peer::Unconfined),
             json: false,
             plot: None,
+            split_irqchip: false,
         };
         let v = systems(&o, dir.path()).unwrap();
         assert_eq!(v.iter().map(|s| s.name).collect::<Vec<_>>(), ["shoji", "shoji-unconfined"]);
@@ -508,7 +514,8 @@ mod tests {
 
     #[test]
     fn bad_combinations_name_the_field() {
-        let o = |bench, guest, peer| BootOpts { bench, n: 3, guest, peer, json: false, plot: None };
+        let o =
+            |bench, guest, peer| BootOpts { bench, n: 3, guest, peer, json: false, plot: None, split_irqchip: false };
         let e = validate(&o(Bench::Run, Guest::Null, None)).unwrap_err().to_string();
         assert!(e.starts_with("guest: "), "{e}");
         let mut x = o(Bench::Boot, Guest::Null, None);
