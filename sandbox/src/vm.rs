@@ -179,17 +179,27 @@ impl Sandbox {
                 return Self::start(cfg);
             }
         }
-        match Self::restore(cfg, &dir).await {
-            Ok(sb) => Ok(sb),
+        let mut sb = match Self::restore(cfg, &dir).await {
+            Ok(sb) => sb,
             Err(e) => {
                 tracing::warn!("VM template {} not used ({e}); removed, cold boot", dir.display());
                 let _ = std::fs::remove_dir_all(&dir);
-                Self::start(cfg)
+                return Self::start(cfg);
             }
+        };
+        // A disk or share that cannot be plugged is the caller's error, not the template's.
+        for d in &cfg.disks {
+            let p = sb.hot_add_disk(d.clone())?;
+            sb.placement.disks.push(p);
         }
+        for s in &cfg.shares {
+            let p = sb.hot_add_share(s.clone())?;
+            sb.placement.shares.push((s.tag.clone(), p));
+        }
+        Ok(sb)
     }
 
-    /// Restores the template in `template` and hot-plugs the configuration's disks and shares.
+    /// Restores the template in `template`, without the configuration's disks and shares.
     async fn restore(cfg: &SandboxConfig, template: &Path) -> Result<Sandbox, SandboxError> {
         let mut bare = cfg.clone();
         bare.disks.clear();
@@ -209,14 +219,6 @@ impl Sandbox {
                 return Err(SandboxError::Io("the restored VM did not come up in 30 s".into()));
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        for d in &cfg.disks {
-            let p = sb.hot_add_disk(d.clone())?;
-            sb.placement.disks.push(p);
-        }
-        for s in &cfg.shares {
-            let p = sb.hot_add_share(s.clone())?;
-            sb.placement.shares.push((s.tag.clone(), p));
         }
         Ok(sb)
     }
