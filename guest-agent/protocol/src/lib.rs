@@ -67,7 +67,7 @@ mod tests {
         server.start().await.unwrap();
         let client = HealthClient::new(ttrpc::asynchronous::Client::connect(&addr).await.unwrap());
         let v = client.version(ttrpc::context::with_timeout(5_000_000_000), &CheckRequest::new()).await.unwrap();
-        assert_eq!((v.agent_version.as_str(), v.api_version), ("test", 3));
+        assert_eq!((v.agent_version.as_str(), v.api_version), ("test", crate::API_VERSION));
         // Unimplemented RPCs answer with an error, not a hang.
         assert!(client.check(ttrpc::context::with_timeout(5_000_000_000), &CheckRequest::new()).await.is_err());
         server.shutdown().await.unwrap();
