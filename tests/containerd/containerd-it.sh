@@ -121,8 +121,13 @@ case_detached() {
   out=$(ctr_ task ps t-detached 2>&1)
   [ "$(echo "$out" | tail -n +2 | grep -c .)" -ge 1 ] && ok "task ps lists the processes" || no "task ps" "$out"
   ctr_ task kill -s SIGKILL t-detached
-  for _ in $(seq 60); do $C task ls 2>/dev/null | grep -qE '^t-detached .*STOPPED' && break; sleep 1; done
-  $C task ls 2>/dev/null | grep -qE '^t-detached .*STOPPED' && ok "SIGKILL stops it" || no "kill" "$($C task ls 2>&1)"
+  # Usually a second; once in CI (containerd 2.1, our shim) the guest took over 60 s to report
+  # the killed process's exit (not understood yet, see issue 14's note): the wait is generous,
+  # and how long it took is printed so a slow stop shows.
+  t0=$SECONDS
+  for _ in $(seq 180); do $C task ls 2>/dev/null | grep -qE '^t-detached .*STOPPED' && break; sleep 1; done
+  $C task ls 2>/dev/null | grep -qE '^t-detached .*STOPPED' && ok "SIGKILL stops it (in $((SECONDS - t0)) s)" ||
+    no "kill" "$($C task ls 2>&1)"
   ctr_ task delete t-detached >/dev/null && ctr_ container delete t-detached >/dev/null &&
     ok "task and container delete" || no "delete"
 }

@@ -38,6 +38,8 @@ const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 const MAX_STATE: u64 = 64 << 20;
 const PAGE: usize = 4096;
 const CHUNK: usize = 1 << 20;
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -122,8 +124,17 @@ impl VcpuState {
         fd.set_xcrs(&self.xcrs).map_err(k("KVM_SET_XCRS"))?;
         fd.set_debug_regs(&self.debugregs).map_err(k("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&self.lapic).map_err(k("KVM_SET_LAPIC"))?;
+        // The TSC first and the TSC deadline last: KVM arms the LAPIC timer from the deadline
+        // against the TSC as it is when the deadline is written, so a deadline written before
+        // the TSC (a fresh vCPU's is near 0) would fire as late as the template ran long.
+        let mut msrs = self.msrs.clone();
+        msrs.sort_by_key(|&(index, _)| match index {
+            MSR_IA32_TSC => 0,
+            MSR_IA32_TSC_DEADLINE => 2,
+            _ => 1,
+        });
         let entries: Vec<kvm_msr_entry> =
-            self.msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+            msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
         let msrs = Msrs::from_entries(&entries).map_err(|e| SnapshotError::Restore("MSRs".into(), format!("{e:?}")))?;
         let n = fd.set_msrs(&msrs).map_err(k("KVM_SET_MSRS"))?;
         if n != entries.len() {
