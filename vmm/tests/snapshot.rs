@@ -51,19 +51,33 @@ fn wait_for(out: &Capture, what: &str) {
     }
 }
 
-#[test]
-fn a_vm_saved_in_the_middle_of_disk_io_finishes_the_run_after_a_restore() {
+/// A scratch directory with a stamped disk, and the probe's blkbench run on it in a VM.
+struct Running {
+    dir: tempfile::TempDir,
+    disk: PathBuf,
+    out: Capture,
+    stop: Arc<EventFd>,
+    control: Arc<VmControl>,
+    vm: std::thread::JoinHandle<Result<shoji_vmm::VmOutcome, VmError>>,
+}
+
+fn running() -> Running {
     assert!(Path::new("/dev/kvm").exists(), "this test boots a real VM and needs /dev/kvm");
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     stamped_disk(&disk);
-    let snap = dir.path().join("snap");
-
-    // Run until the random reads are under way, then pause, save and stop.
     let out = Capture::default();
     let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     let control = VmControl::new();
     let vm = spawn_with_control(config(&disk, &out, &stop, None), control.clone(), |_| {}).unwrap();
+    Running { dir, disk, out, stop, control, vm }
+}
+
+#[test]
+fn a_vm_saved_in_the_middle_of_disk_io_finishes_the_run_after_a_restore() {
+    // Run until the random reads are under way, then pause, save and stop.
+    let Running { dir, disk, out, stop, control, vm } = running();
+    let snap = dir.path().join("snap");
     wait_for(&out, "probe: bench randread start");
     control.pause(Duration::from_secs(10)).unwrap();
     let before = out.text();
@@ -109,15 +123,8 @@ fn a_vm_saved_in_the_middle_of_disk_io_finishes_the_run_after_a_restore() {
 
 #[test]
 fn a_damaged_or_mismatched_snapshot_is_refused_before_the_vm_runs() {
-    assert!(Path::new("/dev/kvm").exists(), "this test boots a real VM and needs /dev/kvm");
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    stamped_disk(&disk);
+    let Running { dir, disk, out, stop, control, vm } = running();
     let snap = dir.path().join("snap");
-    let out = Capture::default();
-    let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-    let control = VmControl::new();
-    let vm = spawn_with_control(config(&disk, &out, &stop, None), control.clone(), |_| {}).unwrap();
     wait_for(&out, "probe: bench seqread start");
     assert!(control.snapshot(&snap).unwrap_err().to_string().contains("not paused"), "a running VM is not saved");
     control.pause(Duration::from_secs(10)).unwrap();

@@ -43,8 +43,11 @@ const CFG_NOTIFY: u8 = 2;
 const CFG_ISR: u8 = 3;
 const CFG_DEVICE: u8 = 4;
 
-#[derive(Clone, Copy)]
-struct QueueRegs {
+/// A queue's registers as the driver set them.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct QueueRegs {
+    /// The device's limit (not the driver's: a restore keeps the device's own).
+    #[serde(skip)]
     max: u16,
     size: u16,
     ready: bool,
@@ -63,12 +66,8 @@ impl QueueRegs {
 /// One queue in a snapshot: its registers and, once activated, where the device is in it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QueueState {
-    pub size: u16,
-    pub ready: bool,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-    pub vector: u16,
+    #[serde(flatten)]
+    pub regs: QueueRegs,
     pub next_avail: u16,
     pub next_used: u16,
 }
@@ -283,16 +282,7 @@ impl VirtioPciDevice {
             .enumerate()
             .map(|(i, q)| {
                 let (next_avail, next_used) = progress.get(i).copied().unwrap_or((0, 0));
-                QueueState {
-                    size: q.size,
-                    ready: q.ready,
-                    desc: q.desc,
-                    avail: q.avail,
-                    used: q.used,
-                    vector: q.vector,
-                    next_avail,
-                    next_used,
-                }
+                QueueState { regs: *q, next_avail, next_used }
             })
             .collect();
         Ok(TransportState {
@@ -330,15 +320,7 @@ impl VirtioPciDevice {
         self.config.restore(&s.config).map_err(|e| err(e.to_string()))?;
         self.msix.restore(&s.msix).map_err(err)?;
         for (r, q) in self.queues.iter_mut().zip(&s.queues) {
-            *r = QueueRegs {
-                size: q.size,
-                ready: q.ready,
-                desc: q.desc,
-                avail: q.avail,
-                used: q.used,
-                vector: q.vector,
-                ..*r
-            };
+            *r = QueueRegs { max: r.max, ..q.regs };
         }
         self.device_feature_select = s.device_feature_select;
         self.driver_feature_select = s.driver_feature_select;
