@@ -22,10 +22,10 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
-fn run(templates: &Path, cpus: &str) -> Run {
+fn run(templates: &Path, memory: &str) -> Run {
     let (t0, start) = (now(), Instant::now());
     let out = Command::new(shoji_bin())
-        .args(["run", "--log", "info", "--cpus", cpus, "--timeout", "900", "--", "sh", "-c", SCRIPT])
+        .args(["run", "--log", "info", "--memory", memory, "--timeout", "900", "--", "sh", "-c", SCRIPT])
         .env("SHOJI_TEMPLATES", templates)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -37,7 +37,7 @@ fn run(templates: &Path, cpus: &str) -> Run {
         window: (t0, now() + 1),
         took: start.elapsed(),
     };
-    eprintln!("shoji run --cpus {cpus}: {:?}\n{}\n{}", r.took, r.stdout.join("\n"), r.stderr);
+    eprintln!("shoji run --memory {memory}: {:?}\n{}\n{}", r.took, r.stdout.join("\n"), r.stderr);
     assert!(out.status.success(), "{}", r.stderr);
     assert_eq!(r.stdout.len(), 3, "boot id, random bytes, date: {:?}", r.stdout);
     r
@@ -59,15 +59,15 @@ fn sandboxes_restored_from_one_template_are_not_twins_and_unusable_templates_fal
     let templates = tempfile::tempdir().unwrap();
 
     // The first sandbox builds the template (one boot), then is restored from it.
-    let first = run(templates.path(), "1");
-    assert!(first.stderr.contains("building the VM template (vcpus=1"), "{}", first.stderr);
+    let first = run(templates.path(), "256");
+    assert!(first.stderr.contains("building the VM template (vcpus=1 memory_mib=256"), "{}", first.stderr);
     assert!(first.restored(), "the first sandbox runs from the template it built");
     let built: Vec<_> = std::fs::read_dir(templates.path()).unwrap().flatten().filter(|e| e.path().is_dir()).collect();
     assert_eq!(built.len(), 1, "one template: {built:?}");
     let template = built[0].path();
 
     // The second is restored without a build, and is not its sibling's twin.
-    let second = run(templates.path(), "1");
+    let second = run(templates.path(), "256");
     assert!(second.restored() && !second.stderr.contains("building"), "{}", second.stderr);
     assert_ne!(first.stdout[0], second.stdout[0], "boot ids");
     assert_ne!(first.stdout[1], second.stdout[1], "random bytes");
@@ -78,9 +78,10 @@ fn sandboxes_restored_from_one_template_are_not_twins_and_unusable_templates_fal
     }
 
     // Another shape: the template is not used (said so), one of its own is built.
-    let other = run(templates.path(), "2");
+    let other = run(templates.path(), "320");
     assert!(
-        other.stderr.contains("no VM template for vcpus=2") && other.stderr.contains("built for other shapes: vcpus=1"),
+        other.stderr.contains("no VM template for vcpus=1 memory_mib=320")
+            && other.stderr.contains("built for other shapes: vcpus=1 memory_mib=256"),
         "{}",
         other.stderr
     );
@@ -91,7 +92,7 @@ fn sandboxes_restored_from_one_template_are_not_twins_and_unusable_templates_fal
     let f = std::fs::OpenOptions::new().write(true).open(&memory).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, b"X", 0x20_0000).unwrap();
     drop(f);
-    let damaged = run(templates.path(), "1");
+    let damaged = run(templates.path(), "256");
     assert!(
         damaged.stderr.contains("not used")
             && damaged.stderr.contains("checksum")

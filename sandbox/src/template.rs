@@ -177,6 +177,12 @@ async fn lock(path: &Path) -> Result<std::fs::File, SandboxError> {
 
 /// Builds (or finds) the template `cfg`'s sandboxes restore from: its directory.
 pub async fn build_for(cfg: &SandboxConfig) -> Result<PathBuf, SandboxError> {
+    if cfg.vcpus > 1 {
+        return Err(SandboxError::Io(format!(
+            "vcpus: templates are for 1-vCPU sandboxes only (asked for {})",
+            cfg.vcpus
+        )));
+    }
     let (vm, _) = cfg.vm_config()?;
     let (dir, what) = locate(&vm)?;
     drop(vm);
