@@ -6,6 +6,7 @@
 pub mod artifacts;
 mod error;
 mod hotplug;
+mod launch;
 mod podnet;
 mod session;
 pub mod template;
