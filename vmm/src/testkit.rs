@@ -36,6 +36,15 @@ impl Capture {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
     }
+
+    /// Waits (up to 2 min, then panics showing the output) until the guest printed `what`.
+    pub fn wait_for(&self, what: &str) {
+        let t0 = std::time::Instant::now();
+        while !self.text().contains(what) {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(120), "no {what:?} in: {}", self.text());
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
 }
 
 impl Write for Capture {

@@ -18,14 +18,6 @@ fn config(guest: &str, out: &Capture) -> VmConfig {
     cfg
 }
 
-fn wait_for(out: &Capture, what: &str) {
-    let t0 = Instant::now();
-    while !out.text().contains(what) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no {what:?} in: {}", out.text());
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 #[test]
 fn test_guests_run_on_a_split_irqchip_and_are_saved_and_restored_there() {
     assert!(Path::new("/dev/kvm").exists(), "this test boots a real VM and needs /dev/kvm");
@@ -49,7 +41,7 @@ fn test_guests_run_on_a_split_irqchip_and_are_saved_and_restored_there() {
     let control = VmControl::new();
     let vm = spawn_with_control(with_disk(&out, &stop), control.clone(), |_| {}).unwrap();
     // `blk` drives the disk with interrupts, then `tick` prints a dot a line forever (LAPIC timer).
-    wait_for(&out, "probe: ticking");
+    out.wait_for("probe: ticking");
     let text = out.text();
     assert!(!text.contains("blk error"), "{text}");
     let irqs: u32 = text

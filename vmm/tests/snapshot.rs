@@ -43,14 +43,6 @@ fn config(disk: &Path, out: &Capture, stop: &Arc<EventFd>, restore: Option<PathB
     cfg
 }
 
-fn wait_for(out: &Capture, what: &str) {
-    let t0 = Instant::now();
-    while !out.text().contains(what) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no {what:?} in: {}", out.text());
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 /// A scratch directory with a stamped disk, and the probe's blkbench run on it in a VM.
 struct Running {
     dir: tempfile::TempDir,
@@ -78,7 +70,7 @@ fn a_vm_saved_in_the_middle_of_disk_io_finishes_the_run_after_a_restore() {
     // Run until the random reads are under way, then pause, save and stop.
     let Running { dir, disk, out, stop, control, vm } = running();
     let snap = dir.path().join("snap");
-    wait_for(&out, "probe: bench randread start");
+    out.wait_for("probe: bench randread start");
     control.pause(Duration::from_secs(10)).unwrap();
     let before = out.text();
     assert!(!before.contains("randread end"), "the run ended before the pause: {before}");
@@ -97,7 +89,7 @@ fn a_vm_saved_in_the_middle_of_disk_io_finishes_the_run_after_a_restore() {
     let t = Instant::now();
     let control2 = VmControl::new();
     let vm2 = spawn_with_control(config(&disk, &out2, &stop2, Some(snap.clone())), control2, |_| {}).unwrap();
-    wait_for(&out2, testkit::PROBE_DONE);
+    out2.wait_for(testkit::PROBE_DONE);
     eprintln!("restored run finished in {:?}", t.elapsed());
     let outcome = vm2.join().unwrap().unwrap();
     let after = out2.text();
@@ -125,7 +117,7 @@ fn a_vm_saved_in_the_middle_of_disk_io_finishes_the_run_after_a_restore() {
 fn a_damaged_or_mismatched_snapshot_is_refused_before_the_vm_runs() {
     let Running { dir, disk, out, stop, control, vm } = running();
     let snap = dir.path().join("snap");
-    wait_for(&out, "probe: bench seqread start");
+    out.wait_for("probe: bench seqread start");
     assert!(control.snapshot(&snap).unwrap_err().to_string().contains("not paused"), "a running VM is not saved");
     control.pause(Duration::from_secs(10)).unwrap();
     control.snapshot(&snap).unwrap();
