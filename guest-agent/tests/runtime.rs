@@ -759,3 +759,45 @@ async fn a_container_joins_another_containers_namespaces_by_guest_path() {
     assert!(e.contains("has exited"), "{e}");
     b.rt.remove(&pod, 0).await.unwrap();
 }
+
+/// A pod's app container shares the pod's PID namespace (CRI `pid: POD`): when its init exits,
+/// what it started is not killed by the kernel (the namespace's init is the pod's), and it holds
+/// the container's stdout and stderr. The runtime kills the rest of the container's cgroup, as
+/// containerd's runc shim does, so the exit is reported at once instead of when the last
+/// background process happens to end (seen as kills and OOM kills "taking" minutes in a pod).
+#[tokio::test]
+async fn an_init_sharing_the_pods_pid_namespace_takes_its_background_processes_with_it() {
+    let b = bundle();
+    let pod = unique("pod");
+    b.rt.create(cfg(&pod, spec_json(&b.rootfs, &pod, &["sleep", "100"]))).await.unwrap();
+    b.rt.start(&pod).await.unwrap();
+
+    let app = unique("app");
+    let mut v = spec_json(&b.rootfs, &app, &["sh", "-c", "sleep 1000 & echo $! > /tmp/bg; echo started; exit 3"]);
+    v["linux"]["namespaces"] = json!([
+        { "type": "mount" },
+        { "type": "ipc" },
+        { "type": "uts" },
+        { "type": "pid", "path": shoji_devices::model::guest_container_ns(&pod, "pid") }
+    ]);
+    let started = std::time::Instant::now();
+    let (st, out, err) = run(&b, v, &app).await;
+    assert_eq!((st, out.as_str()), (exited(3), "started\n"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "the exit waited for the background sleep");
+    // Nothing of the app container is left in the pod's namespace: only the pod's sleep.
+    let pod_pid = b.rt.pid(&pod, "").unwrap();
+    // (A killed one stays a zombie child of the pod's `sleep`, which reaps nothing.)
+    let children = std::fs::read_to_string(format!("/proc/{pod_pid}/task/{pod_pid}/children")).unwrap_or_default();
+    let alive: Vec<&str> = children
+        .split_whitespace()
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .collect();
+    assert!(alive.is_empty(), "the background sleep lives on under the pod's init: {alive:?}");
+
+    b.rt.signal(&pod, "", libc::SIGKILL, false).await.unwrap();
+    wait(&b.rt, &pod, "").await;
+    b.rt.remove(&pod, 0).await.unwrap();
+}

@@ -162,8 +162,24 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 /// The exit callback of a process: records its status (OOM kill included) on `tx`.
-fn exit_callback(tx: watch::Sender<Option<ExitStatus>>, oom: Arc<OomTracker>, oom_before: u64) -> ExitCallback {
+///
+/// `kill_rest`: the cgroup of a container whose init this is, when the container has no PID
+/// namespace of its own (a CRI pod's app container sharing the pod's). Its other processes would
+/// outlive the init (reparented to the namespace's init, not killed by the kernel), keeping its
+/// stdout/stderr open, so the exit, published once the output ends, would wait for them; they
+/// are killed, as containerd's runc shim does (`runc kill --all` when the PID namespace is shared).
+fn exit_callback(
+    tx: watch::Sender<Option<ExitStatus>>,
+    oom: Arc<OomTracker>,
+    oom_before: u64,
+    kill_rest: Option<Arc<Cgroup>>,
+) -> ExitCallback {
     Box::new(move |ws| {
+        if let Some(cgroup) = &kill_rest {
+            if let Err(e) = cgroup.signal_all(libc::SIGKILL) {
+                tracing::warn!("container {}: killing what its init left: {e}", oom.id);
+            }
+        }
         let (status, signal) = match ws {
             WaitStatus::Exited(c) => (c, None),
             WaitStatus::Signaled(s) => (128 + s, Some(s)),
@@ -559,7 +575,8 @@ impl Inner {
             tx: self.oom_tx.clone(),
         });
         let (exit_tx, exit_rx) = watch::channel(None);
-        let cb = exit_callback(exit_tx, oom.clone(), cgroup.oom_kills());
+        let kill_rest = (!ns.has_new(NsKind::Pid)).then(|| cgroup.clone());
+        let cb = exit_callback(exit_tx, oom.clone(), cgroup.oom_kills(), kill_rest);
         let spawned = child::spawn(&plan, pipes, child_fds, tty_sock, cb, Until::Ready).map_err(|e| ctx.error(e))?;
 
         let state = serde_json::json!({
@@ -649,7 +666,7 @@ impl Inner {
             arg0: process.args().as_ref().and_then(|a| a.first()).cloned().unwrap_or_default(),
             namespaces: Vec::new(),
         };
-        let cb = exit_callback(exit_tx, c.oom.clone(), c.cgroup.oom_kills());
+        let cb = exit_callback(exit_tx, c.oom.clone(), c.cgroup.oom_kills(), None);
         let spawned = child::spawn(&plan, pipes, child_fds, tty_sock, cb, Until::Exec).map_err(|e| ctx.error(e))?;
         Ok((spawned, io))
     }
