@@ -281,15 +281,51 @@ pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<MemoryInfo> {
     }
     f.set_len(total).map_err(io(path))?;
     f.sync_all().map_err(io(path))?;
-    Ok(MemoryInfo { bytes: total, sha256: hex(&hash.finalize()) })
+    let info = MemoryInfo { bytes: total, sha256: hex(&hash.finalize()) };
+    // What was just written is what was hashed: the first restore need not hash it again.
+    record_verified(path, &f.metadata().map_err(io(path))?, &info.sha256);
+    Ok(info)
 }
 
-/// Checks the memory file against what `state` says: size, then SHA-256.
+/// Beside `memory`: the identity of the file (device, inode, size, modification and change
+/// times) when it last matched `state`'s SHA-256. Hashing 256 MiB costs about half a second
+/// per restore; a file whose identity has not changed since it was verified is not hashed
+/// again. Any write to the file moves its change time (which user space cannot set back), so a
+/// damaged or edited file is still caught; decay under an unchanged inode is the file system's
+/// to catch, as for any file the host reads.
+pub const VERIFIED_FILE: &str = "memory.verified";
+
+/// What [`VERIFIED_FILE`] holds for `md` verified against `sha256`.
+fn identity(md: &std::fs::Metadata, sha256: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{} {} {} {}.{:09} {}.{:09} {sha256}\n",
+        md.dev(),
+        md.ino(),
+        md.len(),
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec()
+    )
+}
+
+/// Checks the memory file against what `state` says: size, then SHA-256 unless the file is the
+/// very one verified before ([`VERIFIED_FILE`]); records a successful check there.
 pub fn verify_memory(path: &Path, info: &MemoryInfo) -> Result<File> {
     let mut f = File::open(path).map_err(io(path))?;
-    let len = f.metadata().map_err(io(path))?.len();
-    if len != info.bytes {
-        return Err(SnapshotError::Decode(path.to_path_buf(), format!("{len} bytes, the state says {}", info.bytes)));
+    let md = f.metadata().map_err(io(path))?;
+    if md.len() != info.bytes {
+        return Err(SnapshotError::Decode(
+            path.to_path_buf(),
+            format!("{} bytes, the state says {}", md.len(), info.bytes),
+        ));
+    }
+    let stamp = path.with_file_name(VERIFIED_FILE);
+    let id = identity(&md, &info.sha256);
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == id) {
+        tracing::debug!(path = %path.display(), "memory file verified before and unchanged since");
+        return Ok(f);
     }
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
@@ -301,9 +337,22 @@ pub fn verify_memory(path: &Path, info: &MemoryInfo) -> Result<File> {
         hash.update(&buf[..n]);
     }
     if hex(&hash.finalize()) != info.sha256 {
+        let _ = std::fs::remove_file(&stamp);
         return Err(SnapshotError::Checksum(path.to_path_buf()));
     }
+    record_verified(path, &md, &info.sha256);
     Ok(f)
+}
+
+/// Writes [`VERIFIED_FILE`] for the memory file at `path` (best effort: without it the next
+/// restore hashes again); through a temporary name, so a reader sees the whole line or none.
+fn record_verified(path: &Path, md: &std::fs::Metadata, sha256: &str) {
+    let stamp = path.with_file_name(VERIFIED_FILE);
+    let tmp = stamp.with_extension(format!("verified.{}", std::process::id()));
+    if let Err(e) = std::fs::write(&tmp, identity(md, sha256)).and_then(|()| std::fs::rename(&tmp, &stamp)) {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::debug!(path = %stamp.display(), "not recorded (the next restore hashes again): {e}");
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -430,9 +479,36 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&path).unwrap().blocks() * 512 < 64 << 10, "zero pages are holes");
         verify_memory(&path, &info).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
         let mut data = std::fs::read(&path).unwrap();
         data[0x5001] = b'E';
         std::fs::write(&path, &data).unwrap();
+        assert!(matches!(verify_memory(&path, &info), Err(SnapshotError::Checksum(_))));
+        assert!(!dir.path().join(VERIFIED_FILE).exists(), "no record of a file that failed");
+    }
+
+    #[test]
+    fn an_unchanged_memory_file_is_hashed_once_and_a_changed_one_again() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_slice(b"hello", GuestAddress(0x5000)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MEMORY_FILE);
+        let info = write_memory(&mem, &path).unwrap();
+        verify_memory(&path, &info).unwrap();
+        let stamp = std::fs::read_to_string(dir.path().join(VERIFIED_FILE)).unwrap();
+        assert!(stamp.ends_with(&format!(" {}\n", info.sha256)), "{stamp}");
+        // The record is what is trusted for this very file: shown by a record made for a
+        // checksum the file does not have, which passes without hashing...
+        let wrong = MemoryInfo { bytes: info.bytes, sha256: "ab".repeat(32) };
+        let md = std::fs::metadata(&path).unwrap();
+        std::fs::write(dir.path().join(VERIFIED_FILE), identity(&md, &wrong.sha256)).unwrap();
+        verify_memory(&path, &wrong).unwrap();
+        // ...and no longer once the file is written to (its change time moves).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"E", 0x5001).unwrap();
+        drop(f);
+        assert!(matches!(verify_memory(&path, &wrong), Err(SnapshotError::Checksum(_))));
         assert!(matches!(verify_memory(&path, &info), Err(SnapshotError::Checksum(_))));
     }
 }

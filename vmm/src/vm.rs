@@ -706,6 +706,16 @@ fn run_on(cfg: VmConfig, confine_self: bool, control: Option<Arc<VmControl>>) ->
     // and interrupts the guest, which must land in the restored LAPICs.
     if let Some(s) = &saved {
         s.vm.restore(&vm)?;
+        // The guest's clock may jump by the time the snapshot was on disk (this host's PVM guests
+        // read the host's TSC), which its RCU and soft-lockup watchdogs take for a stall, and
+        // print one over the slow console. KVM_KVMCLOCK_CTRL tells them the host stopped the VM
+        // (as QEMU does on resume). Refused (EINVAL) for a guest without kvmclock.
+        for c in &contexts {
+            let fd = c.fd.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = fd.kvmclock_ctrl() {
+                tracing::debug!(vcpu = c.id, "KVM_KVMCLOCK_CTRL: {e}");
+            }
+        }
         devices.root.lock().unwrap_or_else(|p| p.into_inner()).restore(s.pci_root);
         devices.restore(&s.devices).map_err(|(what, e)| SnapshotError::Restore(what, e))?;
         tracing::info!(dir = ?cfg.restore, "VM restored from its snapshot");
