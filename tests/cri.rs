@@ -704,3 +704,194 @@ fn cri_pods_run_in_one_vm_each_with_runc_and_with_the_shoji_shim() {
         drop(cd);
     }
 }
+
+/// The median of `v` (sorted in place).
+fn p50(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One pod start as kubelet does it: RunPodSandbox, then CreateContainer and StartContainer of
+/// one app container; the time until StartContainer answers (the container runs). The pod is
+/// stopped and removed afterwards (not timed).
+async fn pod_start(
+    cri: &mut RuntimeServiceClient<Channel>,
+    handler: &str,
+    logs: &Path,
+    shared: &Path,
+    n: usize,
+) -> f64 {
+    let config = pod_config(&format!("bench-{handler}-{n}"), logs);
+    let start = Instant::now();
+    let pod = call(
+        "RunPodSandbox",
+        cri.run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() }),
+    )
+    .await
+    .pod_sandbox_id;
+    let app = call(
+        "CreateContainer",
+        cri.create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container("app", "exec sleep 1000", shared, false)),
+            sandbox_config: Some(config),
+        }),
+    )
+    .await
+    .container_id;
+    call("StartContainer", cri.start_container(StartContainerRequest { container_id: app })).await;
+    let took = start.elapsed().as_secs_f64();
+    call("StopPodSandbox", cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })).await;
+    call("RemovePodSandbox", cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })).await;
+    took
+}
+
+/// Two pods on the CNI bridge: pod A serves a `mib` MiB file from tmpfs with busybox `httpd`,
+/// pod B pings pod A and downloads the file `rounds` times with busybox `wget`, timed in the guest
+/// by busybox `time` (busybox `nc` is no use for bulk data: a listening `nc` quits when its own
+/// stdin ends, after the first KiB or so). Returns (ping round trip avg in ms, MiB/s of each round).
+async fn pod_network(
+    cri: &mut RuntimeServiceClient<Channel>,
+    handler: &str,
+    logs: &Path,
+    shared: &Path,
+    mib: u32,
+    rounds: u32,
+) -> (f64, Vec<f64>) {
+    let mut pods = Vec::new();
+    let mut ctrs = Vec::new();
+    let serve =
+        format!("dd if=/dev/zero of=/dev/shm/blob bs=65536 count={} && exec httpd -f -p 8080 -h /dev/shm", mib * 16);
+    for (name, script) in [("server", serve.as_str()), ("client", "exec sleep 1000")] {
+        let config = pod_config(&format!("net-{handler}-{name}"), logs);
+        let pod = call(
+            "RunPodSandbox",
+            cri.run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() }),
+        )
+        .await
+        .pod_sandbox_id;
+        let id = call(
+            "CreateContainer",
+            cri.create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container(name, script, shared, false)),
+                sandbox_config: Some(config),
+            }),
+        )
+        .await
+        .container_id;
+        call("StartContainer", cri.start_container(StartContainerRequest { container_id: id.clone() })).await;
+        pods.push(pod);
+        ctrs.push(id);
+    }
+    let ip = pod_ip(cri, &pods[0]).await;
+    let exec = |cmd: String| {
+        let req =
+            ExecSyncRequest { container_id: ctrs[1].clone(), cmd: vec!["sh".into(), "-c".into(), cmd], timeout: 300 };
+        let mut cri = cri.clone();
+        async move {
+            let r = call("ExecSync", cri.exec_sync(req)).await;
+            let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+            assert_eq!(r.exit_code, 0, "{text}");
+            text
+        }
+    };
+    let ping = exec(format!("ping -c 10 {ip}")).await;
+    // busybox: "round-trip min/avg/max = 0.100/0.200/0.300 ms"
+    let rtt = ping
+        .lines()
+        .find_map(|l| l.strip_prefix("round-trip min/avg/max = "))
+        .and_then(|v| v.split('/').nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no round trip in: {ping}"));
+    eprintln!("{handler}: {}", ping.lines().rev().find(|l| l.contains("round-trip")).unwrap_or_default());
+    // Pod A is serving once its file is written (seconds in a PVM guest: a page fault a page).
+    exec(format!(
+        "for i in $(seq 300); do wget -q -O /dev/null http://{ip}:8080/blob && exit 0; sleep 1; done; exit 1"
+    ))
+    .await;
+    let mut rates = Vec::new();
+    for _ in 0..rounds {
+        let out = exec(format!("time wget -q -O /dev/null http://{ip}:8080/blob")).await;
+        // busybox time: "real\t0m 1.23s"
+        let real = out
+            .lines()
+            .find_map(|l| l.strip_prefix("real"))
+            .map(|v| v.trim())
+            .and_then(|v| v.split_once("m "))
+            .and_then(|(m, s)| Some(m.parse::<f64>().ok()? * 60.0 + s.trim_end_matches('s').parse::<f64>().ok()?))
+            .unwrap_or_else(|| panic!("no time in: {out}"));
+        eprintln!("{handler}: {mib} MiB pod A -> pod B in {real:.2} s");
+        rates.push(f64::from(mib) / real);
+    }
+    for p in &pods {
+        call("StopPodSandbox", cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: p.clone() })).await;
+        call("RemovePodSandbox", cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: p.clone() })).await;
+    }
+    (rtt, rates)
+}
+
+/// Pod benchmarks for BENCHMARKS.md (issue 13), not a test: pod start (RunPodSandbox → the
+/// first app container running) with runc and with our shim, interleaved, on the host's
+/// containerd; then pod-to-pod round trip and TCP throughput on the CNI bridge, both handlers.
+/// `SHOJI_POD_BENCH_RUNS` (default 10) pod starts a handler after one warm-up each (ours builds
+/// the VM template then); `SHOJI_POD_BENCH_MIB` (default 32; the file lives in the container's 64 MiB
+/// /dev/shm) MiB a transfer, 3 transfers.
+///
+/// `cargo test -p shoji-tests --test cri -- --ignored --nocapture pod_bench`
+#[test]
+#[ignore = "benchmark, run by hand (BENCHMARKS.md)"]
+fn pod_bench() {
+    assert!(is_root(), "runs containerd: needs root");
+    require_kvm();
+    guest_artifacts();
+    let built = shoji_bin().with_file_name("containerd-shim-shoji-v2");
+    let dir = tempfile::tempdir().unwrap();
+    let shim_config = dir.path().join("shim.toml");
+    std::fs::write(&shim_config, "vcpus = 1\nmemory_mib = 256\n").unwrap();
+    let env = |k: &str, d: u32| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (runs, mib) = (env("SHOJI_POD_BENCH_RUNS", 10), env("SHOJI_POD_BENCH_MIB", 32));
+    let build = ContainerdBuild { suite: "host".into(), bin: None };
+    let cd = Containerd::start(&build, &built, &shim_config);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut cri = cd.client().await;
+        ready_containers(&mut cri).await;
+        let v = call("Version", cri.version(VersionRequest::default())).await;
+        let logs = cd.work.path().join("logs");
+        let shared = cd.work.path().join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        let handlers = ["runc", "shoji"];
+        let mut starts: Vec<Vec<f64>> = vec![Vec::new(); handlers.len()];
+        for n in 0..=runs as usize {
+            for (h, handler) in handlers.iter().enumerate() {
+                let s = pod_start(&mut cri, handler, &logs, &shared, n).await;
+                eprintln!("pod start {handler} #{n}: {s:.3} s{}", if n == 0 { " (warm-up, not counted)" } else { "" });
+                if n > 0 {
+                    starts[h].push(s);
+                }
+            }
+        }
+        let mut net = Vec::new();
+        for handler in handlers {
+            net.push(pod_network(&mut cri, handler, &logs, &shared, mib, 3).await);
+        }
+        println!("containerd {} (CRI {}), {runs} pod starts a handler after a warm-up", v.runtime_version, v.runtime_api_version);
+        for (h, handler) in handlers.iter().enumerate() {
+            let all = starts[h].clone();
+            let (rtt, rates) = &net[h];
+            let mut r = rates.clone();
+            println!(
+                "{handler:>6}: pod start p50 {:.3} s (min {:.3}, max {:.3}); ping avg {rtt:.3} ms; {mib} MiB over HTTP p50 {:.1} MiB/s {rates:.1?}",
+                p50(&mut starts[h]),
+                all.iter().copied().fold(f64::INFINITY, f64::min),
+                all.iter().copied().fold(0.0, f64::max),
+                p50(&mut r),
+            );
+        }
+        let ratio = p50(&mut starts[1].clone()) / p50(&mut starts[0].clone());
+        println!("pod start shoji/runc: {ratio:.1}x; round trip shoji/runc: {:.1}x; throughput shoji/runc: {:.2}x",
+            net[1].0 / net[0].0, p50(&mut net[1].1.clone()) / p50(&mut net[0].1.clone()));
+    });
+    drop(cd);
+}
