@@ -288,9 +288,9 @@ pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<MemoryInfo> {
 }
 
 /// Beside `memory`: the identity of the file (device, inode, size, modification and change
-/// times) when it last matched `state`'s SHA-256. Hashing 256 MiB costs about half a second
-/// per restore; a file whose identity has not changed since it was verified is not hashed
-/// again. Any write to the file moves its change time (which user space cannot set back), so a
+/// times) when it last matched `state`'s SHA-256. Hashing reads the whole file (256 MiB for a
+/// default sandbox) on every restore; a file whose identity has not changed since it was
+/// verified is not hashed again. Any write to the file moves its change time (which user space cannot set back), so a
 /// damaged or edited file is still caught; decay under an unchanged inode is the file system's
 /// to catch, as for any file the host reads.
 pub const VERIFIED_FILE: &str = "memory.verified";
