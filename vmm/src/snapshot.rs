@@ -468,13 +468,19 @@ mod tests {
         assert!(e.contains("irqchip in-kernel") && e.contains("configured with split"), "{e}");
     }
 
-    #[test]
-    fn memory_is_written_sparse_and_verified() {
+    /// 1 MiB of guest memory with "hello" at 0x5000, written to a memory file in a new dir.
+    fn saved_memory() -> (tempfile::TempDir, PathBuf, MemoryInfo) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         mem.write_slice(b"hello", GuestAddress(0x5000)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(MEMORY_FILE);
         let info = write_memory(&mem, &path).unwrap();
+        (dir, path, info)
+    }
+
+    #[test]
+    fn memory_is_written_sparse_and_verified() {
+        let (dir, path, info) = saved_memory();
         assert_eq!(info.bytes, 1 << 20);
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&path).unwrap().blocks() * 512 < 64 << 10, "zero pages are holes");
@@ -489,11 +495,7 @@ mod tests {
 
     #[test]
     fn an_unchanged_memory_file_is_hashed_once_and_a_changed_one_again() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        mem.write_slice(b"hello", GuestAddress(0x5000)).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(MEMORY_FILE);
-        let info = write_memory(&mem, &path).unwrap();
+        let (dir, path, info) = saved_memory();
         verify_memory(&path, &info).unwrap();
         let stamp = std::fs::read_to_string(dir.path().join(VERIFIED_FILE)).unwrap();
         assert!(stamp.ends_with(&format!(" {}\n", info.sha256)), "{stamp}");
