@@ -15,11 +15,8 @@ impl Sandbox {
         if !template::enabled() {
             return Self::start(cfg);
         }
-        if cfg.vcpus > 1 {
-            // Seen here: a restored 2-vCPU guest whose second vCPU stalled at once (RCU stall,
-            // the container never started). Until that is understood, only 1-vCPU sandboxes
-            // are restored.
-            tracing::info!("VM templates are for 1-vCPU sandboxes (this one has {}); cold boot", cfg.vcpus);
+        if let Err(e) = template::check_shape(cfg) {
+            tracing::info!("no VM template ({e}); cold boot");
             return Self::start(cfg);
         }
         let (probe, _) = cfg.vm_config()?;

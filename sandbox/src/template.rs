@@ -175,14 +175,23 @@ async fn lock(path: &Path) -> Result<std::fs::File, SandboxError> {
     }
 }
 
-/// Builds (or finds) the template `cfg`'s sandboxes restore from: its directory.
-pub async fn build_for(cfg: &SandboxConfig) -> Result<PathBuf, SandboxError> {
+/// Whether `cfg`'s VM shape has templates: 1-vCPU sandboxes only, for now. 2-vCPU guests on
+/// PVM hosts stalled their second vCPU (an RCU stall, the guest answering no more) after an
+/// OOM kill, restored and cold booted alike (docs/kubernetes.md); until that is understood,
+/// only 1-vCPU snapshots are made and tested.
+pub fn check_shape(cfg: &SandboxConfig) -> Result<(), SandboxError> {
     if cfg.vcpus > 1 {
         return Err(SandboxError::Io(format!(
             "vcpus: templates are for 1-vCPU sandboxes only (asked for {})",
             cfg.vcpus
         )));
     }
+    Ok(())
+}
+
+/// Builds (or finds) the template `cfg`'s sandboxes restore from: its directory.
+pub async fn build_for(cfg: &SandboxConfig) -> Result<PathBuf, SandboxError> {
+    check_shape(cfg)?;
     let (vm, _) = cfg.vm_config()?;
     let (dir, what) = locate(&vm)?;
     drop(vm);
